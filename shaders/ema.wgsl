@@ -1,0 +1,113 @@
+// wgpu-ema: the in-place EMA update and the shadow initialisation.
+//
+// One bind group per *segment*: a run of `count` elements of one tensor (or of the parameter
+// arena) that fits in one storage binding. The host binds
+//   - `params` at the storage-aligned offset at or below the segment's first parameter, so the
+//     segment starts `shift` elements into the binding and the binding holds `shift + count`
+//     elements (vec4 entry points: `shift` and `count` are multiples of 4);
+//   - `shadow` exactly over the segment's shadows (`count` elements).
+// So `count = arrayLength(shadow)` and `shift = arrayLength(params) - count`: a segment needs
+// no uniform of its own, and rebinding a parameter only needs a new bind group.
+//
+// The per-step value, `alpha = 1 - decay`, is computed on the host (in f64, or with
+// TensorFlow's f32 arithmetic) and arrives as an immediate (push constant) where the device
+// has `Features::IMMEDIATES`, else from a uniform ring slot chosen by a dynamic offset: the
+// host rewrites the declaration of `step` below for that case.
+//
+// Dispatches are 2-D when a segment needs more than 65,535 workgroups: the linear workgroup
+// index is `wid.y * num_workgroups.x + wid.x`.
+
+struct Step {
+    alpha: f32,
+}
+
+var<immediate> step: Step;
+
+// TensorFlow writes the update as `s - (s - p) * alpha`; our default as `s + alpha * (p - s)`.
+// Without fused multiply-add the two are bitwise identical; the form is kept as TensorFlow
+// writes it in the TensorFlow-compatible mode so that a compiler that fuses sees the same
+// expression TensorFlow's kernels do.
+override TF_FORM: bool = false;
+
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> params: array<f32>;
+@group(0) @binding(1) var<storage, read_write> shadow: array<f32>;
+@group(0) @binding(0) var<storage, read> params4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> shadow4: array<vec4<f32>>;
+
+fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid.x;
+}
+
+fn ema1(s: f32, p: f32, a: f32) -> f32 {
+    if TF_FORM {
+        return s - (s - p) * a;
+    }
+    return s + a * (p - s);
+}
+
+fn ema4(s: vec4<f32>, p: vec4<f32>, a: f32) -> vec4<f32> {
+    if TF_FORM {
+        return s - (s - p) * a;
+    }
+    return s + a * (p - s);
+}
+
+@compute @workgroup_size(256)
+fn update_scalar(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    let shift = arrayLength(&params) - count;
+    shadow[i] = ema1(shadow[i], params[shift + i], step.alpha);
+}
+
+@compute @workgroup_size(256)
+fn update_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow4);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    let shift = arrayLength(&params4) - count;
+    shadow4[i] = ema4(shadow4[i], params4[shift + i], step.alpha);
+}
+
+@compute @workgroup_size(256)
+fn copy_scalar(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    shadow[i] = params[arrayLength(&params) - count + i];
+}
+
+@compute @workgroup_size(256)
+fn copy_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow4);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    shadow4[i] = params4[arrayLength(&params4) - count + i];
+}

@@ -1,0 +1,351 @@
+//! The same update on host slices: a fast f32 path, TensorFlow's f32 arithmetic, and the f64
+//! reference that the tests check the GPU against.
+//!
+//! The fast path is memory-bound (12 bytes per element); it splits large tensors across all
+//! cores and keeps the hot loop in plain `+` and `*`, which the compiler vectorizes.
+//! (`f32::mul_add` without an FMA target feature becomes a libm call per element.)
+
+use crate::error::{Error, Result};
+use crate::schedule::{Numerics, Schedule};
+use crate::tensors::{HostTensors, TensorSpec};
+
+/// Below this many elements a tensor is updated on the calling thread: spawning threads costs
+/// more than the update.
+const PARALLEL_MIN: usize = 1 << 18;
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `f` over matching chunks of `a` and `b`, on all cores when the slices are large.
+fn par_zip<A: Send, B: Sync>(a: &mut [A], b: &[B], f: impl Fn(&mut [A], &[B]) + Sync) {
+    let t = threads();
+    if a.len() < PARALLEL_MIN || t < 2 {
+        f(a, b);
+        return;
+    }
+    // Chunks a multiple of 1024 elements, so every thread's slice starts cache-line aligned
+    // relative to the others.
+    let chunk = a.len().div_ceil(t).next_multiple_of(1024);
+    std::thread::scope(|scope| {
+        let f = &f;
+        let mut pairs = a.chunks_mut(chunk).zip(b.chunks(chunk));
+        let first = pairs.next();
+        for (sa, sb) in pairs {
+            scope.spawn(move || f(sa, sb));
+        }
+        if let Some((sa, sb)) = first {
+            f(sa, sb);
+        }
+    });
+}
+
+fn check_len(name: &str, shadow: usize, param: usize) -> Result<()> {
+    if shadow == param {
+        Ok(())
+    } else {
+        Err(Error::LengthMismatch {
+            name: name.to_string(),
+            expected: shadow as u64,
+            got: param as u64,
+        })
+    }
+}
+
+/// One EMA step in f32, in place: `shadow[i] += alpha * (param[i] - shadow[i])`.
+///
+/// Uses all cores for large slices. Bitwise equal to [`ema_step_tf`] (no fused multiply-add).
+///
+/// ```
+/// let mut s = vec![1.0f32, 2.0];
+/// wgpu_ema::cpu::ema_step(&mut s, &[3.0, 2.0], 0.5).unwrap();
+/// assert_eq!(s, [2.0, 2.0]);
+/// ```
+pub fn ema_step(shadow: &mut [f32], param: &[f32], alpha: f32) -> Result<()> {
+    check_len("<slice>", shadow.len(), param.len())?;
+    par_zip(shadow, param, |s, p| {
+        for (s, &p) in s.iter_mut().zip(p) {
+            *s += alpha * (p - *s);
+        }
+    });
+    Ok(())
+}
+
+/// One EMA step written as TensorFlow writes it: `shadow[i] -= (shadow[i] - param[i]) * alpha`.
+pub fn ema_step_tf(shadow: &mut [f32], param: &[f32], alpha: f32) -> Result<()> {
+    check_len("<slice>", shadow.len(), param.len())?;
+    par_zip(shadow, param, |s, p| {
+        for (s, &p) in s.iter_mut().zip(p) {
+            *s -= (*s - p) * alpha;
+        }
+    });
+    Ok(())
+}
+
+/// The f64 reference: `shadow[i] += alpha * (param[i] - shadow[i])` with f64 shadows.
+pub fn ema_step_f64(shadow: &mut [f64], param: &[f32], alpha: f64) -> Result<()> {
+    check_len("<slice>", shadow.len(), param.len())?;
+    for (s, &p) in shadow.iter_mut().zip(param) {
+        *s += alpha * (p as f64 - *s);
+    }
+    Ok(())
+}
+
+/// A step counter with the schedule and numerics: what turns "one more update" into an
+/// `alpha`. Shared by the CPU and GPU paths, so both see the same `n`.
+#[derive(Clone, Debug)]
+pub(crate) struct Stepper {
+    pub schedule: Schedule,
+    pub numerics: Numerics,
+    /// Updates applied so far; the next update is number `num_updates + 1`.
+    pub num_updates: u64,
+}
+
+impl Stepper {
+    pub fn new(schedule: Schedule, numerics: Numerics) -> Result<Self> {
+        schedule.validate()?;
+        Ok(Self {
+            schedule,
+            numerics,
+            num_updates: 0,
+        })
+    }
+
+    /// The alpha of update `n`, then the counter set to `n`.
+    pub fn advance_to(&mut self, n: u64) -> Result<f32> {
+        let a = self.schedule.alpha(n, self.numerics)?;
+        self.num_updates = n;
+        Ok(a)
+    }
+}
+
+/// Shadows kept on the host: the CPU twin of [`GpuEma`](crate::GpuEma), with the same
+/// schedules, numerics, names and step counter.
+///
+/// ```
+/// use wgpu_ema::{cpu::CpuEma, Numerics, Schedule, TensorSpec};
+/// let mut ema = CpuEma::new(Schedule::tf(0.999), Numerics::Exact).unwrap();
+/// ema.track(TensorSpec::new("bias", [2]), &[1.0, 2.0]).unwrap();
+/// ema.update(&[&[3.0, 2.0]]).unwrap(); // update 1: decay min(0.999, 2/11)
+/// let b = ema.shadow("bias").unwrap();
+/// assert!((b[0] - (1.0 + 9.0 / 11.0 * 2.0)).abs() < 1e-6);
+/// ```
+#[derive(Clone, Debug)]
+pub struct CpuEma {
+    stepper: Stepper,
+    specs: Vec<TensorSpec>,
+    shadows: Vec<Vec<f32>>,
+}
+
+impl CpuEma {
+    /// An EMA tracking nothing yet. Fails on an invalid schedule.
+    pub fn new(schedule: Schedule, numerics: Numerics) -> Result<Self> {
+        Ok(Self {
+            stepper: Stepper::new(schedule, numerics)?,
+            specs: Vec::new(),
+            shadows: Vec::new(),
+        })
+    }
+
+    /// Tracks a tensor; its shadow starts equal to `values`.
+    pub fn track(&mut self, spec: TensorSpec, values: &[f32]) -> Result<()> {
+        if self.specs.iter().any(|s| s.name == spec.name) {
+            return Err(Error::DuplicateName { name: spec.name });
+        }
+        if values.len() as u64 != spec.numel() {
+            return Err(Error::LengthMismatch {
+                expected: spec.numel(),
+                got: values.len() as u64,
+                name: spec.name,
+            });
+        }
+        self.specs.push(spec);
+        self.shadows.push(values.to_vec());
+        Ok(())
+    }
+
+    /// The tracked tensors, in tracking order.
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> Schedule {
+        self.stepper.schedule
+    }
+
+    /// The numerics.
+    pub fn numerics(&self) -> Numerics {
+        self.stepper.numerics
+    }
+
+    /// Updates applied so far (the `n` of the last update).
+    pub fn num_updates(&self) -> u64 {
+        self.stepper.num_updates
+    }
+
+    /// Sets the step counter (after restoring a checkpoint, say): the next
+    /// [`update`](Self::update) uses `n + 1`.
+    pub fn set_num_updates(&mut self, n: u64) {
+        self.stepper.num_updates = n;
+    }
+
+    /// One update with the internal counter: one slice per tracked tensor, in tracking order.
+    pub fn update(&mut self, params: &[&[f32]]) -> Result<()> {
+        let n = self.stepper.num_updates.saturating_add(1);
+        self.update_at(n, params)
+    }
+
+    /// One update as update number `n` (the caller's global step).
+    pub fn update_at(&mut self, n: u64, params: &[&[f32]]) -> Result<()> {
+        if params.len() != self.specs.len() {
+            return Err(Error::TensorCountMismatch {
+                expected: self.specs.len(),
+                got: params.len(),
+            });
+        }
+        for (spec, p) in self.specs.iter().zip(params) {
+            check_len(&spec.name, spec.numel() as usize, p.len())?;
+        }
+        let alpha = self.stepper.advance_to(n)?;
+        for (s, p) in self.shadows.iter_mut().zip(params) {
+            match self.stepper.numerics {
+                Numerics::Exact => ema_step(s, p, alpha)?,
+                Numerics::TensorFlow => ema_step_tf(s, p, alpha)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The shadow of `name`.
+    pub fn shadow(&self, name: &str) -> Result<&[f32]> {
+        let i = self.index(name)?;
+        Ok(&self.shadows[i])
+    }
+
+    /// Overwrites the shadow of `name` (restoring a checkpoint).
+    pub fn set_shadow(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let i = self.index(name)?;
+        check_len(name, self.shadows[i].len(), values.len())?;
+        self.shadows[i].copy_from_slice(values);
+        Ok(())
+    }
+
+    /// All shadows, by name.
+    pub fn shadows(&self) -> HostTensors {
+        HostTensors::from_parts(
+            self.specs
+                .iter()
+                .cloned()
+                .zip(self.shadows.iter().cloned())
+                .collect(),
+        )
+    }
+
+    fn index(&self, name: &str) -> Result<usize> {
+        self.specs
+            .iter()
+            .position(|s| s.name == name)
+            .ok_or_else(|| Error::UnknownName {
+                name: name.to_string(),
+            })
+    }
+}
+
+/// The f64 reference EMA: f64 shadows fed the same f32 alphas as the f32 paths.
+///
+/// Tests compare the GPU and the fast CPU path with it; differences are f32 rounding only.
+#[derive(Clone, Debug)]
+pub struct ReferenceEma {
+    stepper: Stepper,
+    shadows: Vec<Vec<f64>>,
+}
+
+impl ReferenceEma {
+    /// Shadows start equal to `initial` (one slice per tensor).
+    pub fn new(schedule: Schedule, numerics: Numerics, initial: &[&[f32]]) -> Result<Self> {
+        Ok(Self {
+            stepper: Stepper::new(schedule, numerics)?,
+            shadows: initial
+                .iter()
+                .map(|t| t.iter().map(|&x| x as f64).collect())
+                .collect(),
+        })
+    }
+
+    /// One update with the internal counter.
+    pub fn update(&mut self, params: &[&[f32]]) -> Result<()> {
+        let n = self.stepper.num_updates.saturating_add(1);
+        self.update_at(n, params)
+    }
+
+    /// One update as update number `n`.
+    pub fn update_at(&mut self, n: u64, params: &[&[f32]]) -> Result<()> {
+        if params.len() != self.shadows.len() {
+            return Err(Error::TensorCountMismatch {
+                expected: self.shadows.len(),
+                got: params.len(),
+            });
+        }
+        let alpha = self.stepper.advance_to(n)? as f64;
+        for (s, p) in self.shadows.iter_mut().zip(params) {
+            ema_step_f64(s, p, alpha)?;
+        }
+        Ok(())
+    }
+
+    /// The shadows, one vector per tensor.
+    pub fn shadows(&self) -> &[Vec<f64>] {
+        &self.shadows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_path_matches_tf_form_bitwise_and_parallel_split() {
+        // Large enough to take the parallel path.
+        let n = PARALLEL_MIN * 3 + 17;
+        let p: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let mut a: Vec<f32> = (0..n).map(|i| ((i * 104729) % 997) as f32 * 1e-3).collect();
+        let mut b = a.clone();
+        let mut serial = a.clone();
+        ema_step(&mut a, &p, 0.013).unwrap();
+        ema_step_tf(&mut b, &p, 0.013).unwrap();
+        for (s, &pp) in serial.iter_mut().zip(&p) {
+            *s += 0.013 * (pp - *s);
+        }
+        assert_eq!(a, b);
+        assert_eq!(a, serial);
+    }
+
+    #[test]
+    fn length_mismatch_is_an_error() {
+        let mut s = vec![0.5f32; 3];
+        assert!(matches!(
+            ema_step(&mut s, &[1.0; 4], 0.1),
+            Err(Error::LengthMismatch { .. })
+        ));
+        let mut ema = CpuEma::new(Schedule::constant(0.9), Numerics::Exact).unwrap();
+        ema.track(TensorSpec::new("w", [3]), &[1.0, 2.0, 3.0])
+            .unwrap();
+        assert!(matches!(
+            ema.track(TensorSpec::new("w", [1]), &[1.0]),
+            Err(Error::DuplicateName { .. })
+        ));
+        assert!(matches!(
+            ema.update(&[&[1.0, 2.0]]),
+            Err(Error::LengthMismatch { .. })
+        ));
+        assert!(matches!(
+            ema.update(&[]),
+            Err(Error::TensorCountMismatch { .. })
+        ));
+        assert_eq!(ema.num_updates(), 0, "a refused update does not count");
+        assert!(matches!(ema.shadow("nope"), Err(Error::UnknownName { .. })));
+    }
+}

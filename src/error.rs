@@ -1,0 +1,165 @@
+//! The crate's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in `wgpu-ema`, each variant saying what and where.
+///
+/// Library code never panics on bad input: it returns one of these.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A decay (or another schedule parameter that must lie in `[0, 1]`) is outside it, or NaN.
+    #[error("{what} must be a number in [0, 1], got {value}")]
+    InvalidDecay {
+        /// Which parameter was wrong (`"decay"`, `"min_decay"`, ...).
+        what: &'static str,
+        /// The value given.
+        value: f64,
+    },
+
+    /// A schedule parameter other than a decay is out of its range.
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
+
+    /// Two tracked tensors share a name.
+    #[error("tensor `{name}` is tracked twice: names must be unique")]
+    DuplicateName {
+        /// The repeated name.
+        name: String,
+    },
+
+    /// No tracked tensor has this name.
+    #[error("no tracked tensor is named `{name}`")]
+    UnknownName {
+        /// The name asked for.
+        name: String,
+    },
+
+    /// A buffer lacks a usage flag the operation needs.
+    #[error(
+        "the buffer of tensor `{name}` lacks {needed:?} usage (it has {have:?}); \
+         create it with `BufferUsages::{needed:?}` added"
+    )]
+    MissingUsage {
+        /// The tensor whose buffer is wrong.
+        name: String,
+        /// The usage needed.
+        needed: wgpu::BufferUsages,
+        /// The usages the buffer has.
+        have: wgpu::BufferUsages,
+    },
+
+    /// A tensor's byte range does not fit in its buffer.
+    #[error(
+        "tensor `{name}`: bytes {offset}..{end} lie past the end of its buffer ({buffer_size} bytes)"
+    )]
+    OutOfBounds {
+        /// The tensor.
+        name: String,
+        /// First byte.
+        offset: u64,
+        /// One past the last byte.
+        end: u64,
+        /// The buffer's size.
+        buffer_size: u64,
+    },
+
+    /// A tensor's byte offset is not a multiple of 4.
+    #[error("tensor `{name}`: byte offset {offset} is not a multiple of 4 (f32 elements)")]
+    Misaligned {
+        /// The tensor.
+        name: String,
+        /// The offset given.
+        offset: u64,
+    },
+
+    /// A host slice or shape does not hold the number of elements expected.
+    #[error("tensor `{name}`: expected {expected} elements, got {got}")]
+    LengthMismatch {
+        /// The tensor.
+        name: String,
+        /// Elements expected (from its shape).
+        expected: u64,
+        /// Elements given.
+        got: u64,
+    },
+
+    /// The number of tensors handed in differs from the number tracked.
+    #[error("expected {expected} tensors (one per tracked tensor, in tracking order), got {got}")]
+    TensorCountMismatch {
+        /// Tensors tracked.
+        expected: usize,
+        /// Tensors given.
+        got: usize,
+    },
+
+    /// A buffer would exceed what the device allows.
+    #[error("{what}: {bytes} bytes exceed the device's limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size.
+        bytes: u64,
+        /// The device limit.
+        limit: u64,
+    },
+
+    /// More steps were recorded between two submits than the uniform ring holds.
+    #[error(
+        "{steps} steps recorded in one batch, but the uniform ring holds {slots} \
+         (the device lacks Features::IMMEDIATES): raise `ring_slots` on the builder, \
+         or enable Features::IMMEDIATES on the device"
+    )]
+    RingFull {
+        /// Steps asked for.
+        steps: usize,
+        /// Slots in the ring.
+        slots: usize,
+    },
+
+    /// No GPU adapter was found.
+    #[error(
+        "no GPU adapter found{backends}; for a software one install Mesa \
+         (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers libvulkan1` for Vulkan lavapipe, \
+         `libegl1 libegl-mesa0 libgl1-mesa-dri` for GL llvmpipe)"
+    )]
+    NoAdapter {
+        /// The backends searched, as text (empty for all).
+        backends: String,
+    },
+
+    /// The adapter refused to open a device.
+    #[error("could not open a device on `{adapter}`: {message}")]
+    RequestDevice {
+        /// The adapter's name.
+        adapter: String,
+        /// wgpu's message.
+        message: String,
+    },
+
+    /// Mapping a readback buffer failed, or the device was lost while waiting.
+    #[error("reading shadows back from the GPU failed: {0}")]
+    Readback(String),
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A checkpoint is corrupt, truncated, or does not match what is tracked.
+    #[error("checkpoint {path}: {message}")]
+    Checkpoint {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the tensor where there is one.
+        message: String,
+    },
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

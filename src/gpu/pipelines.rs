@@ -1,0 +1,133 @@
+//! Shader module, layouts and pipelines, made once per [`GpuEma`](crate::GpuEma).
+
+use crate::layout::Kind;
+use crate::schedule::Numerics;
+
+/// The WGSL of the update, as shipped in `shaders/ema.wgsl`.
+pub const EMA_WGSL: &str = include_str!("../../shaders/ema.wgsl");
+
+const IMMEDIATE_DECL: &str = "var<immediate> step: Step;";
+const RING_DECL: &str = "@group(1) @binding(0) var<uniform> step: Step;";
+
+/// Bytes of the per-step values (`struct Step` in the shader).
+pub(crate) const STEP_BYTES: u64 = 16;
+
+/// The per-step values as the shader sees them.
+pub(crate) fn step_bytes(alpha: f32) -> [u8; STEP_BYTES as usize] {
+    bytemuck::cast([alpha, 0.0f32, 0.0, 0.0])
+}
+
+/// Which operation a pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// `shadow = ema(shadow, param, alpha)`.
+    Update,
+    /// `shadow = param`.
+    Init,
+}
+
+#[derive(Debug)]
+pub(crate) struct Pipelines {
+    pub segment_layout: wgpu::BindGroupLayout,
+    pub ring_layout: Option<wgpu::BindGroupLayout>,
+    update: [wgpu::ComputePipeline; 2],
+    init: [wgpu::ComputePipeline; 2],
+}
+
+fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl Pipelines {
+    /// Builds everything; `immediates` picks how `alpha` arrives (immediates or a ring).
+    pub fn new(device: &wgpu::Device, immediates: bool, numerics: Numerics) -> Self {
+        let source = if immediates {
+            EMA_WGSL.to_string()
+        } else {
+            EMA_WGSL.replace(IMMEDIATE_DECL, RING_DECL)
+        };
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("wgpu-ema shaders/ema.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let segment_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("wgpu-ema segment"),
+            entries: &[storage_entry(0, true), storage_entry(1, false)],
+        });
+        let ring_layout = (!immediates).then(|| {
+            device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("wgpu-ema step ring"),
+                entries: &[wgpu::BindGroupLayoutEntry {
+                    binding: 0,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Uniform,
+                        has_dynamic_offset: true,
+                        min_binding_size: wgpu::BufferSize::new(STEP_BYTES),
+                    },
+                    count: None,
+                }],
+            })
+        });
+        let layouts: Vec<Option<&wgpu::BindGroupLayout>> = match &ring_layout {
+            Some(r) => vec![Some(&segment_layout), Some(r)],
+            None => vec![Some(&segment_layout)],
+        };
+        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some("wgpu-ema"),
+            bind_group_layouts: &layouts,
+            immediate_size: if immediates { STEP_BYTES as u32 } else { 0 },
+        });
+        let tf = [(
+            "TF_FORM",
+            if numerics == Numerics::TensorFlow {
+                1.0
+            } else {
+                0.0
+            },
+        )];
+        let make = |entry: &str| {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: Some(&layout),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: if entry.starts_with("update") {
+                        &tf
+                    } else {
+                        &[]
+                    },
+                    ..Default::default()
+                },
+                cache: None,
+            })
+        };
+        Self {
+            update: [make("update_vec4"), make("update_scalar")],
+            init: [make("copy_vec4"), make("copy_scalar")],
+            segment_layout,
+            ring_layout,
+        }
+    }
+
+    pub fn get(&self, op: Op, kind: Kind) -> &wgpu::ComputePipeline {
+        let i = match kind {
+            Kind::Vec4 => 0,
+            Kind::Scalar => 1,
+        };
+        match op {
+            Op::Update => &self.update[i],
+            Op::Init => &self.init[i],
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! # wgpu-ema
+//!
+//! Exponential moving averages ("shadow" copies) of neural-network parameters, kept on the GPU
+//! where the parameters already live, with TensorFlow's semantics
+//! (`tf.train.ExponentialMovingAverage`).
+//!
+//! After each optimizer step, `shadow = decay * shadow + (1 - decay) * param` runs in place in
+//! one compute pass over every tracked tensor, recorded into your own `wgpu::CommandEncoder`.
+//! The decay for update `n` comes from a [`Schedule`] computed on the host; the shader receives
+//! `alpha = 1 - decay`.
+//!
+//! ```no_run
+//! use wgpu_ema::{GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
+//! # fn main() -> wgpu_ema::Result<()> {
+//! let ctx = GpuContext::new()?; // or your own device and queue
+//! let params = ParamArena::new(&ctx.device, [TensorSpec::new("weight", [2, 1]), TensorSpec::new("bias", [])])?;
+//! params.write(&ctx.queue, "weight", &[0.5, -0.25])?;
+//! params.write(&ctx.queue, "bias", &[0.1])?;
+//! let mut ema = GpuEma::builder(Schedule::tf(0.9999))
+//!     .track_arena(&params)
+//!     .build(&ctx.device, &ctx.queue)?; // shadows := params, on the GPU
+//! for _step in 0..100 {
+//!     let mut encoder = ctx.device.create_command_encoder(&Default::default());
+//!     // ... your optimizer's pass writes `params.buffer()` here ...
+//!     ema.record_update(&mut encoder)?;
+//!     ctx.queue.submit(Some(encoder.finish()));
+//! }
+//! let shadows = ema.read_shadows_blocking()?;
+//! println!("weight EMA: {:?}", shadows.try_get("weight")?);
+//! # Ok(()) }
+//! ```
+//!
+//! The [`cpu`] module computes the same update on host slices: a fast multi-threaded f32 path
+//! and the f64 reference the tests compare the GPU with.
+//!
+//! ## Internals
+//! Shadows live in crate-owned storage buffers. A step is one compute pass of a few
+//! dispatches (one per `max_storage_buffer_binding_size` chunk of the arena, or per tracked
+//! user buffer), each with a bind group made once; `alpha` is an immediate or a uniform-ring
+//! slot. The WGSL is `shaders/ema.wgsl` ([`EMA_WGSL`]).
+
+#![warn(missing_docs)]
+
+mod context;
+pub mod cpu;
+mod error;
+mod gpu;
+mod layout;
+mod readback;
+pub mod schedule;
+mod tensors;
+
+pub use context::{wanted_features, GpuContext};
+pub use error::{Error, Result};
+pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, EMA_WGSL};
+pub use schedule::{Numerics, Schedule};
+pub use tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
+/// The exact `wgpu` this crate is built against: use it to create the buffers you hand in.
+pub use wgpu;

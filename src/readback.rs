@@ -1,0 +1,86 @@
+//! The one readback helper: copy ranges of GPU buffers into a MAP_READ staging buffer, map
+//! it, copy the bytes out.
+
+use crate::error::{Error, Result};
+
+/// A range of a GPU buffer to read: `len` f32 elements from byte `offset`.
+pub(crate) struct Range<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// A submitted copy whose staging buffer is being mapped.
+pub(crate) struct Pending {
+    staging: wgpu::Buffer,
+    index: wgpu::SubmissionIndex,
+    receiver: futures_intrusive::channel::shared::OneshotReceiver<
+        std::result::Result<(), wgpu::BufferAsyncError>,
+    >,
+}
+
+/// Records the copies into a fresh encoder, submits it and starts mapping. Steps recorded
+/// afterwards do not delay the mapping, and the copy sees exactly the steps submitted before.
+pub(crate) fn start(device: &wgpu::Device, queue: &wgpu::Queue, ranges: &[Range<'_>]) -> Pending {
+    let total: u64 = ranges.iter().map(|r| r.len * 4).sum();
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-ema readback"),
+        size: total.max(4),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("wgpu-ema readback"),
+    });
+    let mut at = 0;
+    for r in ranges {
+        if r.len > 0 {
+            encoder.copy_buffer_to_buffer(r.buffer, r.offset, &staging, at, r.len * 4);
+        }
+        at += r.len * 4;
+    }
+    let index = queue.submit(Some(encoder.finish()));
+    let (sender, receiver) = futures_intrusive::channel::shared::oneshot_channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        // The receiver may be gone if the caller dropped the future; nothing to do then.
+        let _ = sender.send(r);
+    });
+    Pending {
+        staging,
+        index,
+        receiver,
+    }
+}
+
+impl Pending {
+    /// Waits for the copy (only for it: later submissions are not waited on) and returns the
+    /// elements of every range, in order.
+    pub fn wait(self, device: &wgpu::Device) -> Result<Vec<f32>> {
+        device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(self.index.clone()),
+                timeout: None,
+            })
+            .map_err(|e| Error::Readback(e.to_string()))?;
+        pollster::block_on(self.finish())
+    }
+
+    /// Awaits the mapping; something must poll the device meanwhile (see
+    /// [`GpuEma::read_shadows`](crate::GpuEma::read_shadows)).
+    pub async fn finish(self) -> Result<Vec<f32>> {
+        match self.receiver.receive().await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err(Error::Readback(e.to_string())),
+            None => return Err(Error::Readback("the map callback was dropped".into())),
+        }
+        let out = {
+            let view = self
+                .staging
+                .get_mapped_range(..)
+                .map_err(|e| Error::Readback(e.to_string()))?;
+            bytemuck::pod_collect_to_vec::<u8, f32>(&view)
+        };
+        self.staging.unmap();
+        Ok(out)
+    }
+}

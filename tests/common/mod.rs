@@ -1,0 +1,92 @@
+//! Shared by the integration tests: one device for all tests, seeded data, comparisons.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use wgpu_ema::{wgpu, GpuContext};
+
+/// The device all GPU tests share, or `None` (test skipped) when there is no adapter.
+///
+/// With `WGPU_EMA_REQUIRE_ADAPTER=1` (set by `.ci/run`) a missing adapter fails the test
+/// instead, naming the packages to install.
+pub fn gpu() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    let ctx = CTX.get_or_init(|| match GpuContext::new() {
+        Ok(c) => {
+            eprintln!("GPU tests run on: {}", c.describe());
+            Some(c)
+        }
+        Err(e) => {
+            eprintln!("no GPU adapter: {e}");
+            None
+        }
+    });
+    if ctx.is_none() {
+        if std::env::var("WGPU_EMA_REQUIRE_ADAPTER").as_deref() == Ok("1") {
+            panic!(
+                "WGPU_EMA_REQUIRE_ADAPTER=1 but no GPU adapter was found: install Mesa's \
+                 software drivers (Debian: `apt-get install mesa-vulkan-drivers libvulkan1` for \
+                 Vulkan, `libegl1 libegl-mesa0 libgl1-mesa-dri` for GL)"
+            );
+        }
+        eprintln!("SKIPPED: no GPU adapter (set WGPU_EMA_REQUIRE_ADAPTER=1 to make this fail)");
+    }
+    ctx.as_ref()
+}
+
+/// Seeded values in [-1, 1), never all zero.
+pub fn random(seed: u64, n: usize) -> Vec<f32> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n).map(|_| rng.f32() * 2.0 - 1.0).collect()
+}
+
+/// A buffer holding `data` at `byte_offset`, with NaN before and after it (so reading the
+/// wrong elements shows), usage STORAGE | COPY_DST | COPY_SRC.
+pub fn buffer_with(ctx: &GpuContext, data: &[f32], byte_offset: u64) -> wgpu::Buffer {
+    let before = (byte_offset / 4) as usize;
+    let mut all = vec![f32::NAN; before];
+    all.extend_from_slice(data);
+    all.extend(std::iter::repeat_n(f32::NAN, 7));
+    let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test params"),
+        size: (all.len() * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&all));
+    buf
+}
+
+/// Overwrites `data` at `byte_offset` of `buf`.
+pub fn write(ctx: &GpuContext, buf: &wgpu::Buffer, byte_offset: u64, data: &[f32]) {
+    ctx.queue
+        .write_buffer(buf, byte_offset, bytemuck::cast_slice(data));
+}
+
+/// Asserts `got` matches the f64 reference within `rel` of `max(1, |reference|)`; NaN fails.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut worst = (0.0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs() / w.abs().max(1.0);
+        assert!(
+            err.is_finite() && err <= rel,
+            "{what}: element {i} of {}: got {g}, want {w} (relative error {err:e} > {rel:e})",
+            got.len()
+        );
+        if err > worst.0 {
+            worst = (err, i);
+        }
+    }
+}
+
+/// Distance in units in the last place between two f32.
+pub fn ulps(a: f32, b: f32) -> u64 {
+    let key = |x: f32| {
+        let i = x.to_bits() as i32;
+        (if i < 0 { i32::MIN - i } else { i }) as i64
+    };
+    (key(a) - key(b)).unsigned_abs()
+}
