@@ -64,6 +64,15 @@ pub enum Error {
         buffer_size: u64,
     },
 
+    /// The tensor lives in the parameter arena, whose layout is fixed: it cannot be rebound.
+    #[error(
+        "tensor `{name}` lives in the parameter arena and cannot be rebound to another buffer"
+    )]
+    NotRebindable {
+        /// The tensor.
+        name: String,
+    },
+
     /// A tensor's byte offset is not a multiple of 4.
     #[error("tensor `{name}`: byte offset {offset} is not a multiple of 4 (f32 elements)")]
     Misaligned {

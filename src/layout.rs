@@ -99,7 +99,7 @@ pub(crate) fn plan_run(
         let p = param_offset + done * 4;
         let bind = p / lim.align * lim.align;
         let shift = (p - bind) / 4;
-        let kind = if vec4 && shift % 4 == 0 && n % 4 == 0 {
+        let kind = if vec4 && shift.is_multiple_of(4) && n.is_multiple_of(4) {
             Kind::Vec4
         } else {
             Kind::Scalar
@@ -127,6 +127,9 @@ pub(crate) struct Piece {
     pub len: u64,
 }
 
+/// Each region's (buffer, byte offset), and each buffer's size.
+pub(crate) type Packing = (Vec<(usize, u64)>, Vec<u64>);
+
 /// Packs regions of `sizes` bytes into buffers of at most `max_buffer` bytes, each region
 /// starting at a multiple of `align`. Returns each region's (buffer, offset) and the buffers'
 /// sizes, or the index of a region that fits in no buffer.
@@ -134,7 +137,7 @@ pub(crate) fn pack(
     sizes: &[u64],
     align: u64,
     max_buffer: u64,
-) -> Result<(Vec<(usize, u64)>, Vec<u64>), usize> {
+) -> Result<Packing, usize> {
     let mut places = Vec::with_capacity(sizes.len());
     let mut buffers: Vec<u64> = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {

@@ -310,7 +310,7 @@ fn validate_binding(spec: &TensorSpec, buffer: &wgpu::Buffer, offset: u64) -> Re
             have: usage,
         });
     }
-    if offset % 4 != 0 {
+    if !offset.is_multiple_of(4) {
         return Err(Error::Misaligned {
             name: spec.name.clone(),
             offset,
@@ -548,9 +548,9 @@ impl GpuEma {
             ..
         } = &t.source
         else {
-            return Err(Error::InvalidSchedule(format!(
-                "tensor `{name}` lives in the parameter arena and cannot be rebound"
-            )));
+            return Err(Error::NotRebindable {
+                name: name.to_string(),
+            });
         };
         if cur_buf == buffer && *cur_off == byte_offset {
             return Ok(());
