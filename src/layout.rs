@@ -133,11 +133,7 @@ pub(crate) type Packing = (Vec<(usize, u64)>, Vec<u64>);
 /// Packs regions of `sizes` bytes into buffers of at most `max_buffer` bytes, each region
 /// starting at a multiple of `align`. Returns each region's (buffer, offset) and the buffers'
 /// sizes, or the index of a region that fits in no buffer.
-pub(crate) fn pack(
-    sizes: &[u64],
-    align: u64,
-    max_buffer: u64,
-) -> Result<Packing, usize> {
+pub(crate) fn pack(sizes: &[u64], align: u64, max_buffer: u64) -> Result<Packing, usize> {
     let mut places = Vec::with_capacity(sizes.len());
     let mut buffers: Vec<u64> = Vec::new();
     for (i, &size) in sizes.iter().enumerate() {

@@ -55,5 +55,10 @@ pub use error::{Error, Result};
 pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, EMA_WGSL};
 pub use schedule::{Numerics, Schedule};
 pub use tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
+
+// The README's examples compile as doc tests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 /// The exact `wgpu` this crate is built against: use it to create the buffers you hand in.
 pub use wgpu;
