@@ -242,6 +242,18 @@ impl CpuEma {
         )
     }
 
+    /// Restores shadows and the step counter from a training checkpoint (all checked before
+    /// anything changes).
+    pub fn restore(&mut self, checkpoint: &crate::checkpoint::Checkpoint) -> Result<()> {
+        let shadows = checkpoint.shadows_for(&self.specs)?;
+        let n = checkpoint.num_updates()?;
+        for (spec, values) in shadows.iter() {
+            self.set_shadow(&spec.name, values)?;
+        }
+        self.stepper.num_updates = n;
+        Ok(())
+    }
+
     fn index(&self, name: &str) -> Result<usize> {
         self.specs
             .iter()
@@ -249,6 +261,29 @@ impl CpuEma {
             .ok_or_else(|| Error::UnknownName {
                 name: name.to_string(),
             })
+    }
+}
+
+impl crate::checkpoint::EmaState for CpuEma {
+    fn specs(&self) -> Vec<TensorSpec> {
+        self.specs.clone()
+    }
+    fn num_updates(&self) -> u64 {
+        self.stepper.num_updates
+    }
+    fn schedule(&self) -> Schedule {
+        self.stepper.schedule
+    }
+    fn numerics(&self) -> Numerics {
+        self.stepper.numerics
+    }
+    fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
+        Ok(self.shadows[i].clone())
+    }
+    /// The CPU EMA does not hold the parameters: pass them to
+    /// [`save_training`](crate::checkpoint::save_training).
+    fn read_param(&self, _i: usize) -> Result<Option<Vec<f32>>> {
+        Ok(None)
     }
 }
 

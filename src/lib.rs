@@ -41,6 +41,7 @@
 
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 mod context;
 pub mod cpu;
 mod error;
@@ -52,7 +53,7 @@ mod tensors;
 
 pub use context::{wanted_features, GpuContext};
 pub use error::{Error, Result};
-pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, EMA_WGSL};
+pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, Snapshot, EMA_WGSL};
 pub use schedule::{Numerics, Schedule};
 pub use tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
 

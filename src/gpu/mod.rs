@@ -7,9 +7,11 @@
 
 mod arena;
 mod pipelines;
+mod snapshot;
 
 pub use arena::ParamArena;
 pub use pipelines::EMA_WGSL;
+pub use snapshot::Snapshot;
 
 use std::num::NonZeroU64;
 
@@ -700,6 +702,60 @@ impl GpuEma {
                 bytemuck::cast_slice(part),
             );
             at += p.len as usize;
+        }
+        Ok(())
+    }
+
+    /// Restores shadows and the step counter from a training checkpoint, so the next updates
+    /// continue exactly as if training had never stopped. Every tracked tensor's shadow must be
+    /// present with its shape, and no shadow of an untracked tensor may be; all is checked
+    /// before anything is written. Parameters are restored with
+    /// [`write_params`](Self::write_params) (`checkpoint.params_for(&ema.specs())`).
+    pub fn restore(&mut self, checkpoint: &crate::checkpoint::Checkpoint) -> Result<()> {
+        let shadows = checkpoint.shadows_for(&self.specs())?;
+        let n = checkpoint.num_updates()?;
+        for (spec, values) in shadows.iter() {
+            self.write_shadow(&spec.name, values)?;
+        }
+        self.stepper.num_updates = n;
+        Ok(())
+    }
+
+    /// Writes parameter values from the host into the tracked parameters (the arena, or user
+    /// buffers, which then need `BufferUsages::COPY_DST`). Every name and length is checked
+    /// before anything is written. Lands at the next submit on the queue.
+    pub fn write_params(&self, params: &HostTensors) -> Result<()> {
+        let mut writes = Vec::new();
+        for (spec, values) in params.iter() {
+            let t = &self.tensors[self.index(&spec.name)?];
+            if values.len() as u64 != t.spec.numel() {
+                return Err(Error::LengthMismatch {
+                    name: spec.name.clone(),
+                    expected: t.spec.numel(),
+                    got: values.len() as u64,
+                });
+            }
+            let (buffer, offset) = match &t.source {
+                Source::Arena => {
+                    let arena = self.arena.as_ref().expect("arena tensors imply an arena");
+                    (arena.buffer(), t.pieces[0].offset)
+                }
+                Source::Buffer { buffer, offset, .. } => (buffer, *offset),
+            };
+            if !buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
+                return Err(Error::MissingUsage {
+                    name: spec.name.clone(),
+                    needed: wgpu::BufferUsages::COPY_DST,
+                    have: buffer.usage(),
+                });
+            }
+            writes.push((buffer, offset, values));
+        }
+        for (buffer, offset, values) in writes {
+            if !values.is_empty() {
+                self.queue
+                    .write_buffer(buffer, offset, bytemuck::cast_slice(values));
+            }
         }
         Ok(())
     }

@@ -1,0 +1,151 @@
+//! A consistent copy of shadows (and parameters) taken on the GPU in one submit, read back
+//! one tensor at a time: what feeds a checkpoint without stalling training or holding the
+//! whole model in host memory.
+
+use super::{GpuEma, Source};
+use crate::checkpoint::EmaState;
+use crate::error::{Error, Result};
+use crate::readback;
+use crate::schedule::{Numerics, Schedule};
+use crate::tensors::TensorSpec;
+
+/// Shadows and parameters as they were after the steps submitted before
+/// [`GpuEma::snapshot`], held in one device-local buffer.
+///
+/// Training may go on meanwhile: later steps do not change the snapshot, and reading it waits
+/// only for the snapshot's own copy. Each [`EmaState::read_shadow`] reads back one tensor, so
+/// saving a checkpoint needs host memory for one tensor at a time.
+#[derive(Debug)]
+pub struct Snapshot {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    buffer: wgpu::Buffer,
+    specs: Vec<TensorSpec>,
+    shadow_at: Vec<u64>,
+    param_at: Vec<Option<u64>>,
+    num_updates: u64,
+    schedule: Schedule,
+    numerics: Numerics,
+}
+
+impl GpuEma {
+    /// Copies every shadow, and with `with_params` every parameter, into a snapshot buffer in
+    /// one submit. Parameters in user buffers need `BufferUsages::COPY_SRC` for that
+    /// ([`Error::MissingUsage`] otherwise; the arena has it).
+    pub fn snapshot(&self, with_params: bool) -> Result<Snapshot> {
+        let mut at = 0u64;
+        let mut shadow_at = Vec::new();
+        let mut param_at = Vec::new();
+        for t in &self.tensors {
+            shadow_at.push(at);
+            at += t.spec.numel() * 4;
+        }
+        for t in &self.tensors {
+            if with_params {
+                if let Source::Buffer { buffer, .. } = &t.source {
+                    if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+                        return Err(Error::MissingUsage {
+                            name: t.spec.name.clone(),
+                            needed: wgpu::BufferUsages::COPY_SRC,
+                            have: buffer.usage(),
+                        });
+                    }
+                }
+                param_at.push(Some(at));
+                at += t.spec.numel() * 4;
+            } else {
+                param_at.push(None);
+            }
+        }
+        let max = self.device.limits().max_buffer_size;
+        if at > max {
+            return Err(Error::TooLarge {
+                what: "checkpoint snapshot".into(),
+                bytes: at,
+                limit: max,
+            });
+        }
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-ema snapshot"),
+            size: at.max(4),
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wgpu-ema snapshot"),
+            });
+        for (i, t) in self.tensors.iter().enumerate() {
+            let mut dst = shadow_at[i];
+            for p in &t.pieces {
+                enc.copy_buffer_to_buffer(
+                    &self.shadow_buffers[p.buffer],
+                    p.offset,
+                    &buffer,
+                    dst,
+                    p.len * 4,
+                );
+                dst += p.len * 4;
+            }
+            let n = t.spec.numel();
+            if let (Some(dst), true) = (param_at[i], n > 0) {
+                let (src, off) = match &t.source {
+                    Source::Arena => {
+                        let arena = self.arena.as_ref().expect("arena tensors imply an arena");
+                        (arena.buffer(), t.pieces[0].offset)
+                    }
+                    Source::Buffer { buffer, offset, .. } => (buffer, *offset),
+                };
+                enc.copy_buffer_to_buffer(src, off, &buffer, dst, n * 4);
+            }
+        }
+        self.queue.submit(Some(enc.finish()));
+        Ok(Snapshot {
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            buffer,
+            specs: self.specs(),
+            shadow_at,
+            param_at,
+            num_updates: self.num_updates(),
+            schedule: self.schedule(),
+            numerics: self.numerics(),
+        })
+    }
+}
+
+impl Snapshot {
+    fn read(&self, offset: u64, len: u64) -> Result<Vec<f32>> {
+        let range = readback::Range {
+            buffer: &self.buffer,
+            offset,
+            len,
+        };
+        readback::start(&self.device, &self.queue, &[range]).wait(&self.device)
+    }
+}
+
+impl EmaState for Snapshot {
+    fn specs(&self) -> Vec<TensorSpec> {
+        self.specs.clone()
+    }
+    fn num_updates(&self) -> u64 {
+        self.num_updates
+    }
+    fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+    fn numerics(&self) -> Numerics {
+        self.numerics
+    }
+    fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
+        self.read(self.shadow_at[i], self.specs[i].numel())
+    }
+    fn read_param(&self, i: usize) -> Result<Option<Vec<f32>>> {
+        match self.param_at[i] {
+            Some(at) => self.read(at, self.specs[i].numel()).map(Some),
+            None => Ok(None),
+        }
+    }
+}
