@@ -73,6 +73,16 @@ pub enum Error {
         name: String,
     },
 
+    /// The tensor's shadow is stored in two pieces and has no single binding.
+    #[error(
+        "the shadow of tensor `{name}` is stored as a vec4 body and a tail, not one binding; \
+         track it in a ParamArena to bind its shadow directly"
+    )]
+    NotContiguous {
+        /// The tensor.
+        name: String,
+    },
+
     /// A tensor's byte offset is not a multiple of 4.
     #[error("tensor `{name}`: byte offset {offset} is not a multiple of 4 (f32 elements)")]
     Misaligned {

@@ -760,6 +760,29 @@ impl GpuEma {
         Ok(())
     }
 
+    /// A binding of the shadow of `name`, for your own shaders (evaluating with the EMA
+    /// weights on the GPU without copying them). Available when the shadow is one contiguous
+    /// run: arena tensors, and user-buffer tensors whose element count is below 4 or a
+    /// multiple of 4 (others keep their last `n % 4` elements apart, for the vec4 kernel).
+    pub fn shadow_binding(&self, name: &str) -> Result<wgpu::BufferBinding<'_>> {
+        let t = &self.tensors[self.index(name)?];
+        match t.pieces.as_slice() {
+            [] => Err(Error::LengthMismatch {
+                name: name.to_string(),
+                expected: 1,
+                got: 0,
+            }),
+            [p] => Ok(wgpu::BufferBinding {
+                buffer: &self.shadow_buffers[p.buffer],
+                offset: p.offset,
+                size: NonZeroU64::new(p.len * 4),
+            }),
+            _ => Err(Error::NotContiguous {
+                name: name.to_string(),
+            }),
+        }
+    }
+
     /// The device this EMA records for.
     pub fn device(&self) -> &wgpu::Device {
         &self.device

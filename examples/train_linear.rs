@@ -1,0 +1,583 @@
+//! The main job: the TensorFlow EMA demo, on the GPU.
+//!
+//! Trains `y = x . w + b` (w of shape [2, 1], b a scalar) on seeded synthetic data with
+//! momentum SGD written in WGSL (`examples/train_linear.wgsl`), keeps an EMA of the weights
+//! with decay 0.9999 and num_updates = the global step, checkpoints every `--every` steps,
+//! then reads the last checkpoint back and evaluates with the raw and the EMA weights, as
+//! TensorFlow's `variables_to_restore` does.
+//!
+//! ```text
+//! cargo run --release --example train_linear -- [--steps N] [--every N] [--out DIR] [--resume PATH] [--cpu]
+//! ```
+//!
+//! With no GPU adapter (or `--cpu`) it runs the same training on the CPU path and says so.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use wgpu_ema::checkpoint::{self, Checkpoint};
+use wgpu_ema::cpu::CpuEma;
+use wgpu_ema::{wgpu, GpuContext, GpuEma, HostTensors, Numerics, ParamArena, Schedule, TensorSpec};
+
+const DECAY: f64 = 0.9999;
+const LR: f32 = 0.05;
+const MOMENTUM: f32 = 0.9;
+const BATCH: usize = 8;
+const N_TRAIN: usize = 1024;
+const N_EVAL: usize = 256;
+const TRUE_W: [f32; 2] = [2.0, -3.4];
+const TRUE_B: f32 = 4.2;
+const NOISE: f32 = 0.5;
+
+type Error = Box<dyn std::error::Error>;
+
+struct Args {
+    steps: u64,
+    every: u64,
+    out: PathBuf,
+    resume: Option<PathBuf>,
+    cpu: bool,
+}
+
+fn parse_args() -> Result<Args, Error> {
+    let mut a = Args {
+        steps: 3000,
+        every: 1000,
+        out: PathBuf::from("target/ema-demo"),
+        resume: None,
+        cpu: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--steps" => a.steps = value()?.parse()?,
+            "--every" => a.every = value()?.parse::<u64>()?.max(1),
+            "--out" => a.out = value()?.into(),
+            "--resume" => a.resume = Some(value()?.into()),
+            "--cpu" => a.cpu = true,
+            "-h" | "--help" => {
+                println!(
+                    "train_linear [--steps N] [--every N] [--out DIR] [--resume PATH] [--cpu]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?} (try --help)").into()),
+        }
+    }
+    Ok(a)
+}
+
+fn specs() -> Vec<TensorSpec> {
+    vec![
+        TensorSpec::new("weight", [2, 1]),
+        TensorSpec::new("bias", []),
+    ]
+}
+
+fn momentum_specs() -> Vec<TensorSpec> {
+    vec![
+        TensorSpec::new("weight/Momentum", [2, 1]),
+        TensorSpec::new("bias/Momentum", []),
+    ]
+}
+
+/// Train samples then eval samples, each (x0, x1, y), seeded.
+fn dataset() -> Vec<f32> {
+    let mut rng = fastrand::Rng::with_seed(2017);
+    let mut gauss = || {
+        let (u, v) = (rng.f32().max(1e-7), rng.f32());
+        (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
+    };
+    let mut out = Vec::with_capacity(3 * (N_TRAIN + N_EVAL));
+    for _ in 0..N_TRAIN + N_EVAL {
+        let x0 = gauss();
+        let x1 = gauss();
+        let y = TRUE_W[0] * x0 + TRUE_W[1] * x1 + TRUE_B + NOISE * gauss();
+        out.extend([x0, x1, y]);
+    }
+    out
+}
+
+fn eval_loss(data: &[f32], w: &[f32], b: f32) -> f32 {
+    let eval = &data[3 * N_TRAIN..];
+    let sum: f32 = eval
+        .chunks_exact(3)
+        .map(|s| {
+            let e = w[0] * s[0] + w[1] * s[1] + b - s[2];
+            e * e
+        })
+        .sum();
+    sum / N_EVAL as f32
+}
+
+/// Where training starts: fresh, or from a checkpoint.
+struct Start {
+    global: u64,
+    params: HostTensors,
+    momentum: HostTensors,
+    checkpoint: Option<Checkpoint>,
+}
+
+fn start(resume: Option<&Path>) -> Result<Start, Error> {
+    let Some(path) = resume else {
+        let mut params = HostTensors::new();
+        params.insert(specs()[0].clone(), vec![0.0, 0.0])?;
+        params.insert(specs()[1].clone(), vec![0.0])?;
+        let mut momentum = HostTensors::new();
+        momentum.insert(momentum_specs()[0].clone(), vec![0.0, 0.0])?;
+        momentum.insert(momentum_specs()[1].clone(), vec![0.0])?;
+        return Ok(Start {
+            global: 0,
+            params,
+            momentum,
+            checkpoint: None,
+        });
+    };
+    let ck = Checkpoint::load(path)?;
+    let params = ck.params_for(&specs())?;
+    let mut momentum = HostTensors::new();
+    for s in momentum_specs() {
+        let v = ck.tensor_as(&s.name, &s)?.to_vec();
+        momentum.insert(s, v)?;
+    }
+    Ok(Start {
+        global: ck.num_updates()?,
+        params,
+        momentum,
+        checkpoint: Some(ck),
+    })
+}
+
+fn checkpoint_path(out: &Path, step: u64) -> PathBuf {
+    out.join(format!("ckpt-{step:08}.safetensors"))
+}
+
+fn progress(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} steps  {per_sec}  eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// What a run leaves: the losses it logged per step (raw, EMA) and its last checkpoint.
+struct Run {
+    first_global: u64,
+    losses: Vec<(f32, f32)>,
+    last_checkpoint: PathBuf,
+}
+
+fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run, Error> {
+    let device = &ctx.device;
+    let queue = &ctx.queue;
+    let params = ParamArena::new(device, specs())?;
+    let momentum = ParamArena::new(device, momentum_specs())?;
+    for (s, v) in st.params.iter() {
+        params.write(queue, &s.name, v)?;
+    }
+    for (s, v) in st.momentum.iter() {
+        momentum.write(queue, &s.name, v)?;
+    }
+    let mut ema = GpuEma::builder(Schedule::tf(DECAY))
+        .track_arena(&params)
+        .build(device, queue)?;
+    if let Some(ck) = &st.checkpoint {
+        ema.restore(ck)?;
+    }
+
+    let steps = args.steps.saturating_sub(st.global);
+    let data_buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("data"),
+        size: (data.len() * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    queue.write_buffer(&data_buf, 0, bytemuck::cast_slice(data));
+    let log_bytes = 16 + 8 * steps.max(1);
+    let log_buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("log"),
+        size: log_bytes,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    queue.write_buffer(
+        &log_buf,
+        0,
+        bytemuck::cast_slice(&[0u32, st.global as u32, 0, 0]),
+    );
+
+    let module = device.create_shader_module(wgpu::include_wgsl!("train_linear.wgsl"));
+    let constants = [
+        ("LR", LR as f64),
+        ("MOMENTUM", MOMENTUM as f64),
+        ("BATCH", BATCH as f64),
+        ("N_TRAIN", N_TRAIN as f64),
+        ("N_EVAL", N_EVAL as f64),
+    ];
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("train_step"),
+        layout: None,
+        module: &module,
+        entry_point: Some("train_step"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants,
+            ..Default::default()
+        },
+        cache: None,
+    });
+    let bindings = [
+        data_buf.as_entire_buffer_binding(),
+        params.binding("weight")?,
+        params.binding("bias")?,
+        momentum.binding("weight/Momentum")?,
+        momentum.binding("bias/Momentum")?,
+        ema.shadow_binding("weight")?,
+        ema.shadow_binding("bias")?,
+        log_buf.as_entire_buffer_binding(),
+    ];
+    let entries: Vec<wgpu::BindGroupEntry> = bindings
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: wgpu::BindingResource::Buffer(b),
+        })
+        .collect();
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("train_step"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+
+    let bar = progress(steps);
+    let mut last_checkpoint = None;
+    let mut global = st.global;
+    std::fs::create_dir_all(&args.out)?;
+    while global < args.steps {
+        // Up to 100 steps per submit, never past the next checkpoint.
+        let next_ckpt = (global / args.every + 1) * args.every;
+        let until = next_ckpt.min(args.steps).min(global + 100);
+        let mut encoder = device.create_command_encoder(&Default::default());
+        for g in global + 1..=until {
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                pass.dispatch_workgroups(1, 1, 1);
+            }
+            // The EMA right after the optimizer, in the same encoder: num_updates = global step.
+            ema.record_update_at(&mut encoder, g)?;
+        }
+        queue.submit(Some(encoder.finish()));
+        bar.inc(until - global);
+        global = until;
+        if global.is_multiple_of(args.every) || global == args.steps {
+            let path = checkpoint_path(&args.out, global);
+            let snapshot = ema.snapshot(true)?;
+            let mom = momentum.read_blocking(device, queue)?;
+            checkpoint::save_training(&path, &snapshot, None, &mom)?;
+            bar.suspend(|| println!("checkpoint: {}", path.display()));
+            last_checkpoint = Some(path);
+        }
+    }
+    bar.finish_and_clear();
+
+    let log = read_buffer(device, queue, &log_buf)?;
+    let losses = log[4..4 + 2 * steps as usize]
+        .chunks_exact(2)
+        .map(|p| (p[0], p[1]))
+        .collect();
+    let last_checkpoint = match last_checkpoint {
+        Some(p) => p,
+        None => save_resumed(
+            &args.out,
+            &ema.snapshot(true)?,
+            &momentum.read_blocking(device, queue)?,
+        )?,
+    };
+    Ok(Run {
+        first_global: st.global,
+        losses,
+        last_checkpoint,
+    })
+}
+
+/// A resume with nothing left to train still leaves a checkpoint to report on.
+fn save_resumed(
+    out: &Path,
+    state: &dyn checkpoint::EmaState,
+    momentum: &HostTensors,
+) -> Result<PathBuf, Error> {
+    std::fs::create_dir_all(out)?;
+    let path = checkpoint_path(out, state.num_updates());
+    checkpoint::save_training(&path, state, None, momentum)?;
+    Ok(path)
+}
+
+fn read_buffer(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    buf: &wgpu::Buffer,
+) -> Result<Vec<f32>, Error> {
+    let staging = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("log readback"),
+        size: buf.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
+    queue.submit(Some(encoder.finish()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    device.poll(wgpu::PollType::wait_indefinitely())?;
+    rx.recv()??;
+    let out = bytemuck::pod_collect_to_vec(&staging.get_mapped_range(..)?);
+    staging.unmap();
+    Ok(out)
+}
+
+/// The same training on the CPU path (momentum SGD in Rust, `CpuEma`).
+fn run_cpu(args: &Args, data: &[f32], st: Start) -> Result<Run, Error> {
+    let mut w = st.params.try_get("weight")?.to_vec();
+    let mut b = st.params.try_get("bias")?[0];
+    let mut mw = st.momentum.try_get("weight/Momentum")?.to_vec();
+    let mut mb = st.momentum.try_get("bias/Momentum")?[0];
+    let mut ema = CpuEma::new(Schedule::tf(DECAY), Numerics::Exact)?;
+    for (s, v) in st.params.iter() {
+        ema.track(s.clone(), v)?;
+    }
+    if let Some(ck) = &st.checkpoint {
+        ema.restore(ck)?;
+    }
+    let steps = args.steps.saturating_sub(st.global);
+    let bar = progress(steps);
+    let mut losses = Vec::with_capacity(steps as usize);
+    let mut last_checkpoint = None;
+    std::fs::create_dir_all(&args.out)?;
+    let state_now =
+        |w: &[f32], b: f32, mw: &[f32], mb: f32| -> Result<(HostTensors, HostTensors), Error> {
+            let mut p = HostTensors::new();
+            p.insert(specs()[0].clone(), w.to_vec())?;
+            p.insert(specs()[1].clone(), vec![b])?;
+            let mut m = HostTensors::new();
+            m.insert(momentum_specs()[0].clone(), mw.to_vec())?;
+            m.insert(momentum_specs()[1].clone(), vec![mb])?;
+            Ok((p, m))
+        };
+    for g in st.global + 1..=args.steps {
+        let (ew, eb) = (ema.shadow("weight")?, ema.shadow("bias")?[0]);
+        losses.push((eval_loss(data, &w, b), eval_loss(data, ew, eb)));
+        let start = ((g - 1) as usize % (N_TRAIN / BATCH)) * BATCH;
+        let (mut g0, mut g1, mut gb) = (0.0f32, 0.0f32, 0.0f32);
+        for s in data[3 * start..3 * (start + BATCH)].chunks_exact(3) {
+            let e = w[0] * s[0] + w[1] * s[1] + b - s[2];
+            g0 += 2.0 * e * s[0];
+            g1 += 2.0 * e * s[1];
+            gb += 2.0 * e;
+        }
+        let inv = 1.0 / BATCH as f32;
+        mw[0] = MOMENTUM * mw[0] + g0 * inv;
+        mw[1] = MOMENTUM * mw[1] + g1 * inv;
+        mb = MOMENTUM * mb + gb * inv;
+        w[0] -= LR * mw[0];
+        w[1] -= LR * mw[1];
+        b -= LR * mb;
+        ema.update_at(g, &[&w, &[b]])?;
+        bar.inc(1);
+        if g.is_multiple_of(args.every) || g == args.steps {
+            let path = checkpoint_path(&args.out, g);
+            let (p, m) = state_now(&w, b, &mw, mb)?;
+            checkpoint::save_training(&path, &ema, Some(&p), &m)?;
+            bar.suspend(|| println!("checkpoint: {}", path.display()));
+            last_checkpoint = Some(path);
+        }
+    }
+    bar.finish_and_clear();
+    let last_checkpoint = match last_checkpoint {
+        Some(p) => p,
+        None => {
+            let (p, m) = state_now(&w, b, &mw, mb)?;
+            std::fs::create_dir_all(&args.out)?;
+            let path = checkpoint_path(&args.out, ema.num_updates());
+            checkpoint::save_training(&path, &ema, Some(&p), &m)?;
+            path
+        }
+    };
+    Ok(Run {
+        first_global: st.global,
+        losses,
+        last_checkpoint,
+    })
+}
+
+fn fmt_values(v: &[f32]) -> String {
+    let items: Vec<String> = v.iter().map(|x| format!("{x:.6}")).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// Reads the checkpoint back and prints what TensorFlow's demo prints.
+fn report(run: &Run, data: &[f32]) -> Result<(), Error> {
+    let ck = Checkpoint::load(&run.last_checkpoint)?;
+    println!(
+        "\nvariables in checkpoint {} (num_updates = {}):",
+        ck.path().display(),
+        ck.num_updates()?
+    );
+    for name in ck.names() {
+        if let Some((_, v)) = ck.get(name) {
+            println!("  {name:<32} {}", fmt_values(v));
+        }
+    }
+    let raw = ck.params_for(&specs())?;
+    println!("\nvariables restored not from ExponentialMovingAverage:");
+    for (s, v) in raw.iter() {
+        println!("  {:<8} <- {:<32} {}", s.name, s.name, fmt_values(v));
+    }
+    let averaged = ck.shadows_for(&specs())?;
+    println!("\nvariables restored from ExponentialMovingAverage:");
+    for ((name, from), (_, v)) in checkpoint::variables_to_restore(&specs())
+        .iter()
+        .zip(averaged.iter())
+    {
+        println!("  {name:<8} <- {from:<32} {}", fmt_values(v));
+    }
+    let raw_loss = eval_loss(data, raw.try_get("weight")?, raw.try_get("bias")?[0]);
+    let ema_loss = eval_loss(
+        data,
+        averaged.try_get("weight")?,
+        averaged.try_get("bias")?[0],
+    );
+    println!(
+        "\nevaluation loss (mean squared error on {N_EVAL} held-out samples; noise floor {:.4}):",
+        NOISE * NOISE
+    );
+    println!("  raw weights: {raw_loss:.6}");
+    println!("  EMA weights: {ema_loss:.6}");
+    println!(
+        "  (true weight [{}, {}], bias {TRUE_B})",
+        TRUE_W[0], TRUE_W[1]
+    );
+    Ok(())
+}
+
+fn plot(run: &Run, out: &Path) -> Result<Option<PathBuf>, Error> {
+    use plotters::prelude::*;
+    if run.losses.is_empty() {
+        return Ok(None);
+    }
+    static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| "bad font file")?;
+    let path = out.join("loss.png");
+    draw(run, &path)?;
+    Ok(Some(path))
+}
+
+fn draw(run: &Run, path: &Path) -> Result<(), Error> {
+    use plotters::prelude::*;
+    let root = BitMapBackend::new(path, (960, 540)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x0 = run.first_global as f32;
+    let x1 = x0 + run.losses.len() as f32;
+    let all = run
+        .losses
+        .iter()
+        .flat_map(|&(a, b)| [a, b])
+        .filter(|v| v.is_finite() && *v > 0.0);
+    let (lo, hi) = all.fold((f32::MAX, f32::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "held-out loss per step: raw vs EMA weights",
+            ("sans-serif", 24),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, (lo * 0.9..hi * 1.1).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("global step")
+        .y_desc("mean squared error")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    let series = |f: fn(&(f32, f32)) -> f32| {
+        run.losses
+            .iter()
+            .enumerate()
+            .map(move |(i, p)| (x0 + i as f32 + 1.0, f(p)))
+            .collect::<Vec<_>>()
+    };
+    chart
+        .draw_series(LineSeries::new(series(|p| p.0), RED.mix(0.6)))?
+        .label("raw weights")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    chart
+        .draw_series(LineSeries::new(series(|p| p.1), BLUE.stroke_width(2)))?
+        .label("EMA weights (decay 0.9999, num_updates)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 16))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> Result<(), Error> {
+    let args = parse_args()?;
+    let data = dataset();
+    let st = start(args.resume.as_deref())?;
+    if let Some(p) = &args.resume {
+        println!("resuming from {} at global step {}", p.display(), st.global);
+    }
+    let ctx = if args.cpu {
+        None
+    } else {
+        GpuContext::new()
+            .map_err(|e| println!("no GPU adapter ({e})"))
+            .ok()
+    };
+    let run = match &ctx {
+        Some(ctx) => {
+            println!("training on the GPU: {}", ctx.describe());
+            run_gpu(ctx, &args, &data, st)?
+        }
+        None => {
+            println!(
+                "training on the CPU path (no GPU adapter{})",
+                if args.cpu { ": --cpu" } else { "" }
+            );
+            run_cpu(&args, &data, st)?
+        }
+    };
+    println!(
+        "trained {} steps (momentum SGD, lr {LR}, batch {BATCH}); EMA decay {DECAY} with num_updates = global step",
+        run.losses.len()
+    );
+    report(&run, &data)?;
+    if let Some(p) = plot(&run, &args.out)? {
+        println!("\nloss plot: {}", p.display());
+    }
+    Ok(())
+}
