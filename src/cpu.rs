@@ -6,7 +6,7 @@
 //! (`f32::mul_add` without an FMA target feature becomes a libm call per element.)
 
 use crate::error::{Error, Result};
-use crate::schedule::{Numerics, Schedule};
+use crate::schedule::{Action, Numerics, Policy, Schedule};
 use crate::tensors::{HostTensors, TensorSpec};
 
 /// Below this many elements a tensor is updated on the calling thread: spawning threads costs
@@ -97,6 +97,7 @@ pub fn ema_step_f64(shadow: &mut [f64], param: &[f32], alpha: f64) -> Result<()>
 pub(crate) struct Stepper {
     pub schedule: Schedule,
     pub numerics: Numerics,
+    pub policy: Policy,
     /// Updates applied so far; the next update is number `num_updates + 1`.
     pub num_updates: u64,
 }
@@ -107,13 +108,14 @@ impl Stepper {
         Ok(Self {
             schedule,
             numerics,
+            policy: Policy::default(),
             num_updates: 0,
         })
     }
 
-    /// The alpha of update `n`, then the counter set to `n`.
-    pub fn advance_to(&mut self, n: u64) -> Result<f32> {
-        let a = self.schedule.alpha(n, self.numerics)?;
+    /// What call `n` does, then the counter set to `n`. An error leaves the counter alone.
+    pub fn advance_to(&mut self, n: u64) -> Result<Action> {
+        let a = self.policy.action(&self.schedule, n, self.numerics)?;
         self.num_updates = n;
         Ok(a)
     }
@@ -164,6 +166,13 @@ impl CpuEma {
         Ok(())
     }
 
+    /// Sets when updates happen (delayed start, interval); see [`Policy`].
+    pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
+        policy.validate()?;
+        self.stepper.policy = policy;
+        Ok(())
+    }
+
     /// The tracked tensors, in tracking order.
     pub fn specs(&self) -> &[TensorSpec] {
         &self.specs
@@ -207,11 +216,13 @@ impl CpuEma {
         for (spec, p) in self.specs.iter().zip(params) {
             check_len(&spec.name, spec.numel() as usize, p.len())?;
         }
-        let alpha = self.stepper.advance_to(n)?;
+        let action = self.stepper.advance_to(n)?;
         for (s, p) in self.shadows.iter_mut().zip(params) {
-            match self.stepper.numerics {
-                Numerics::Exact => ema_step(s, p, alpha)?,
-                Numerics::TensorFlow => ema_step_tf(s, p, alpha)?,
+            match (action, self.stepper.numerics) {
+                (Action::Skip, _) => {}
+                (Action::Copy, _) => s.copy_from_slice(p),
+                (Action::Update(alpha), Numerics::Exact) => ema_step(s, p, alpha)?,
+                (Action::Update(alpha), Numerics::TensorFlow) => ema_step_tf(s, p, alpha)?,
             }
         }
         Ok(())
@@ -277,6 +288,9 @@ impl crate::checkpoint::EmaState for CpuEma {
     fn numerics(&self) -> Numerics {
         self.stepper.numerics
     }
+    fn policy(&self) -> Policy {
+        self.stepper.policy
+    }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
         Ok(self.shadows[i].clone())
     }
@@ -308,6 +322,13 @@ impl ReferenceEma {
         })
     }
 
+    /// Sets when updates happen; see [`Policy`].
+    pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
+        policy.validate()?;
+        self.stepper.policy = policy;
+        Ok(())
+    }
+
     /// One update with the internal counter.
     pub fn update(&mut self, params: &[&[f32]]) -> Result<()> {
         let n = self.stepper.num_updates.saturating_add(1);
@@ -322,9 +343,17 @@ impl ReferenceEma {
                 got: params.len(),
             });
         }
-        let alpha = self.stepper.advance_to(n)? as f64;
+        let action = self.stepper.advance_to(n)?;
         for (s, p) in self.shadows.iter_mut().zip(params) {
-            ema_step_f64(s, p, alpha)?;
+            match action {
+                Action::Skip => {}
+                Action::Copy => {
+                    for (s, &p) in s.iter_mut().zip(p.iter()) {
+                        *s = p as f64;
+                    }
+                }
+                Action::Update(alpha) => ema_step_f64(s, p, alpha as f64)?,
+            }
         }
         Ok(())
     }

@@ -44,6 +44,7 @@
 pub mod checkpoint;
 mod context;
 pub mod cpu;
+pub mod debias;
 mod error;
 mod gpu;
 mod layout;

@@ -27,6 +27,125 @@ pub enum Schedule {
         /// The cap on the decay, in `[0, 1]`.
         decay: f64,
     },
+    /// diffusers' `EMAModel` default: TensorFlow's rule on `k = n - 1` (diffusers'
+    /// `optimization_step - update_after_step - 1`; combine with
+    /// [`Policy::update_after_step`] for its `update_after_step`), floored at `min_decay`:
+    /// `decay(n) = 0` for `k <= 0`, else `max(min_decay, min(decay, (1 + k) / (10 + k)))`.
+    Diffusers {
+        /// The cap, in `[0, 1]` (diffusers' `decay`, default 0.9999).
+        decay: f64,
+        /// The floor, in `[0, 1]` (diffusers' `min_decay`, default 0).
+        min_decay: f64,
+    },
+    /// Warm-up as in timm's `ModelEmaV3`, diffusers (`use_ema_warmup`) and ema-pytorch:
+    /// `decay(n) = clamp(1 - (1 + n / inv_gamma)^(-power), min_decay, max_decay)`.
+    ///
+    /// `inv_gamma = 1` and `power = 2/3` (the defaults) suit training runs of about a million
+    /// steps (decay 0.999 near 31.6k steps, 0.9999 near 1M); `power = 3/4` suits shorter runs
+    /// (0.999 near 10k steps, 0.9999 near 215k).
+    Warmup {
+        /// Scale of `n` (default 1).
+        inv_gamma: f64,
+        /// Exponent (default 2/3).
+        power: f64,
+        /// Lower clamp, in `[0, 1]`.
+        min_decay: f64,
+        /// Upper clamp, in `[0, 1]`.
+        max_decay: f64,
+    },
+    /// The power-function EMA of Karras et al. (EDM2; ema-pytorch's `KarrasEMA`), whose
+    /// averaging window grows with training: `decay(n) = (1 - 1/n)^(1 + gamma)` for update `n`
+    /// (1-based; with a 0-based step count `s = n - 1` this is EDM2's `(1 - 1/(s+1))^(1+gamma)`),
+    /// so the first update copies the parameters. [`Schedule::power_sigma_rel`] sets `gamma`
+    /// from the relative width `sigma_rel`.
+    Power {
+        /// The exponent, > 0 (EDM2 uses 6.94 and 16.97, i.e. `sigma_rel` 0.10 and 0.05).
+        gamma: f64,
+    },
+    /// Composer's half-life: `decay = 2^(-update_interval / half_life)`, constant: after
+    /// `half_life` steps (of which every `update_interval`-th updates the average) a
+    /// parameter's old value weighs half.
+    HalfLife {
+        /// Steps for the weight of old values to halve, > 0.
+        half_life: f64,
+        /// Steps between two updates (Composer's `update_interval`), > 0.
+        update_interval: f64,
+    },
+}
+
+/// When updates happen, around the [`Schedule`]: a delayed start and an update interval
+/// (ema-pytorch's `update_after_step` and `update_every`, diffusers' `update_after_step`,
+/// Composer's `update_interval`).
+///
+/// The step counter `n` counts *calls* (optimizer steps), whether they update or not:
+/// - calls with `n <= update_after_step` copy the parameters into the shadows (exactly, with
+///   the copy pass) instead of averaging;
+/// - after that, only calls where `n - update_after_step` is a multiple of `update_every`
+///   update; the others record nothing;
+/// - an update evaluates the schedule at `n - update_after_step`, so warm-ups start when the
+///   averaging does. With `update_every = k`, each update folds in one parameter value per
+///   `k` steps: pick the decay per update (a [`Schedule::HalfLife`] with
+///   `update_interval = k` does it for you).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Calls up to and including this one copy instead of averaging (default 0).
+    pub update_after_step: u64,
+    /// Update on every k-th call (default 1).
+    pub update_every: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            update_after_step: 0,
+            update_every: 1,
+        }
+    }
+}
+
+/// What one call does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Action {
+    /// Nothing this call (between two updates of `update_every`).
+    Skip,
+    /// Shadows := params, exactly (before `update_after_step`).
+    Copy,
+    /// The EMA update with this `alpha = 1 - decay`.
+    Update(f32),
+}
+
+impl Policy {
+    /// Checks `update_every >= 1`.
+    pub fn validate(&self) -> Result<()> {
+        if self.update_every == 0 {
+            return Err(Error::InvalidSchedule(
+                "update_every must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What call `n` does under `schedule` with `numerics`.
+    ///
+    /// ```
+    /// use wgpu_ema::schedule::{Action, Numerics, Policy, Schedule};
+    /// let p = Policy { update_after_step: 2, update_every: 3 };
+    /// let s = Schedule::constant(0.5);
+    /// assert_eq!(p.action(&s, 1, Numerics::Exact).unwrap(), Action::Copy);
+    /// assert_eq!(p.action(&s, 3, Numerics::Exact).unwrap(), Action::Skip);
+    /// assert_eq!(p.action(&s, 5, Numerics::Exact).unwrap(), Action::Update(0.5));
+    /// ```
+    pub fn action(&self, schedule: &Schedule, n: u64, numerics: Numerics) -> Result<Action> {
+        self.validate()?;
+        if n <= self.update_after_step {
+            return Ok(Action::Copy);
+        }
+        let k = n - self.update_after_step;
+        if !k.is_multiple_of(self.update_every) {
+            return Ok(Action::Skip);
+        }
+        Ok(Action::Update(schedule.alpha(k, numerics)?))
+    }
 }
 
 /// The arithmetic used to turn a decay into `alpha = 1 - decay`, and to apply it.
@@ -96,11 +215,121 @@ impl Schedule {
         Schedule::NumUpdates { decay }
     }
 
-    /// Checks every parameter: decays in `[0, 1]` and not NaN.
+    /// diffusers' `EMAModel` default rule (see [`Schedule::Diffusers`]).
+    pub fn diffusers(decay: f64, min_decay: f64) -> Self {
+        Schedule::Diffusers { decay, min_decay }
+    }
+
+    /// Warm-up with `inv_gamma`, `power`, clamped to `[0, max_decay]` (see
+    /// [`Schedule::Warmup`]).
+    ///
+    /// ```
+    /// use wgpu_ema::Schedule;
+    /// let s = Schedule::warmup(1.0, 2.0 / 3.0, 0.9999);
+    /// assert!((s.decay(7).unwrap() - 0.75).abs() < 1e-12); // 1 - 8^(-2/3)
+    /// ```
+    pub fn warmup(inv_gamma: f64, power: f64, max_decay: f64) -> Self {
+        Schedule::Warmup {
+            inv_gamma,
+            power,
+            min_decay: 0.0,
+            max_decay,
+        }
+    }
+
+    /// The power-function EMA with exponent `gamma`.
+    pub fn power(gamma: f64) -> Self {
+        Schedule::Power { gamma }
+    }
+
+    /// The power-function EMA whose averaging window has relative standard deviation
+    /// `sigma_rel` (EDM2's parametrisation): `gamma` is the largest real root of
+    /// `g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0`. Fails unless `0 < sigma_rel < 0.28`
+    /// (wider windows need `gamma <= 0`).
+    ///
+    /// ```
+    /// use wgpu_ema::Schedule;
+    /// let Schedule::Power { gamma } = Schedule::power_sigma_rel(0.10).unwrap() else { unreachable!() };
+    /// assert!((gamma - 6.94).abs() < 0.01);
+    /// ```
+    pub fn power_sigma_rel(sigma_rel: f64) -> Result<Self> {
+        if !(sigma_rel > 0.0 && sigma_rel < 0.28) {
+            return Err(Error::InvalidSchedule(format!(
+                "sigma_rel must be in (0, 0.28), got {sigma_rel}"
+            )));
+        }
+        let t = sigma_rel.powi(-2);
+        let f = |g: f64| ((g + 7.0) * g + 16.0 - t) * g + 12.0 - t;
+        let df = |g: f64| (3.0 * g + 14.0) * g + 16.0 - t;
+        // Newton from the right of every root converges to the largest one.
+        let mut g = t.sqrt() + 10.0;
+        for _ in 0..200 {
+            let step = f(g) / df(g);
+            g -= step;
+            if step.abs() < 1e-14 * g.abs().max(1.0) {
+                break;
+            }
+        }
+        Ok(Schedule::Power { gamma: g })
+    }
+
+    /// Composer's half-life (see [`Schedule::HalfLife`]).
+    ///
+    /// ```
+    /// use wgpu_ema::Schedule;
+    /// let s = Schedule::half_life(1000.0, 1.0);
+    /// assert!((s.decay(1).unwrap().powf(1000.0) - 0.5).abs() < 1e-12);
+    /// ```
+    pub fn half_life(half_life: f64, update_interval: f64) -> Self {
+        Schedule::HalfLife {
+            half_life,
+            update_interval,
+        }
+    }
+
+    /// Checks every parameter: decays in `[0, 1]` and not NaN, exponents and lengths positive.
     pub fn validate(&self) -> Result<()> {
+        let positive = |what: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::InvalidSchedule(format!(
+                    "{what} must be a positive number, got {v}"
+                )))
+            }
+        };
         match *self {
             Schedule::Constant { decay } | Schedule::NumUpdates { decay } => {
                 check_unit("decay", decay)
+            }
+            Schedule::Diffusers { decay, min_decay } => {
+                check_unit("decay", decay)?;
+                check_unit("min_decay", min_decay)
+            }
+            Schedule::Warmup {
+                inv_gamma,
+                power,
+                min_decay,
+                max_decay,
+            } => {
+                positive("inv_gamma", inv_gamma)?;
+                positive("power", power)?;
+                check_unit("min_decay", min_decay)?;
+                check_unit("max_decay", max_decay)?;
+                if min_decay > max_decay {
+                    return Err(Error::InvalidSchedule(format!(
+                        "min_decay {min_decay} is above max_decay {max_decay}"
+                    )));
+                }
+                Ok(())
+            }
+            Schedule::Power { gamma } => positive("gamma", gamma),
+            Schedule::HalfLife {
+                half_life,
+                update_interval,
+            } => {
+                positive("half_life", half_life)?;
+                positive("update_interval", update_interval)
             }
         }
     }
@@ -114,6 +343,31 @@ impl Schedule {
                 let n = n as f64;
                 decay.min((1.0 + n) / (10.0 + n))
             }
+            Schedule::Diffusers { decay, min_decay } => {
+                if n <= 1 {
+                    0.0
+                } else {
+                    let k = (n - 1) as f64;
+                    decay.min((1.0 + k) / (10.0 + k)).max(min_decay)
+                }
+            }
+            Schedule::Warmup {
+                inv_gamma,
+                power,
+                min_decay,
+                max_decay,
+            } => (1.0 - (1.0 + n as f64 / inv_gamma).powf(-power)).clamp(min_decay, max_decay),
+            Schedule::Power { gamma } => {
+                if n == 0 {
+                    0.0
+                } else {
+                    (1.0 - 1.0 / n as f64).powf(1.0 + gamma)
+                }
+            }
+            Schedule::HalfLife {
+                half_life,
+                update_interval,
+            } => 2f64.powf(-update_interval / half_life),
         })
     }
 
@@ -126,6 +380,8 @@ impl Schedule {
                 let n = n as f32;
                 (decay as f32).min((1.0f32 + n) / (10.0f32 + n))
             }
+            // TensorFlow has no other schedule: the f64 decay, held in f32.
+            _ => self.decay(n)? as f32,
         })
     }
 
@@ -151,6 +407,22 @@ impl Schedule {
         match *self {
             Schedule::Constant { decay } => format!("constant(decay={decay})"),
             Schedule::NumUpdates { decay } => format!("num_updates(decay={decay})"),
+            Schedule::Diffusers { decay, min_decay } => {
+                format!("diffusers(decay={decay}, min_decay={min_decay})")
+            }
+            Schedule::Warmup {
+                inv_gamma,
+                power,
+                min_decay,
+                max_decay,
+            } => format!(
+                "warmup(inv_gamma={inv_gamma}, power={power}, min_decay={min_decay}, max_decay={max_decay})"
+            ),
+            Schedule::Power { gamma } => format!("power(gamma={gamma})"),
+            Schedule::HalfLife {
+                half_life,
+                update_interval,
+            } => format!("half_life(half_life={half_life}, update_interval={update_interval})"),
         }
     }
 }
@@ -197,6 +469,101 @@ mod tests {
                 t / e - 1.0
             );
         }
+    }
+
+    #[test]
+    fn diffusers_by_hand() {
+        let s = Schedule::diffusers(0.9999, 0.0);
+        assert_eq!(s.decay(1).unwrap(), 0.0); // k = 0
+        assert_eq!(s.decay(2).unwrap(), 2.0 / 11.0); // k = 1
+        assert_eq!(s.decay(9).unwrap(), 0.5); // k = 8
+        assert_eq!(s.decay(10_000_000).unwrap(), 0.9999);
+        let floored = Schedule::diffusers(0.9999, 0.3);
+        assert_eq!(floored.decay(2).unwrap(), 0.3);
+        assert_eq!(
+            floored.decay(1).unwrap(),
+            0.0,
+            "k <= 0 is a copy, as in diffusers"
+        );
+    }
+
+    #[test]
+    fn warmup_by_hand() {
+        let s = Schedule::Warmup {
+            inv_gamma: 1.0,
+            power: 0.75,
+            min_decay: 0.0,
+            max_decay: 0.999,
+        };
+        assert_eq!(s.decay(0).unwrap(), 0.0);
+        assert!((s.decay(15).unwrap() - 0.875).abs() < 1e-15); // 1 - 16^-0.75
+        assert!((s.decay(80).unwrap() - (1.0 - 1.0 / 27.0)).abs() < 1e-15); // 81^-0.75 = 1/27
+        assert_eq!(s.decay(100_000_000).unwrap(), 0.999);
+        let inv = Schedule::Warmup {
+            inv_gamma: 2.0,
+            power: 2.0 / 3.0,
+            min_decay: 0.1,
+            max_decay: 1.0,
+        };
+        assert!((inv.decay(14).unwrap() - 0.75).abs() < 1e-12); // 1 - 8^(-2/3)
+        assert_eq!(inv.decay(0).unwrap(), 0.1);
+    }
+
+    #[test]
+    fn power_by_hand() {
+        let s = Schedule::power(1.0);
+        assert_eq!(s.decay(1).unwrap(), 0.0);
+        assert_eq!(s.decay(2).unwrap(), 0.25); // (1/2)^2
+        assert_eq!(s.decay(4).unwrap(), 0.5625); // (3/4)^2
+                                                 // gamma = 0 would be a plain average; sigma_rel pairs from EDM2.
+        for (sigma, gamma) in [(0.10, 6.94), (0.05, 16.97)] {
+            let Schedule::Power { gamma: g } = Schedule::power_sigma_rel(sigma).unwrap() else {
+                unreachable!()
+            };
+            assert!((g - gamma).abs() < 0.01, "sigma_rel {sigma}: {g}");
+        }
+        assert!(Schedule::power_sigma_rel(0.3).is_err());
+        assert!(Schedule::power(0.0).validate().is_err());
+    }
+
+    #[test]
+    fn half_life_by_hand() {
+        let s = Schedule::half_life(10.0, 1.0);
+        assert!((s.decay(1).unwrap() - 0.5f64.powf(0.1)).abs() < 1e-15);
+        let every4 = Schedule::half_life(8.0, 4.0);
+        assert!((every4.decay(9).unwrap() - 0.5f64.sqrt()).abs() < 1e-15);
+        assert!(Schedule::half_life(0.0, 1.0).validate().is_err());
+    }
+
+    #[test]
+    fn policy_by_hand() {
+        let s = Schedule::tf(0.99);
+        let p = Policy {
+            update_after_step: 3,
+            update_every: 2,
+        };
+        let acts: Vec<Action> = (1..=8)
+            .map(|n| p.action(&s, n, Numerics::Exact).unwrap())
+            .collect();
+        let a = |k: u64| Action::Update(s.alpha(k, Numerics::Exact).unwrap());
+        assert_eq!(
+            acts,
+            [
+                Action::Copy,
+                Action::Copy,
+                Action::Copy,
+                Action::Skip,
+                a(2),
+                Action::Skip,
+                a(4),
+                Action::Skip
+            ]
+        );
+        let bad = Policy {
+            update_after_step: 0,
+            update_every: 0,
+        };
+        assert!(bad.action(&s, 1, Numerics::Exact).is_err());
     }
 
     #[test]

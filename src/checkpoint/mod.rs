@@ -25,13 +25,15 @@ use safetensors::SafeTensors;
 pub use write::{write_safetensors, write_sharded, Entry, INDEX_FILE};
 
 use crate::error::{Error, Result};
-use crate::schedule::{Numerics, Schedule};
+use crate::schedule::{Numerics, Policy, Schedule};
 use crate::tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
 
 /// Metadata key: the step counter (`num_updates`), decimal.
 pub const META_NUM_UPDATES: &str = "num_updates";
 /// Metadata key: the schedule and its parameters, e.g. `num_updates(decay=0.9999)`.
 pub const META_SCHEDULE: &str = "schedule";
+/// Metadata key: when updates happen, `update_after_step=M,update_every=K`.
+pub const META_POLICY: &str = "policy";
 /// Metadata key: `exact` or `tensorflow`.
 pub const META_NUMERICS: &str = "numerics";
 /// Metadata key: the version of wgpu-ema that wrote the file.
@@ -52,6 +54,10 @@ pub trait EmaState {
     fn schedule(&self) -> Schedule;
     /// The numerics.
     fn numerics(&self) -> Numerics;
+    /// When updates happen.
+    fn policy(&self) -> Policy {
+        Policy::default()
+    }
     /// The shadow of tensor `i`.
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>>;
     /// The raw parameter of tensor `i`, where the state holds it.

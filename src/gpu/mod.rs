@@ -19,7 +19,7 @@ use crate::cpu::Stepper;
 use crate::error::{Error, Result};
 use crate::layout::{self, Kind, Piece, PlanLimits, SegmentPlan};
 use crate::readback;
-use crate::schedule::{Numerics, Schedule};
+use crate::schedule::{Action, Numerics, Policy, Schedule};
 use crate::tensors::{HostTensors, TensorSpec};
 use pipelines::{Op, Pipelines, STEP_BYTES};
 
@@ -86,6 +86,7 @@ enum StepValues {
 pub struct GpuEmaBuilder<'a> {
     schedule: Schedule,
     numerics: Numerics,
+    policy: Policy,
     num_updates: u64,
     ring_slots: usize,
     prefer_immediates: bool,
@@ -97,6 +98,13 @@ impl<'a> GpuEmaBuilder<'a> {
     /// The arithmetic ([`Numerics::Exact`] by default).
     pub fn numerics(mut self, numerics: Numerics) -> Self {
         self.numerics = numerics;
+        self
+    }
+
+    /// When updates happen: a delayed start and an interval ([`Policy`]; default: every call
+    /// updates).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
         self
     }
 
@@ -145,8 +153,10 @@ impl<'a> GpuEmaBuilder<'a> {
     /// Fails, creating nothing on the GPU, on an invalid schedule, duplicate names, a buffer
     /// without `STORAGE`, an offset that is not a multiple of 4, or a range past a buffer's end.
     pub fn build(self, device: &wgpu::Device, queue: &wgpu::Queue) -> Result<GpuEma> {
+        self.policy.validate()?;
         let stepper = Stepper {
             num_updates: self.num_updates,
+            policy: self.policy,
             ..Stepper::new(self.schedule, self.numerics)?
         };
         let lim = PlanLimits::from_device(&device.limits());
@@ -362,6 +372,7 @@ impl GpuEma {
         GpuEmaBuilder {
             schedule,
             numerics: Numerics::Exact,
+            policy: Policy::default(),
             num_updates: 0,
             ring_slots: 1024,
             prefer_immediates: true,
@@ -493,9 +504,15 @@ impl GpuEma {
 
     /// Records one update as update number `n`: the caller's global step, as TensorFlow reads
     /// its `num_updates` variable. The internal counter becomes `n`.
+    ///
+    /// Under a [`Policy`], a call before `update_after_step` records the exact copy
+    /// `shadow = param`, and a call between two updates of `update_every` records nothing.
     pub fn record_update_at(&mut self, encoder: &mut wgpu::CommandEncoder, n: u64) -> Result<()> {
-        let alpha = self.stepper.advance_to(n)?;
-        self.record_pass(encoder, Op::Update, alpha);
+        match self.stepper.advance_to(n)? {
+            Action::Skip => {}
+            Action::Copy => self.record_pass(encoder, Op::Init, 1.0),
+            Action::Update(alpha) => self.record_pass(encoder, Op::Update, alpha),
+        }
         Ok(())
     }
 
@@ -610,6 +627,11 @@ impl GpuEma {
     /// The numerics.
     pub fn numerics(&self) -> Numerics {
         self.stepper.numerics
+    }
+
+    /// When updates happen.
+    pub fn update_policy(&self) -> Policy {
+        self.stepper.policy
     }
 
     /// Updates applied so far: the `n` of the last update recorded.

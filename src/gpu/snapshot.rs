@@ -6,7 +6,7 @@ use super::{GpuEma, Source};
 use crate::checkpoint::EmaState;
 use crate::error::{Error, Result};
 use crate::readback;
-use crate::schedule::{Numerics, Schedule};
+use crate::schedule::{Numerics, Policy, Schedule};
 use crate::tensors::TensorSpec;
 
 /// Shadows and parameters as they were after the steps submitted before
@@ -26,6 +26,7 @@ pub struct Snapshot {
     num_updates: u64,
     schedule: Schedule,
     numerics: Numerics,
+    policy: Policy,
 }
 
 impl GpuEma {
@@ -111,6 +112,7 @@ impl GpuEma {
             num_updates: self.num_updates(),
             schedule: self.schedule(),
             numerics: self.numerics(),
+            policy: self.update_policy(),
         })
     }
 }
@@ -138,6 +140,9 @@ impl EmaState for Snapshot {
     }
     fn numerics(&self) -> Numerics {
         self.numerics
+    }
+    fn policy(&self) -> Policy {
+        self.policy
     }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
         self.read(self.shadow_at[i], self.specs[i].numel())
