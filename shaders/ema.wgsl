@@ -111,3 +111,71 @@ fn copy_vec4(
     }
     shadow4[i] = params4[arrayLength(&params4) - count + i];
 }
+
+// Evaluation with the EMA weights: the same segments, with the parameters bound read-write.
+// Swapping moves bits, never arithmetic, so swapping twice restores both sides exactly.
+
+@group(0) @binding(0) var<storage, read_write> params_rw: array<f32>;
+@group(0) @binding(0) var<storage, read_write> params_rw4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn swap_scalar(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    let j = arrayLength(&params_rw) - count + i;
+    let p = params_rw[j];
+    params_rw[j] = shadow[i];
+    shadow[i] = p;
+}
+
+@compute @workgroup_size(256)
+fn swap_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow4);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    let j = arrayLength(&params_rw4) - count + i;
+    let p = params_rw4[j];
+    params_rw4[j] = shadow4[i];
+    shadow4[i] = p;
+}
+
+@compute @workgroup_size(256)
+fn to_params_scalar(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    params_rw[arrayLength(&params_rw) - count + i] = shadow[i];
+}
+
+@compute @workgroup_size(256)
+fn to_params_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow4);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    params_rw4[arrayLength(&params_rw4) - count + i] = shadow4[i];
+}

@@ -136,6 +136,14 @@ pub enum Error {
         slots: usize,
     },
 
+    /// The parameters hold the EMA weights (after a swap): training steps, resets, copies and
+    /// rebinds are refused until the second swap.
+    #[error(
+        "parameters and shadows are swapped (evaluating with the EMA weights): swap back \
+         before recording updates"
+    )]
+    Swapped,
+
     /// No GPU adapter was found.
     #[error(
         "no GPU adapter found{backends}; for a software one install Mesa \

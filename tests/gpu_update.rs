@@ -227,7 +227,7 @@ fn init_writes_every_shadow_element() {
     // Poison, then reset on the GPU: every element must be rewritten.
     ema.write_shadow("t", &vec![f32::NAN; n]).unwrap();
     let mut enc = ctx.device.create_command_encoder(&Default::default());
-    ema.record_reset(&mut enc);
+    ema.record_reset(&mut enc).unwrap();
     ctx.queue.submit(Some(enc.finish()));
     assert_eq!(ema.read_shadow_blocking("t").unwrap(), p);
 }

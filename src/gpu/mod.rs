@@ -260,10 +260,13 @@ impl<'a> GpuEmaBuilder<'a> {
             shadow_buffers,
             arena: None,
             arena_segments: Vec::new(),
+            rw_segments: None,
+            swapped: false,
         };
         if let Some(a) = self.arena {
             let plans = layout::plan_run(0, 0, a.size() / 4, true, &lim);
-            ema.arena_segments = ema.make_segments(a.buffer(), &ema.shadow_buffers[0], &plans);
+            ema.arena_segments =
+                ema.make_segments(a.buffer(), &ema.shadow_buffers[0], &plans, false);
             for (spec, &offset) in a.specs().iter().zip(a.offsets()) {
                 ema.tensors.push(Tracked {
                     spec: spec.clone(),
@@ -291,7 +294,7 @@ impl<'a> GpuEmaBuilder<'a> {
                 .into_iter()
                 .filter(|p| p.len > 0)
                 .collect();
-            let segments = ema.tensor_segments(&pieces, buffer, offset);
+            let segments = ema.tensor_segments(&pieces, buffer, offset, false);
             ema.tensors.push(Tracked {
                 spec,
                 source: Source::Buffer {
@@ -364,6 +367,8 @@ pub struct GpuEma {
     shadow_buffers: Vec<wgpu::Buffer>,
     arena: Option<ParamArena>,
     arena_segments: Vec<Segment>,
+    rw_segments: Option<Vec<Segment>>,
+    swapped: bool,
 }
 
 impl GpuEma {
@@ -386,13 +391,19 @@ impl GpuEma {
         params: &wgpu::Buffer,
         shadows: &wgpu::Buffer,
         plans: &[SegmentPlan],
+        rw: bool,
     ) -> Vec<Segment> {
+        let layout = if rw {
+            &self.pipes.segment_layout_rw
+        } else {
+            &self.pipes.segment_layout
+        };
         plans
             .iter()
             .map(|p| {
                 let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: Some("wgpu-ema segment"),
-                    layout: &self.pipes.segment_layout,
+                    layout,
                     entries: &[
                         wgpu::BindGroupEntry {
                             binding: 0,
@@ -426,16 +437,36 @@ impl GpuEma {
         pieces: &[Piece],
         params: &wgpu::Buffer,
         offset: u64,
+        rw: bool,
     ) -> Vec<Segment> {
         let mut out = Vec::new();
         let mut done = 0;
         for piece in pieces {
             let plans =
                 layout::plan_run(offset + done * 4, piece.offset, piece.len, true, &self.lim);
-            out.extend(self.make_segments(params, &self.shadow_buffers[piece.buffer], &plans));
+            out.extend(self.make_segments(params, &self.shadow_buffers[piece.buffer], &plans, rw));
             done += piece.len;
         }
         out
+    }
+
+    /// Makes the segments with the parameters bound read-write, on the first swap or copy
+    /// into the parameters; they are kept until a rebind.
+    fn ensure_rw_segments(&mut self) {
+        if self.rw_segments.is_some() {
+            return;
+        }
+        let mut all = Vec::new();
+        if let Some(a) = &self.arena {
+            let plans = layout::plan_run(0, 0, a.size() / 4, true, &self.lim);
+            all.extend(self.make_segments(a.buffer(), &self.shadow_buffers[0], &plans, true));
+        }
+        for t in &self.tensors {
+            if let Source::Buffer { buffer, offset, .. } = &t.source {
+                all.extend(self.tensor_segments(&t.pieces, buffer, *offset, true));
+            }
+        }
+        self.rw_segments = Some(all);
     }
 
     fn segments(&self) -> impl Iterator<Item = &Segment> {
@@ -447,8 +478,11 @@ impl GpuEma {
             }))
     }
 
-    /// Records one pass of `op`; `alpha` is ignored by `Op::Init`.
+    /// Records one pass of `op`; `alpha` is used by `Op::Update` only.
     fn record_pass(&mut self, encoder: &mut wgpu::CommandEncoder, op: Op, alpha: f32) {
+        if op.writes_params() {
+            self.ensure_rw_segments();
+        }
         let bytes = pipelines::step_bytes(alpha);
         let ring_offset = match &mut self.step {
             StepValues::Immediates => None,
@@ -469,11 +503,18 @@ impl GpuEma {
             label: Some(match op {
                 Op::Update => "wgpu-ema update",
                 Op::Init => "wgpu-ema init",
+                Op::Swap => "wgpu-ema swap",
+                Op::ToParams => "wgpu-ema shadows to params",
             }),
             timestamp_writes: None,
         });
         for kind in [Kind::Vec4, Kind::Scalar] {
-            let mut segs = self.segments().filter(|s| s.kind == kind).peekable();
+            let segs: Box<dyn Iterator<Item = &Segment>> = if op.writes_params() {
+                Box::new(self.rw_segments.iter().flatten())
+            } else {
+                Box::new(self.segments())
+            };
+            let mut segs = segs.filter(|s| s.kind == kind).peekable();
             if segs.peek().is_none() {
                 continue;
             }
@@ -508,6 +549,9 @@ impl GpuEma {
     /// Under a [`Policy`], a call before `update_after_step` records the exact copy
     /// `shadow = param`, and a call between two updates of `update_every` records nothing.
     pub fn record_update_at(&mut self, encoder: &mut wgpu::CommandEncoder, n: u64) -> Result<()> {
+        if self.swapped {
+            return Err(Error::Swapped);
+        }
         match self.stepper.advance_to(n)? {
             Action::Skip => {}
             Action::Copy => self.record_pass(encoder, Op::Init, 1.0),
@@ -548,8 +592,49 @@ impl GpuEma {
 
     /// Records `shadow = param` for every tensor (restarts the averages from the current
     /// parameters) into the caller's encoder. The step counter is unchanged.
-    pub fn record_reset(&mut self, encoder: &mut wgpu::CommandEncoder) {
+    pub fn record_reset(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+        if self.swapped {
+            return Err(Error::Swapped);
+        }
         self.record_pass(encoder, Op::Init, 1.0);
+        Ok(())
+    }
+
+    /// Records an exchange of every parameter with its shadow, on the GPU in one pass:
+    /// evaluate with the EMA weights, then call it again to get the raw weights (and the
+    /// shadows) back **bit for bit** (bits are moved, not added and subtracted as Keras'
+    /// `SwapEMAWeights` does). While swapped, updates are refused with [`Error::Swapped`]: a
+    /// training step would average the shadows into themselves.
+    pub fn record_swap(&mut self, encoder: &mut wgpu::CommandEncoder) {
+        self.record_pass(encoder, Op::Swap, 1.0);
+        self.swapped = !self.swapped;
+    }
+
+    /// [`record_swap`](Self::record_swap), submitted on the queue.
+    pub fn swap(&mut self) -> wgpu::SubmissionIndex {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wgpu-ema swap"),
+            });
+        self.record_swap(&mut encoder);
+        self.queue.submit(Some(encoder.finish()))
+    }
+
+    /// True between two swaps: the parameters hold the EMA weights.
+    pub fn is_swapped(&self) -> bool {
+        self.swapped
+    }
+
+    /// Records `param = shadow` for every tensor (TensorFlow's `variables_to_restore` on the
+    /// GPU, diffusers' `copy_to`): the raw parameters are overwritten; keep them with
+    /// [`record_swap`](Self::record_swap) instead if training goes on.
+    pub fn record_copy_to_params(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+        if self.swapped {
+            return Err(Error::Swapped);
+        }
+        self.record_pass(encoder, Op::ToParams, 1.0);
+        Ok(())
     }
 
     /// Points tracked tensor `name` at another buffer and offset (frameworks such as burn hand
@@ -557,6 +642,9 @@ impl GpuEma {
     /// (buffer, offset) pairs of each tensor, so alternating between buffers creates nothing.
     /// Arena tensors cannot be rebound.
     pub fn rebind(&mut self, name: &str, buffer: &wgpu::Buffer, byte_offset: u64) -> Result<()> {
+        if self.swapped {
+            return Err(Error::Swapped);
+        }
         let i = self.index(name)?;
         validate_binding(&self.tensors[i].spec, buffer, byte_offset)?;
         let t = &self.tensors[i];
@@ -579,7 +667,7 @@ impl GpuEma {
             .position(|(b, o, _)| b == buffer && *o == byte_offset);
         let new_segments = match hit {
             Some(_) => None,
-            None => Some(self.tensor_segments(&t.pieces, buffer, byte_offset)),
+            None => Some(self.tensor_segments(&t.pieces, buffer, byte_offset, false)),
         };
         let Source::Buffer {
             buffer: cur_buf,
@@ -602,6 +690,7 @@ impl GpuEma {
             cache.remove(0);
         }
         *cur_off = byte_offset;
+        self.rw_segments = None;
         Ok(())
     }
 

@@ -24,14 +24,30 @@ pub(crate) enum Op {
     Update,
     /// `shadow = param`.
     Init,
+    /// Exchange `param` and `shadow` (parameters bound read-write).
+    Swap,
+    /// `param = shadow` (parameters bound read-write).
+    ToParams,
+}
+
+impl Op {
+    /// True for the operations that write the parameters.
+    pub fn writes_params(self) -> bool {
+        matches!(self, Op::Swap | Op::ToParams)
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Pipelines {
+    /// Parameters read-only, shadows read-write.
     pub segment_layout: wgpu::BindGroupLayout,
+    /// Both read-write (swap, copy into the parameters).
+    pub segment_layout_rw: wgpu::BindGroupLayout,
     pub ring_layout: Option<wgpu::BindGroupLayout>,
     update: [wgpu::ComputePipeline; 2],
     init: [wgpu::ComputePipeline; 2],
+    swap: [wgpu::ComputePipeline; 2],
+    to_params: [wgpu::ComputePipeline; 2],
 }
 
 fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
@@ -78,15 +94,23 @@ impl Pipelines {
                 }],
             })
         });
-        let layouts: Vec<Option<&wgpu::BindGroupLayout>> = match &ring_layout {
-            Some(r) => vec![Some(&segment_layout), Some(r)],
-            None => vec![Some(&segment_layout)],
-        };
-        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some("wgpu-ema"),
-            bind_group_layouts: &layouts,
-            immediate_size: if immediates { STEP_BYTES as u32 } else { 0 },
+        let segment_layout_rw = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("wgpu-ema segment (params read-write)"),
+            entries: &[storage_entry(0, false), storage_entry(1, false)],
         });
+        let pipeline_layout = |segments: &wgpu::BindGroupLayout| {
+            let layouts: Vec<Option<&wgpu::BindGroupLayout>> = match &ring_layout {
+                Some(r) => vec![Some(segments), Some(r)],
+                None => vec![Some(segments)],
+            };
+            device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("wgpu-ema"),
+                bind_group_layouts: &layouts,
+                immediate_size: if immediates { STEP_BYTES as u32 } else { 0 },
+            })
+        };
+        let layout = pipeline_layout(&segment_layout);
+        let layout_rw = pipeline_layout(&segment_layout_rw);
         let tf = [(
             "TF_FORM",
             if numerics == Numerics::TensorFlow {
@@ -95,10 +119,10 @@ impl Pipelines {
                 0.0
             },
         )];
-        let make = |entry: &str| {
+        let make_with = |entry: &str, layout: &wgpu::PipelineLayout| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
-                layout: Some(&layout),
+                layout: Some(layout),
                 module: &module,
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
@@ -112,10 +136,15 @@ impl Pipelines {
                 cache: None,
             })
         };
+        let make = |entry: &str| make_with(entry, &layout);
+        let make_rw = |entry: &str| make_with(entry, &layout_rw);
         Self {
             update: [make("update_vec4"), make("update_scalar")],
             init: [make("copy_vec4"), make("copy_scalar")],
+            swap: [make_rw("swap_vec4"), make_rw("swap_scalar")],
+            to_params: [make_rw("to_params_vec4"), make_rw("to_params_scalar")],
             segment_layout,
+            segment_layout_rw,
             ring_layout,
         }
     }
@@ -128,6 +157,8 @@ impl Pipelines {
         match op {
             Op::Update => &self.update[i],
             Op::Init => &self.init[i],
+            Op::Swap => &self.swap[i],
+            Op::ToParams => &self.to_params[i],
         }
     }
 }
