@@ -11,19 +11,22 @@ use crate::tensors::{HostTensors, TensorSpec};
 
 /// Below this many elements a tensor is updated on the calling thread: spawning threads costs
 /// more than the update.
-const PARALLEL_MIN: usize = 1 << 18;
+const PARALLEL_MIN: usize = 1 << 19;
 
+/// Cores to use. Note: `available_parallelism` reads cgroup files on Linux (tens of
+/// microseconds), so it is asked once.
 fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// Runs `f` over matching chunks of `a` and `b`, on all cores when the slices are large.
 fn par_zip<A: Send, B: Sync>(a: &mut [A], b: &[B], f: impl Fn(&mut [A], &[B]) + Sync) {
-    let t = threads();
-    if a.len() < PARALLEL_MIN || t < 2 {
+    if a.len() < PARALLEL_MIN || threads() < 2 {
         f(a, b);
         return;
     }
+    let t = threads();
     // Chunks a multiple of 1024 elements, so every thread's slice starts cache-line aligned
     // relative to the others.
     let chunk = a.len().div_ceil(t).next_multiple_of(1024);

@@ -1,0 +1,708 @@
+//! The benchmark table: our GPU and CPU paths against this machine's measured memory
+//! bandwidth for the same access pattern, and against what users would write instead.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--quick] [--cpu-only] [--out DIR]
+//! ```
+//!
+//! The update moves 12 bytes per f32 element (read param, read shadow, write shadow); the
+//! f64 reference moves 20 (read an f32 param, read and write an f64 shadow). Each row:
+//! elements, median milliseconds, GB/s, and % of the bandwidth measured in the same run with
+//! `a += s * b` (also 12 bytes per element): on the CPU over all cores, on the GPU as a WGSL
+//! kernel with `vec4<f32>` loads timed like our update (submit, then wait for that submit).
+//! Writes `bench.csv` and `bandwidth.png` to `--out` (default `target/bench/`).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use wgpu_ema::{cpu, wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
+
+type Error = Box<dyn std::error::Error>;
+
+struct Row {
+    path: String,
+    elements: u64,
+    median_ms: f64,
+    gb_per_s: f64,
+    pct: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Median seconds of `reps` runs of `f` after one warm-up run, capped at ~`budget` in total.
+fn time(reps: usize, budget: Duration, mut f: impl FnMut()) -> f64 {
+    f();
+    let start = Instant::now();
+    let mut out = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f();
+        out.push(t.elapsed().as_secs_f64());
+        if start.elapsed() > budget && out.len() >= 3 {
+            break;
+        }
+    }
+    median(out)
+}
+
+fn data(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..n).map(|_| rng.f32() - 0.5).collect()
+}
+
+fn axpy_serial(a: &mut [f32], b: &[f32], s: f32) {
+    for (x, &y) in a.iter_mut().zip(b) {
+        *x += s * y;
+    }
+}
+
+/// `a += s * b` over all cores: the CPU's bandwidth for the update's access pattern.
+fn cpu_axpy(a: &mut [f32], b: &[f32], s: f32) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = a.len().div_ceil(threads).next_multiple_of(1024);
+    std::thread::scope(|scope| {
+        for (x, y) in a.chunks_mut(chunk).zip(b.chunks(chunk)) {
+            scope.spawn(move || {
+                for (x, &y) in x.iter_mut().zip(y) {
+                    *x += s * y;
+                }
+            });
+        }
+    });
+}
+
+fn row(path: &str, n: u64, secs: f64, bytes_per_elem: u64, bandwidth: f64) -> Row {
+    let gbs = (n * bytes_per_elem) as f64 / secs / 1e9;
+    Row {
+        path: path.to_string(),
+        elements: n,
+        median_ms: secs * 1e3,
+        gb_per_s: gbs,
+        pct: 100.0 * gbs / bandwidth,
+    }
+}
+
+struct Args {
+    quick: bool,
+    cpu_only: bool,
+    out: PathBuf,
+}
+
+fn parse_args() -> Result<Args, Error> {
+    let mut a = Args {
+        quick: false,
+        cpu_only: false,
+        out: PathBuf::from("target/bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(f) = it.next() {
+        match f.as_str() {
+            "--quick" => a.quick = true,
+            "--cpu-only" => a.cpu_only = true,
+            "--out" => a.out = it.next().ok_or("--out needs a value")?.into(),
+            "--bench" => {} // passed by `cargo bench`-style runners
+            other => return Err(format!("unknown argument {other:?}").into()),
+        }
+    }
+    Ok(a)
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    if let Ok(s) = ProgressStyle::with_template("{msg:>12} {bar:30} {pos}/{len}") {
+        b.set_style(s);
+    }
+    b.set_message(what.to_string());
+    b
+}
+
+fn cpu_rows(sizes: &[u64], reps: usize, rows: &mut Vec<Row>) -> f64 {
+    let pb = bar(sizes.len() as u64, "cpu");
+    let mut bw_at = Vec::new();
+    for &n in sizes {
+        let n_us = n as usize;
+        let p = data(n_us, 1);
+        let mut s = data(n_us, 2);
+        let budget = Duration::from_millis(1500);
+        // The better of one thread and all threads (spawning costs more than small sizes).
+        let t_bw =
+            time(reps, budget, || cpu_axpy(&mut s, &p, 1e-3))
+                .min(time(reps, budget, || axpy_serial(&mut s, &p, 1e-3)));
+        let bw = (12 * n) as f64 / t_bw / 1e9;
+        bw_at.push((n, bw));
+        rows.push(row("cpu-bandwidth", n, t_bw, 12, bw));
+        let t = time(reps, budget, || {
+            let _ = cpu::ema_step(&mut s, &p, 1e-3);
+        });
+        rows.push(row("cpu", n, t, 12, bw));
+        let mut s64: Vec<f64> = s.iter().map(|&x| x as f64).collect();
+        let t = time(reps.min(7), budget, || {
+            let _ = cpu::ema_step_f64(&mut s64, &p, 1e-3);
+        });
+        rows.push(row("cpu-f64-reference", n, t, 20, bw));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    bw_at
+        .iter()
+        .find(|(n, _)| *n == 1 << 24)
+        .or(bw_at.last())
+        .map_or(0.0, |x| x.1)
+}
+
+struct GpuBench<'a> {
+    ctx: &'a GpuContext,
+    module: wgpu::ShaderModule,
+}
+
+impl GpuBench<'_> {
+    fn wait(&self, idx: wgpu::SubmissionIndex) {
+        let _ = self.ctx.device.poll(wgpu::PollType::Wait {
+            submission_index: Some(idx),
+            timeout: None,
+        });
+    }
+
+    fn storage(&self, n: u64, read_only: bool) -> wgpu::Buffer {
+        let _ = read_only;
+        self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: n * 4,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn uniform(&self, v: f32) -> wgpu::Buffer {
+        let b = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 16,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.ctx
+            .queue
+            .write_buffer(&b, 0, bytemuck::cast_slice(&[v, 0.0, 0.0, 0.0]));
+        b
+    }
+
+    fn pipeline(&self, entry: &str) -> wgpu::ComputePipeline {
+        self.ctx
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &self.module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+    }
+
+    fn groups(items: u64) -> (u32, u32) {
+        let g = items.div_ceil(256).max(1);
+        let x = g.min(65_535);
+        (x as u32, g.div_ceil(x) as u32)
+    }
+
+    /// Seconds per `a += s*b` pass (vec4), one submit each, waited for, and the elements it
+    /// covered (`n`, or fewer where `n` exceeds one storage binding).
+    fn bandwidth(&self, n: u64, reps: usize) -> (f64, u64) {
+        let limit = self.ctx.device.limits().max_storage_buffer_binding_size / 4;
+        let n = n.min(limit) / 4 * 4;
+        let (a, b) = (self.storage(n, false), self.storage(n, true));
+        let s = self.uniform(1e-3);
+        let pipe = self.pipeline("axpy_vec4");
+        let bg = self
+            .ctx
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipe.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: a.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: b.as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: s.as_entire_binding(),
+                    },
+                ],
+            });
+        let (x, y) = Self::groups(n / 4);
+        let t = time(reps, Duration::from_millis(1500), || {
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&pipe);
+                pass.set_bind_group(0, &bg, &[]);
+                pass.dispatch_workgroups(x, y, 1);
+            }
+            self.wait(self.ctx.queue.submit(Some(enc.finish())));
+        });
+        (t, n)
+    }
+}
+
+/// ResNet-50's 161 parameter tensors (torchvision layout): 25,557,032 parameters.
+fn resnet50() -> Vec<TensorSpec> {
+    let mut v = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>| v.push(TensorSpec::new(name, shape));
+    add("conv1.weight".into(), vec![64, 3, 7, 7]);
+    add("bn1.weight".into(), vec![64]);
+    add("bn1.bias".into(), vec![64]);
+    let mut inp = 64;
+    for (li, (blocks, width)) in [(3, 64), (4, 128), (6, 256), (3, 512)]
+        .into_iter()
+        .enumerate()
+    {
+        for b in 0..blocks {
+            let p = format!("layer{}.{b}", li + 1);
+            for (ci, (cin, cout, k)) in [(inp, width, 1), (width, width, 3), (width, 4 * width, 1)]
+                .into_iter()
+                .enumerate()
+            {
+                add(format!("{p}.conv{}.weight", ci + 1), vec![cout, cin, k, k]);
+                add(format!("{p}.bn{}.weight", ci + 1), vec![cout]);
+                add(format!("{p}.bn{}.bias", ci + 1), vec![cout]);
+            }
+            if b == 0 {
+                add(
+                    format!("{p}.downsample.0.weight"),
+                    vec![4 * width, inp, 1, 1],
+                );
+                add(format!("{p}.downsample.1.weight"), vec![4 * width]);
+                add(format!("{p}.downsample.1.bias"), vec![4 * width]);
+            }
+            inp = 4 * width;
+        }
+    }
+    add("fc.weight".into(), vec![1000, 2048]);
+    add("fc.bias".into(), vec![1000]);
+    v
+}
+
+/// GPT-2 small's 148 parameter tensors (Hugging Face layout): 124,439,808 parameters.
+fn gpt2_small() -> Vec<TensorSpec> {
+    let mut v = vec![
+        TensorSpec::new("wte", [50257, 768]),
+        TensorSpec::new("wpe", [1024, 768]),
+    ];
+    for l in 0..12 {
+        for (n, s) in [
+            ("ln_1.weight", vec![768]),
+            ("ln_1.bias", vec![768]),
+            ("attn.c_attn.weight", vec![768, 2304]),
+            ("attn.c_attn.bias", vec![2304]),
+            ("attn.c_proj.weight", vec![768, 768]),
+            ("attn.c_proj.bias", vec![768]),
+            ("ln_2.weight", vec![768]),
+            ("ln_2.bias", vec![768]),
+            ("mlp.c_fc.weight", vec![768, 3072]),
+            ("mlp.c_fc.bias", vec![3072]),
+            ("mlp.c_proj.weight", vec![3072, 768]),
+            ("mlp.c_proj.bias", vec![768]),
+        ] {
+            v.push(TensorSpec::new(format!("h.{l}.{n}"), s));
+        }
+    }
+    v.push(TensorSpec::new("ln_f.weight", [768]));
+    v.push(TensorSpec::new("ln_f.bias", [768]));
+    v
+}
+
+fn gpu_rows(
+    gb: &GpuBench<'_>,
+    sizes: &[u64],
+    reps: usize,
+    quick: bool,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) -> Result<f64, Error> {
+    let ctx = gb.ctx;
+    let pb = bar(sizes.len() as u64, "gpu");
+    let mut bw_ref = 0.0;
+    for &n in sizes {
+        let (t_bw, n_bw) = gb.bandwidth(n, reps);
+        let bw = (12 * n_bw) as f64 / t_bw / 1e9;
+        if n <= 1 << 24 {
+            bw_ref = bw;
+        }
+        rows.push(row("gpu-bandwidth", n_bw, t_bw, 12, bw));
+        let arena = ParamArena::new(&ctx.device, [TensorSpec::new("p", [n as usize])])?;
+        let mut ema = GpuEma::builder(Schedule::tf(0.999))
+            .track_arena(&arena)
+            .build(&ctx.device, &ctx.queue)?;
+        let t = time(reps, Duration::from_millis(1500), || {
+            if let Ok(idx) = ema.update() {
+                gb.wait(idx);
+            }
+        });
+        rows.push(row("gpu", n, t, 12, bw));
+        // Several steps in one encoder: per-step time.
+        let k = 4;
+        let t = time(reps, Duration::from_millis(1500), || {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let _ = ema.record_updates(&mut enc, k);
+            gb.wait(ctx.queue.submit(Some(enc.finish())));
+        }) / k as f64;
+        rows.push(row("gpu-4-steps-per-submit", n, t, 12, bw));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+
+    // Model-shaped workloads: arena vs separate user buffers vs the naive way.
+    let models: Vec<(&str, Vec<TensorSpec>)> = if quick {
+        vec![("resnet50", resnet50())]
+    } else {
+        vec![("resnet50", resnet50()), ("gpt2-small", gpt2_small())]
+    };
+    for (model, specs) in models {
+        let total: u64 = specs.iter().map(TensorSpec::numel).sum();
+        let arena = ParamArena::new(&ctx.device, specs.clone())?;
+        let mut a = GpuEma::builder(Schedule::tf(0.999))
+            .track_arena(&arena)
+            .build(&ctx.device, &ctx.queue)?;
+        let params: Vec<wgpu::Buffer> = specs.iter().map(|s| gb.storage(s.numel(), true)).collect();
+        let mut b = specs
+            .iter()
+            .zip(&params)
+            .fold(GpuEma::builder(Schedule::tf(0.999)), |bld, (s, p)| {
+                bld.track_buffer(s.clone(), p, 0)
+            })
+            .build(&ctx.device, &ctx.queue)?;
+        // The naive way: one uniform write and one dispatch per tensor.
+        let pipe = gb.pipeline("naive_ema");
+        let shadows: Vec<wgpu::Buffer> =
+            specs.iter().map(|s| gb.storage(s.numel(), false)).collect();
+        let uniforms: Vec<wgpu::Buffer> = specs.iter().map(|_| gb.uniform(1e-3)).collect();
+        let groups: Vec<wgpu::BindGroup> = (0..specs.len())
+            .map(|i| {
+                ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipe.get_bind_group_layout(0),
+                    entries: &[
+                        wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: shadows[i].as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 1,
+                            resource: params[i].as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 2,
+                            resource: uniforms[i].as_entire_binding(),
+                        },
+                    ],
+                })
+            })
+            .collect();
+        let naive_record = |enc: &mut wgpu::CommandEncoder| {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipe);
+            for (i, s) in specs.iter().enumerate() {
+                ctx.queue.write_buffer(
+                    &uniforms[i],
+                    0,
+                    bytemuck::cast_slice(&[1e-3f32, 0.0, 0.0, 0.0]),
+                );
+                pass.set_bind_group(0, &groups[i], &[]);
+                let (x, y) = GpuBench::groups(s.numel());
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        };
+        let bw = bw_ref.max(1e-9);
+        let t = time(reps, Duration::from_secs(3), || {
+            if let Ok(i) = a.update() {
+                gb.wait(i);
+            }
+        });
+        rows.push(row(&format!("gpu-{model}-arena"), total, t, 12, bw));
+        let t = time(reps, Duration::from_secs(3), || {
+            if let Ok(i) = b.update() {
+                gb.wait(i);
+            }
+        });
+        rows.push(row(&format!("gpu-{model}-buffers"), total, t, 12, bw));
+        let t = time(reps, Duration::from_secs(3), || {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            naive_record(&mut enc);
+            gb.wait(ctx.queue.submit(Some(enc.finish())));
+        });
+        rows.push(row(&format!("gpu-{model}-naive"), total, t, 12, bw));
+    }
+    host_costs(gb, notes)?;
+    Ok(bw_ref)
+}
+
+/// Host cost of one step, record + submit without waiting, for 161 tensors: an arena, 161
+/// user buffers, and the naive way. Tensors are tiny (64 elements) so that the device's work
+/// (which a software device runs inside `submit`) does not count.
+fn host_costs(gb: &GpuBench<'_>, notes: &mut Vec<String>) -> Result<(), Error> {
+    let ctx = gb.ctx;
+    let specs: Vec<TensorSpec> = (0..161)
+        .map(|i| TensorSpec::new(format!("t{i}"), [64]))
+        .collect();
+    let arena = ParamArena::new(&ctx.device, specs.clone())?;
+    let mut a = GpuEma::builder(Schedule::tf(0.999))
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)?;
+    let params: Vec<wgpu::Buffer> = specs.iter().map(|s| gb.storage(s.numel(), true)).collect();
+    let mut b = specs
+        .iter()
+        .zip(&params)
+        .fold(GpuEma::builder(Schedule::tf(0.999)), |bld, (s, p)| {
+            bld.track_buffer(s.clone(), p, 0)
+        })
+        .build(&ctx.device, &ctx.queue)?;
+    let pipe = gb.pipeline("naive_ema");
+    let shadows: Vec<wgpu::Buffer> = specs.iter().map(|s| gb.storage(s.numel(), false)).collect();
+    let uniforms: Vec<wgpu::Buffer> = specs.iter().map(|_| gb.uniform(1e-3)).collect();
+    let groups: Vec<wgpu::BindGroup> = (0..specs.len())
+        .map(|i| {
+            ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipe.get_bind_group_layout(0),
+                entries: &[
+                    wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: shadows[i].as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: params[i].as_entire_binding(),
+                    },
+                    wgpu::BindGroupEntry {
+                        binding: 2,
+                        resource: uniforms[i].as_entire_binding(),
+                    },
+                ],
+            })
+        })
+        .collect();
+    let mut naive = || {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipe);
+            for (i, s) in specs.iter().enumerate() {
+                ctx.queue.write_buffer(
+                    &uniforms[i],
+                    0,
+                    bytemuck::cast_slice(&[1e-3f32, 0.0, 0.0, 0.0]),
+                );
+                pass.set_bind_group(0, &groups[i], &[]);
+                let (x, y) = GpuBench::groups(s.numel());
+                pass.dispatch_workgroups(x, y, 1);
+            }
+        }
+        ctx.queue.submit(Some(enc.finish()));
+    };
+    let host = |f: &mut dyn FnMut()| {
+        let mut v = Vec::new();
+        for i in 0..300 {
+            let t = Instant::now();
+            f();
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+            if i % 50 == 49 {
+                let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+            }
+        }
+        let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+        median(v)
+    };
+    let ha = host(&mut || {
+        let _ = a.update();
+    });
+    let hb = host(&mut || {
+        let _ = b.update();
+    });
+    let hn = host(&mut naive);
+    notes.push(format!(
+        "host cost per step, 161 tensors (record + submit, no wait; median of 300): arena {ha:.1} us ({} dispatch), 161 user buffers {hb:.1} us ({} dispatches), naive per-tensor {hn:.1} us (161 dispatches + 161 uniform writes)",
+        a.dispatches_per_step(),
+        b.dispatches_per_step(),
+    ));
+    Ok(())
+}
+
+fn write_csv(path: &std::path::Path, rows: &[Row]) -> Result<(), Error> {
+    let mut s = String::from("path,elements,median_ms,gb_per_s,pct_of_bandwidth\n");
+    for r in rows {
+        s += &format!(
+            "{},{},{:.6},{:.3},{:.1}\n",
+            r.path, r.elements, r.median_ms, r.gb_per_s, r.pct
+        );
+    }
+    std::fs::write(path, s)?;
+    Ok(())
+}
+
+fn plot(path: &std::path::Path, rows: &[Row], title: &str) -> Result<(), Error> {
+    use plotters::prelude::*;
+    static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| "bad font")?;
+    let series: Vec<&str> = [
+        "cpu-bandwidth",
+        "cpu",
+        "cpu-f64-reference",
+        "gpu-bandwidth",
+        "gpu",
+        "gpu-4-steps-per-submit",
+    ]
+    .into_iter()
+    .filter(|p| rows.iter().any(|r| r.path == *p))
+    .collect();
+    let pts: Vec<&Row> = rows
+        .iter()
+        .filter(|r| series.contains(&r.path.as_str()))
+        .collect();
+    let (xmin, xmax) = pts.iter().fold((f64::MAX, 0.0f64), |(a, b), r| {
+        (a.min(r.elements as f64), b.max(r.elements as f64))
+    });
+    let ymax = pts.iter().fold(0.0f64, |m, r| m.max(r.gb_per_s));
+    let ymin = pts
+        .iter()
+        .fold(f64::MAX, |m, r| m.min(r.gb_per_s))
+        .max(1e-3);
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(
+            (xmin..xmax).log_scale(),
+            (ymin * 0.8..ymax * 1.3).log_scale(),
+        )?;
+    chart
+        .configure_mesh()
+        .x_desc("elements (f32)")
+        .y_desc("GB/s (12 bytes per element; f64 reference 20)")
+        .label_style(("sans-serif", 13))
+        .draw()?;
+    let colors = [BLACK, RED, MAGENTA, RGBColor(120, 120, 120), BLUE, CYAN];
+    for (i, p) in series.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let data: Vec<(f64, f64)> = pts
+            .iter()
+            .filter(|r| r.path == *p)
+            .map(|r| (r.elements as f64, r.gb_per_s))
+            .collect();
+        let style = if p.ends_with("bandwidth") {
+            c.stroke_width(1)
+        } else {
+            c.stroke_width(2)
+        };
+        chart
+            .draw_series(LineSeries::new(data.clone(), style))?
+            .label(*p)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        chart.draw_series(data.into_iter().map(|xy| Circle::new(xy, 3, c.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn main() -> Result<(), Error> {
+    let args = parse_args()?;
+    std::fs::create_dir_all(&args.out)?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (max_log2, reps) = if args.quick { (24, 5) } else { (26, 11) };
+    let sizes: Vec<u64> = (10..=max_log2).step_by(2).map(|k| 1u64 << k).collect();
+    let mut rows = Vec::new();
+    println!(
+        "measuring the CPU path ({cores} threads){}",
+        if args.quick { ", --quick" } else { "" }
+    );
+    let cpu_bw = cpu_rows(&sizes, reps, &mut rows);
+    let mut notes = Vec::new();
+    let mut gpu_summary = String::from("GPU: not measured (--cpu-only)");
+    if !args.cpu_only {
+        match GpuContext::new() {
+            Ok(ctx) => {
+                println!("measuring the GPU path on {}", ctx.describe());
+                let gb = GpuBench {
+                    ctx: &ctx,
+                    module: ctx
+                        .device
+                        .create_shader_module(wgpu::include_wgsl!("bench_kernels.wgsl")),
+                };
+                let gpu_sizes: Vec<u64> = sizes
+                    .iter()
+                    .copied()
+                    .filter(|&n| !args.quick || n <= 1 << 22 || n == 1 << 24)
+                    .collect();
+                let bw = gpu_rows(&gb, &gpu_sizes, reps, args.quick, &mut rows, &mut notes)?;
+                let at = rows
+                    .iter()
+                    .find(|r| r.path == "gpu" && r.elements == 1 << 24);
+                gpu_summary = match at {
+                    Some(r) => format!(
+                        "GPU update {:.1}% at 2^24 ({:.1} of {bw:.1} GB/s) on {}",
+                        r.pct,
+                        r.gb_per_s,
+                        ctx.describe()
+                    ),
+                    None => format!("GPU on {}", ctx.describe()),
+                };
+            }
+            Err(e) => gpu_summary = format!("GPU: no adapter ({e})"),
+        }
+    }
+
+    println!(
+        "\n{:<28} {:>10} {:>12} {:>9} {:>9}",
+        "path", "elements", "median ms", "GB/s", "% of bw"
+    );
+    for r in &rows {
+        println!(
+            "{:<28} {:>10} {:>12.4} {:>9.2} {:>8.1}%",
+            r.path, r.elements, r.median_ms, r.gb_per_s, r.pct
+        );
+    }
+    for n in &notes {
+        println!("\n{n}");
+    }
+    let csv = args.out.join("bench.csv");
+    write_csv(&csv, &rows)?;
+    let png = args.out.join("bandwidth.png");
+    plot(
+        &png,
+        &rows,
+        "EMA update throughput vs size (bandwidth rows: a += s*b, same bytes)",
+    )?;
+    println!("\nwrote {} and {}", csv.display(), png.display());
+    let cpu_at = rows
+        .iter()
+        .find(|r| r.path == "cpu" && r.elements == 1 << 24)
+        .or(rows.iter().rfind(|r| r.path == "cpu"));
+    if let Some(r) = cpu_at {
+        println!(
+            "summary: CPU fast path {:.1}% of measured bandwidth at 2^{} ({:.1} of {cpu_bw:.1} GB/s, {cores} threads); {gpu_summary}",
+            r.pct,
+            r.elements.trailing_zeros(),
+            r.gb_per_s
+        );
+    }
+    Ok(())
+}
