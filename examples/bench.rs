@@ -380,7 +380,30 @@ fn gpu_rows(
                 bld.track_buffer(s.clone(), p, 0)
             })
             .build(&ctx.device, &ctx.queue)?;
-        // The naive way: one uniform write and one dispatch per tensor.
+        let bw = bw_ref.max(1e-9);
+        let t = time(reps, Duration::from_secs(3), || {
+            if let Ok(i) = a.update() {
+                gb.wait(i);
+            }
+        });
+        rows.push(row(&format!("gpu-{model}-arena"), total, t, 12, bw));
+        let t = time(reps, Duration::from_secs(3), || {
+            if let Ok(i) = b.update() {
+                gb.wait(i);
+            }
+        });
+        rows.push(row(&format!("gpu-{model}-buffers"), total, t, 12, bw));
+        // The naive way: one uniform write and one dispatch per tensor, each tensor bound
+        // whole; it cannot handle a tensor larger than one binding.
+        let limit = ctx.device.limits().max_storage_buffer_binding_size;
+        if let Some(big) = specs.iter().find(|s| s.numel() * 4 > limit) {
+            notes.push(format!(
+                "{model}: the naive per-tensor way cannot bind `{}` ({} bytes > the {limit}-byte binding limit); no naive row",
+                big.name,
+                big.numel() * 4
+            ));
+            continue;
+        }
         let pipe = gb.pipeline("naive_ema");
         let shadows: Vec<wgpu::Buffer> =
             specs.iter().map(|s| gb.storage(s.numel(), false)).collect();
@@ -421,19 +444,6 @@ fn gpu_rows(
                 pass.dispatch_workgroups(x, y, 1);
             }
         };
-        let bw = bw_ref.max(1e-9);
-        let t = time(reps, Duration::from_secs(3), || {
-            if let Ok(i) = a.update() {
-                gb.wait(i);
-            }
-        });
-        rows.push(row(&format!("gpu-{model}-arena"), total, t, 12, bw));
-        let t = time(reps, Duration::from_secs(3), || {
-            if let Ok(i) = b.update() {
-                gb.wait(i);
-            }
-        });
-        rows.push(row(&format!("gpu-{model}-buffers"), total, t, 12, bw));
         let t = time(reps, Duration::from_secs(3), || {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             naive_record(&mut enc);
@@ -490,7 +500,7 @@ fn host_costs(gb: &GpuBench<'_>, notes: &mut Vec<String>) -> Result<(), Error> {
             })
         })
         .collect();
-    let mut naive = || {
+    let naive = |submit: bool| {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
@@ -506,7 +516,10 @@ fn host_costs(gb: &GpuBench<'_>, notes: &mut Vec<String>) -> Result<(), Error> {
                 pass.dispatch_workgroups(x, y, 1);
             }
         }
-        ctx.queue.submit(Some(enc.finish()));
+        let cb = enc.finish();
+        if submit {
+            ctx.queue.submit(Some(cb));
+        }
     };
     let host = |f: &mut dyn FnMut()| {
         let mut v = Vec::new();
@@ -527,9 +540,18 @@ fn host_costs(gb: &GpuBench<'_>, notes: &mut Vec<String>) -> Result<(), Error> {
     let hb = host(&mut || {
         let _ = b.update();
     });
-    let hn = host(&mut naive);
+    let hn = host(&mut || naive(true));
+    // Recording alone (encoder, pass, finish; no submit): the crate's own share.
+    let record = |ema: &mut GpuEma| {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let _ = ema.record_update(&mut enc);
+        drop(enc.finish());
+    };
+    let ra = host(&mut || record(&mut a));
+    let rb = host(&mut || record(&mut b));
+    let rn = host(&mut || naive(false));
     notes.push(format!(
-        "host cost per step, 161 tensors (record + submit, no wait; median of 300): arena {ha:.1} us ({} dispatch), 161 user buffers {hb:.1} us ({} dispatches), naive per-tensor {hn:.1} us (161 dispatches + 161 uniform writes)",
+        "host cost per step, 161 tensors (median of 300), record + submit without waiting: arena {ha:.1} us ({} dispatch), 161 user buffers {hb:.1} us ({} dispatches), naive per-tensor {hn:.1} us (161 dispatches + 161 uniform writes); recording alone: arena {ra:.1} us, user buffers {rb:.1} us, naive {rn:.1} us",
         a.dispatches_per_step(),
         b.dispatches_per_step(),
     ));
