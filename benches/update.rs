@@ -2,10 +2,13 @@
 //! (submitted and waited for), and the host cost of recording a step.
 //!
 //! Throughput is reported as 12 bytes per element (read param, read shadow, write shadow).
-//! `cargo bench --bench update`; set `WGPU_EMA_BENCH_MAX_LOG2` (default 24) for larger sizes.
+//! `cargo bench --bench update`; set `WGPU_EMA_BENCH_MAX_LOG2` (default 24) for larger sizes
+//! (26 or more adds GPT-2 small's tensor list to ResNet-50's).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wgpu_ema::{cpu, wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
+
+mod models;
 
 fn max_log2() -> u32 {
     std::env::var("WGPU_EMA_BENCH_MAX_LOG2")
@@ -69,6 +72,77 @@ fn bench_gpu(c: &mut Criterion) {
                     .expect("poll")
             })
         });
+    }
+    // Several steps recorded into one encoder, one submit: time per 4 steps.
+    let n = 1 << 20;
+    let arena = ParamArena::new(&ctx.device, [TensorSpec::new("p", [n])]).expect("arena");
+    let mut ema = GpuEma::builder(Schedule::tf(0.999))
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)
+        .expect("build");
+    g.throughput(Throughput::Bytes(4 * 12 * n as u64));
+    g.bench_function("4-steps-per-submit/1048576", |b| {
+        b.iter(|| {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            ema.record_updates(&mut enc, 4).expect("record");
+            let idx = ctx.queue.submit(Some(enc.finish()));
+            ctx.device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(idx),
+                    timeout: None,
+                })
+                .expect("poll")
+        })
+    });
+    g.finish();
+
+    // Model-shaped workloads: an arena against one user buffer per tensor.
+    let mut g = c.benchmark_group("model");
+    g.sample_size(10);
+    let mut list = vec![("resnet50", models::resnet50())];
+    if max_log2() >= 26 {
+        list.push(("gpt2-small", models::gpt2_small()));
+    }
+    for (model, specs) in list {
+        let total: u64 = specs.iter().map(TensorSpec::numel).sum();
+        let arena = ParamArena::new(&ctx.device, specs.clone()).expect("arena");
+        let buffers: Vec<wgpu::Buffer> = specs
+            .iter()
+            .map(|s| {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: None,
+                    size: s.numel() * 4,
+                    usage: wgpu::BufferUsages::STORAGE,
+                    mapped_at_creation: false,
+                })
+            })
+            .collect();
+        let a = GpuEma::builder(Schedule::tf(0.999))
+            .track_arena(&arena)
+            .build(&ctx.device, &ctx.queue)
+            .expect("build");
+        let b = specs
+            .iter()
+            .zip(&buffers)
+            .fold(GpuEma::builder(Schedule::tf(0.999)), |bld, (s, buf)| {
+                bld.track_buffer(s.clone(), buf, 0)
+            })
+            .build(&ctx.device, &ctx.queue)
+            .expect("build");
+        g.throughput(Throughput::Bytes(12 * total));
+        for (name, mut ema) in [("arena", a), ("buffers", b)] {
+            g.bench_function(format!("{model}/{name}"), |bch| {
+                bch.iter(|| {
+                    let idx = ema.update().expect("update");
+                    ctx.device
+                        .poll(wgpu::PollType::Wait {
+                            submission_index: Some(idx),
+                            timeout: None,
+                        })
+                        .expect("poll")
+                })
+            });
+        }
     }
     g.finish();
 
