@@ -85,6 +85,42 @@ pub fn ema_step_tf(shadow: &mut [f32], param: &[f32], alpha: f32) -> Result<()> 
     Ok(())
 }
 
+/// One compensated (Kahan) step: `shadow[i] += alpha * (param[i] - shadow[i])` with the
+/// rounding error of each addition kept in `comp[i]` and fed back into the next one.
+pub fn ema_step_kahan(
+    shadow: &mut [f32],
+    comp: &mut [f32],
+    param: &[f32],
+    alpha: f32,
+) -> Result<()> {
+    check_len("<slice>", shadow.len(), param.len())?;
+    check_len("<compensation>", shadow.len(), comp.len())?;
+    let kernel = |s: &mut [f32], c: &mut [f32], p: &[f32]| {
+        for ((s, c), &p) in s.iter_mut().zip(c.iter_mut()).zip(p) {
+            let y = alpha * (p - *s) - *c;
+            let t = *s + y;
+            *c = (t - *s) - y;
+            *s = t;
+        }
+    };
+    if shadow.len() < PARALLEL_MIN || threads() < 2 {
+        kernel(shadow, comp, param);
+        return Ok(());
+    }
+    let chunk = shadow.len().div_ceil(threads()).next_multiple_of(1024);
+    std::thread::scope(|scope| {
+        let kernel = &kernel;
+        for ((s, c), p) in shadow
+            .chunks_mut(chunk)
+            .zip(comp.chunks_mut(chunk))
+            .zip(param.chunks(chunk))
+        {
+            scope.spawn(move || kernel(s, c, p));
+        }
+    });
+    Ok(())
+}
+
 /// The f64 reference: `shadow[i] += alpha * (param[i] - shadow[i])` with f64 shadows.
 pub fn ema_step_f64(shadow: &mut [f64], param: &[f32], alpha: f64) -> Result<()> {
     check_len("<slice>", shadow.len(), param.len())?;
@@ -140,6 +176,9 @@ pub struct CpuEma {
     stepper: Stepper,
     specs: Vec<TensorSpec>,
     shadows: Vec<Vec<f32>>,
+    /// Kahan compensation terms, one per shadow; empty when not compensated.
+    comps: Vec<Vec<f32>>,
+    compensated: bool,
 }
 
 impl CpuEma {
@@ -149,6 +188,8 @@ impl CpuEma {
             stepper: Stepper::new(schedule, numerics)?,
             specs: Vec::new(),
             shadows: Vec::new(),
+            comps: Vec::new(),
+            compensated: false,
         })
     }
 
@@ -166,7 +207,34 @@ impl CpuEma {
         }
         self.specs.push(spec);
         self.shadows.push(values.to_vec());
+        if self.compensated {
+            self.comps.push(vec![0.0; values.len()]);
+        }
         Ok(())
+    }
+
+    /// Compensated shadows (Kahan summation), as
+    /// [`GpuEmaBuilder::compensated`](crate::GpuEmaBuilder::compensated). Turning it on starts
+    /// every term at zero; refused with [`Numerics::TensorFlow`].
+    pub fn set_compensated(&mut self, yes: bool) -> Result<()> {
+        if yes && self.stepper.numerics == Numerics::TensorFlow {
+            return Err(Error::InvalidSchedule(
+                "compensated shadows use Numerics::Exact".into(),
+            ));
+        }
+        self.compensated = yes;
+        self.comps = if yes {
+            self.shadows.iter().map(|s| vec![0.0; s.len()]).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(())
+    }
+
+    /// The compensation term of `name`, for a compensated EMA.
+    pub fn compensation(&self, name: &str) -> Result<Option<&[f32]>> {
+        let i = self.index(name)?;
+        Ok(self.comps.get(i).map(Vec::as_slice))
     }
 
     /// Sets when updates happen (delayed start, interval); see [`Policy`].
@@ -220,6 +288,19 @@ impl CpuEma {
             check_len(&spec.name, spec.numel() as usize, p.len())?;
         }
         let action = self.stepper.advance_to(n)?;
+        if self.compensated {
+            for ((s, c), p) in self.shadows.iter_mut().zip(&mut self.comps).zip(params) {
+                match action {
+                    Action::Skip => {}
+                    Action::Copy => {
+                        s.copy_from_slice(p);
+                        c.fill(0.0);
+                    }
+                    Action::Update(alpha) => ema_step_kahan(s, c, p, alpha)?,
+                }
+            }
+            return Ok(());
+        }
         for (s, p) in self.shadows.iter_mut().zip(params) {
             match (action, self.stepper.numerics) {
                 (Action::Skip, _) => {}
@@ -242,6 +323,9 @@ impl CpuEma {
         let i = self.index(name)?;
         check_len(name, self.shadows[i].len(), values.len())?;
         self.shadows[i].copy_from_slice(values);
+        if let Some(c) = self.comps.get_mut(i) {
+            c.fill(0.0);
+        }
         Ok(())
     }
 
@@ -261,8 +345,17 @@ impl CpuEma {
     pub fn restore(&mut self, checkpoint: &crate::checkpoint::Checkpoint) -> Result<()> {
         let shadows = checkpoint.shadows_for(&self.specs)?;
         let n = checkpoint.num_updates()?;
+        let comps = if self.compensated {
+            checkpoint.compensation_for(&self.specs)?
+        } else {
+            None
+        };
         for (spec, values) in shadows.iter() {
             self.set_shadow(&spec.name, values)?;
+        }
+        for (spec, values) in comps.iter().flat_map(|c| c.iter()) {
+            let i = self.index(&spec.name)?;
+            self.comps[i].copy_from_slice(values);
         }
         self.stepper.num_updates = n;
         Ok(())
@@ -296,6 +389,12 @@ impl crate::checkpoint::EmaState for CpuEma {
     }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
         Ok(self.shadows[i].clone())
+    }
+    fn compensated(&self) -> bool {
+        self.compensated
+    }
+    fn read_compensation(&self, i: usize) -> Result<Option<Vec<f32>>> {
+        Ok(self.comps.get(i).cloned())
     }
     /// The CPU EMA does not hold the parameters: pass them to
     /// [`save_training`](crate::checkpoint::save_training).

@@ -28,6 +28,9 @@ use crate::error::{Error, Result};
 use crate::schedule::{Numerics, Policy, Schedule};
 use crate::tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
 
+/// Suffix of a compensated shadow's Kahan term: `weight/ExponentialMovingAverage/Compensation`.
+pub const COMPENSATION_SUFFIX: &str = "/Compensation";
+
 /// Metadata key: the step counter (`num_updates`), decimal.
 pub const META_NUM_UPDATES: &str = "num_updates";
 /// Metadata key: the schedule and its parameters, e.g. `num_updates(decay=0.9999)`.
@@ -62,6 +65,14 @@ pub trait EmaState {
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>>;
     /// The raw parameter of tensor `i`, where the state holds it.
     fn read_param(&self, i: usize) -> Result<Option<Vec<f32>>>;
+    /// True when the shadows carry Kahan compensation terms.
+    fn compensated(&self) -> bool {
+        false
+    }
+    /// The compensation term of tensor `i`, for a compensated EMA.
+    fn read_compensation(&self, _i: usize) -> Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
 }
 
 fn metadata(state: &dyn EmaState, kind: &str) -> HashMap<String, String> {
@@ -98,6 +109,20 @@ fn training_entries<'a>(
             produce: Box::new(move || state.read_shadow(i)),
         });
         names.push(spec.shadow_name());
+        if state.compensated() {
+            let name = format!("{}{COMPENSATION_SUFFIX}", spec.shadow_name());
+            let missing = name.clone();
+            entries.push(Entry {
+                name: name.clone(),
+                shape: spec.shape.clone(),
+                produce: Box::new(move || {
+                    state.read_compensation(i)?.ok_or(Error::UnknownName {
+                        name: missing.clone(),
+                    })
+                }),
+            });
+            names.push(name);
+        }
         let param: Entry<'a> = match params {
             Some(p) => Entry::from_slice(spec.name.clone(), &spec.shape, p.try_get(&spec.name)?),
             None => {
@@ -410,6 +435,18 @@ impl Checkpoint {
             }
         }
         self.collect(specs, TensorSpec::shadow_name)
+    }
+
+    /// The Kahan compensation terms of `specs`
+    /// (`<name>/ExponentialMovingAverage/Compensation`), or `None` when the file has none (a
+    /// checkpoint of an uncompensated EMA: resuming starts the terms at zero). Some but not
+    /// all present is an error.
+    pub fn compensation_for(&self, specs: &[TensorSpec]) -> Result<Option<HostTensors>> {
+        let name = |s: &TensorSpec| format!("{}{COMPENSATION_SUFFIX}", s.shadow_name());
+        if !specs.iter().any(|s| self.get(&name(s)).is_some()) {
+            return Ok(None);
+        }
+        self.collect(specs, name).map(Some)
     }
 
     /// The raw parameters of `specs` (plain names), for resuming training.

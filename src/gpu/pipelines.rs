@@ -12,9 +12,10 @@ const RING_DECL: &str = "@group(1) @binding(0) var<uniform> step: Step;";
 /// Bytes of the per-step values (`struct Step` in the shader).
 pub(crate) const STEP_BYTES: u64 = 16;
 
-/// The per-step values as the shader sees them.
+/// The per-step values as the shader sees them: `alpha`, then `one` = 1.0 (see the
+/// compensated update in `shaders/ema.wgsl`).
 pub(crate) fn step_bytes(alpha: f32) -> [u8; STEP_BYTES as usize] {
-    bytemuck::cast([alpha, 0.0f32, 0.0, 0.0])
+    bytemuck::cast([alpha, 1.0f32, 0.0, 0.0])
 }
 
 /// Which operation a pass runs.
@@ -65,7 +66,8 @@ fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
 
 impl Pipelines {
     /// Builds everything; `immediates` picks how `alpha` arrives (immediates or a ring).
-    pub fn new(device: &wgpu::Device, immediates: bool, numerics: Numerics) -> Self {
+    /// `kahan`: updates and copies also bind the compensation terms (binding 2).
+    pub fn new(device: &wgpu::Device, immediates: bool, numerics: Numerics, kahan: bool) -> Self {
         let source = if immediates {
             EMA_WGSL.to_string()
         } else {
@@ -77,7 +79,11 @@ impl Pipelines {
         });
         let segment_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
             label: Some("wgpu-ema segment"),
-            entries: &[storage_entry(0, true), storage_entry(1, false)],
+            entries: &[
+                storage_entry(0, true),
+                storage_entry(1, false),
+                storage_entry(2, false),
+            ][..if kahan { 3 } else { 2 }],
         });
         let ring_layout = (!immediates).then(|| {
             device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -139,8 +145,16 @@ impl Pipelines {
         let make = |entry: &str| make_with(entry, &layout);
         let make_rw = |entry: &str| make_with(entry, &layout_rw);
         Self {
-            update: [make("update_vec4"), make("update_scalar")],
-            init: [make("copy_vec4"), make("copy_scalar")],
+            update: if kahan {
+                [make("update_kahan_vec4"), make("update_kahan_scalar")]
+            } else {
+                [make("update_vec4"), make("update_scalar")]
+            },
+            init: if kahan {
+                [make("copy_kahan_vec4"), make("copy_kahan_scalar")]
+            } else {
+                [make("copy_vec4"), make("copy_scalar")]
+            },
             swap: [make_rw("swap_vec4"), make_rw("swap_scalar")],
             to_params: [make_rw("to_params_vec4"), make_rw("to_params_scalar")],
             segment_layout,

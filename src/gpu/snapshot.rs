@@ -22,6 +22,7 @@ pub struct Snapshot {
     buffer: wgpu::Buffer,
     specs: Vec<TensorSpec>,
     shadow_at: Vec<u64>,
+    comp_at: Vec<Option<u64>>,
     param_at: Vec<Option<u64>>,
     num_updates: u64,
     schedule: Schedule,
@@ -37,9 +38,18 @@ impl GpuEma {
         let mut at = 0u64;
         let mut shadow_at = Vec::new();
         let mut param_at = Vec::new();
+        let mut comp_at = Vec::new();
         for t in &self.tensors {
             shadow_at.push(at);
             at += t.spec.numel() * 4;
+        }
+        for t in &self.tensors {
+            if self.is_compensated() {
+                comp_at.push(Some(at));
+                at += t.spec.numel() * 4;
+            } else {
+                comp_at.push(None);
+            }
         }
         for t in &self.tensors {
             if with_params {
@@ -78,16 +88,22 @@ impl GpuEma {
                 label: Some("wgpu-ema snapshot"),
             });
         for (i, t) in self.tensors.iter().enumerate() {
-            let mut dst = shadow_at[i];
-            for p in &t.pieces {
-                enc.copy_buffer_to_buffer(
-                    &self.shadow_buffers[p.buffer],
-                    p.offset,
-                    &buffer,
-                    dst,
-                    p.len * 4,
-                );
-                dst += p.len * 4;
+            let sources = [
+                (&self.shadow_buffers, Some(shadow_at[i])),
+                (&self.comp_buffers, comp_at[i]),
+            ];
+            for (buffers, start) in sources {
+                let Some(mut dst) = start else { continue };
+                for p in &t.pieces {
+                    enc.copy_buffer_to_buffer(
+                        &buffers[p.buffer],
+                        p.offset,
+                        &buffer,
+                        dst,
+                        p.len * 4,
+                    );
+                    dst += p.len * 4;
+                }
             }
             let n = t.spec.numel();
             if let (Some(dst), true) = (param_at[i], n > 0) {
@@ -108,6 +124,7 @@ impl GpuEma {
             buffer,
             specs: self.specs(),
             shadow_at,
+            comp_at,
             param_at,
             num_updates: self.num_updates(),
             schedule: self.schedule(),
@@ -146,6 +163,15 @@ impl EmaState for Snapshot {
     }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
         self.read(self.shadow_at[i], self.specs[i].numel())
+    }
+    fn compensated(&self) -> bool {
+        self.comp_at.iter().any(Option::is_some)
+    }
+    fn read_compensation(&self, i: usize) -> Result<Option<Vec<f32>>> {
+        match self.comp_at[i] {
+            Some(at) => self.read(at, self.specs[i].numel()).map(Some),
+            None => Ok(None),
+        }
     }
     fn read_param(&self, i: usize) -> Result<Option<Vec<f32>>> {
         match self.param_at[i] {
