@@ -23,6 +23,8 @@ struct Step {
     one: f32,
     pad0: f32,
     pad1: f32,
+    // Several EMAs in one pass: the alpha of each (x: the first, as `alpha`).
+    alphas: vec4<f32>,
 }
 
 var<immediate> step: Step;
@@ -259,4 +261,110 @@ fn copy_kahan_vec4(
     }
     shadow4[i] = params4[arrayLength(&params4) - count + i];
     comp4[i] = vec4<f32>(0.0);
+}
+
+// Several EMAs of the same parameters in one pass (K = 2..4, e.g. decays 0.999 and 0.9999,
+// or EDM2's two power-function profiles): each parameter is read once and K shadows are
+// updated, 4 + 8K bytes per element instead of 12K for K separate passes. Shadows of unused
+// slots (K < 4) are bound to a small placeholder and never touched.
+
+override K: u32 = 2u;
+
+@group(0) @binding(1) var<storage, read_write> shadow_a: array<f32>;
+@group(0) @binding(2) var<storage, read_write> shadow_b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> shadow_c: array<f32>;
+@group(0) @binding(4) var<storage, read_write> shadow_d: array<f32>;
+@group(0) @binding(1) var<storage, read_write> shadow_a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read_write> shadow_b4: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read_write> shadow_c4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> shadow_d4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn update_multi_scalar(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow_a);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    let p = params[arrayLength(&params) - count + i];
+    let a = step.alphas;
+    shadow_a[i] = ema1(shadow_a[i], p, a.x);
+    shadow_b[i] = ema1(shadow_b[i], p, a.y);
+    if K > 2u {
+        shadow_c[i] = ema1(shadow_c[i], p, a.z);
+    }
+    if K > 3u {
+        shadow_d[i] = ema1(shadow_d[i], p, a.w);
+    }
+}
+
+@compute @workgroup_size(256)
+fn update_multi_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow_a4);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    let p = params4[arrayLength(&params4) - count + i];
+    let a = step.alphas;
+    shadow_a4[i] = ema4(shadow_a4[i], p, a.x);
+    shadow_b4[i] = ema4(shadow_b4[i], p, a.y);
+    if K > 2u {
+        shadow_c4[i] = ema4(shadow_c4[i], p, a.z);
+    }
+    if K > 3u {
+        shadow_d4[i] = ema4(shadow_d4[i], p, a.w);
+    }
+}
+
+@compute @workgroup_size(256)
+fn copy_multi_scalar(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow_a);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    let p = params[arrayLength(&params) - count + i];
+    shadow_a[i] = p;
+    shadow_b[i] = p;
+    if K > 2u {
+        shadow_c[i] = p;
+    }
+    if K > 3u {
+        shadow_d[i] = p;
+    }
+}
+
+@compute @workgroup_size(256)
+fn copy_multi_vec4(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow_a4);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    let p = params4[arrayLength(&params4) - count + i];
+    shadow_a4[i] = p;
+    shadow_b4[i] = p;
+    if K > 2u {
+        shadow_c4[i] = p;
+    }
+    if K > 3u {
+        shadow_d4[i] = p;
+    }
 }

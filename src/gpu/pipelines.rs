@@ -10,12 +10,16 @@ const IMMEDIATE_DECL: &str = "var<immediate> step: Step;";
 const RING_DECL: &str = "@group(1) @binding(0) var<uniform> step: Step;";
 
 /// Bytes of the per-step values (`struct Step` in the shader).
-pub(crate) const STEP_BYTES: u64 = 16;
+pub(crate) const STEP_BYTES: u64 = 32;
 
-/// The per-step values as the shader sees them: `alpha`, then `one` = 1.0 (see the
-/// compensated update in `shaders/ema.wgsl`).
-pub(crate) fn step_bytes(alpha: f32) -> [u8; STEP_BYTES as usize] {
-    bytemuck::cast([alpha, 1.0f32, 0.0, 0.0])
+/// The most EMAs one pass updates (`K` in the shader).
+pub(crate) const MAX_EMAS: usize = 4;
+
+/// The per-step values as the shader sees them: the first EMA's `alpha`, `one` = 1.0 (see
+/// the compensated update in `shaders/ema.wgsl`), then every EMA's alpha.
+pub(crate) fn step_bytes(alphas: [f32; MAX_EMAS]) -> [u8; STEP_BYTES as usize] {
+    let [a, b, c, d] = alphas;
+    bytemuck::cast([a, 1.0f32, 0.0, 0.0, a, b, c, d])
 }
 
 /// Which operation a pass runs.
@@ -67,7 +71,15 @@ fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
 impl Pipelines {
     /// Builds everything; `immediates` picks how `alpha` arrives (immediates or a ring).
     /// `kahan`: updates and copies also bind the compensation terms (binding 2).
-    pub fn new(device: &wgpu::Device, immediates: bool, numerics: Numerics, kahan: bool) -> Self {
+    /// `emas` > 1: updates and copies bind that many shadows (bindings 1 to 4).
+    pub fn new(
+        device: &wgpu::Device,
+        immediates: bool,
+        numerics: Numerics,
+        kahan: bool,
+        emas: usize,
+    ) -> Self {
+        let multi = emas > 1;
         let source = if immediates {
             EMA_WGSL.to_string()
         } else {
@@ -83,7 +95,15 @@ impl Pipelines {
                 storage_entry(0, true),
                 storage_entry(1, false),
                 storage_entry(2, false),
-            ][..if kahan { 3 } else { 2 }],
+                storage_entry(3, false),
+                storage_entry(4, false),
+            ][..if multi {
+                5
+            } else if kahan {
+                3
+            } else {
+                2
+            }],
         });
         let ring_layout = (!immediates).then(|| {
             device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
@@ -117,14 +137,12 @@ impl Pipelines {
         };
         let layout = pipeline_layout(&segment_layout);
         let layout_rw = pipeline_layout(&segment_layout_rw);
-        let tf = [(
-            "TF_FORM",
-            if numerics == Numerics::TensorFlow {
-                1.0
-            } else {
-                0.0
-            },
-        )];
+        let tf_form = if numerics == Numerics::TensorFlow {
+            1.0
+        } else {
+            0.0
+        };
+        let tf = [("TF_FORM", tf_form), ("K", emas.clamp(2, MAX_EMAS) as f64)];
         let make_with = |entry: &str, layout: &wgpu::PipelineLayout| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
@@ -132,11 +150,8 @@ impl Pipelines {
                 module: &module,
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: if entry.starts_with("update") {
-                        &tf
-                    } else {
-                        &[]
-                    },
+                    // Every entry point gets both overrides; those it does not use are ignored.
+                    constants: &tf,
                     ..Default::default()
                 },
                 cache: None,
@@ -145,12 +160,16 @@ impl Pipelines {
         let make = |entry: &str| make_with(entry, &layout);
         let make_rw = |entry: &str| make_with(entry, &layout_rw);
         Self {
-            update: if kahan {
+            update: if multi {
+                [make("update_multi_vec4"), make("update_multi_scalar")]
+            } else if kahan {
                 [make("update_kahan_vec4"), make("update_kahan_scalar")]
             } else {
                 [make("update_vec4"), make("update_scalar")]
             },
-            init: if kahan {
+            init: if multi {
+                [make("copy_multi_vec4"), make("copy_multi_scalar")]
+            } else if kahan {
                 [make("copy_kahan_vec4"), make("copy_kahan_scalar")]
             } else {
                 [make("copy_vec4"), make("copy_scalar")]

@@ -1,0 +1,133 @@
+//! Several EMAs of the same parameters in one pass: each equals its own single-EMA pass bit
+//! for bit, on arenas and on user buffers at odd offsets, with a delayed start.
+
+mod common;
+
+use common::{buffer_with, gpu, random, write};
+use wgpu_ema::schedule::Policy;
+use wgpu_ema::{Error, GpuEma, ParamArena, Schedule, TensorSpec};
+
+fn schedules() -> Vec<Schedule> {
+    vec![
+        Schedule::tf(0.999),
+        Schedule::constant(0.9999),
+        Schedule::power_sigma_rel(0.10).unwrap(),
+        Schedule::warmup(1.0, 0.75, 0.99),
+    ]
+}
+
+#[test]
+fn k_emas_in_one_pass_equal_k_separate_passes() {
+    let Some(ctx) = gpu() else { return };
+    for k in [2, 3, 4] {
+        for policy in [
+            Policy::default(),
+            Policy {
+                update_after_step: 3,
+                update_every: 2,
+            },
+        ] {
+            let n_user = 1029;
+            let specs = vec![TensorSpec::new("a", [17, 3]), TensorSpec::new("b", [4])];
+            let arena = ParamArena::new(&ctx.device, specs.clone()).unwrap();
+            let user = buffer_with(ctx, &random(5, n_user), 12);
+            let write_all = |seed: u64| {
+                for (i, s) in specs.iter().enumerate() {
+                    arena
+                        .write(
+                            &ctx.queue,
+                            &s.name,
+                            &random(seed * 7 + i as u64, s.numel() as usize),
+                        )
+                        .unwrap();
+                }
+                write(ctx, &user, 12, &random(seed * 7 + 5, n_user));
+            };
+            write_all(0);
+            let sched = schedules();
+            let mut multi = sched[1..k]
+                .iter()
+                .fold(GpuEma::builder(sched[0]).policy(policy), |b, s| {
+                    b.extra_ema(*s)
+                })
+                .track_arena(&arena)
+                .track_buffer(TensorSpec::new("u", [n_user]), &user, 12)
+                .build(&ctx.device, &ctx.queue)
+                .unwrap();
+            assert_eq!(multi.ema_count(), k);
+            let mut singles: Vec<GpuEma> = sched[..k]
+                .iter()
+                .map(|s| {
+                    GpuEma::builder(*s)
+                        .policy(policy)
+                        .track_arena(&arena)
+                        .track_buffer(TensorSpec::new("u", [n_user]), &user, 12)
+                        .build(&ctx.device, &ctx.queue)
+                        .unwrap()
+                })
+                .collect();
+            for step in 1..=12 {
+                write_all(step);
+                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                multi.record_update(&mut enc).unwrap();
+                for s in &mut singles {
+                    s.record_update(&mut enc).unwrap();
+                }
+                ctx.queue.submit(Some(enc.finish()));
+            }
+            for (j, single) in singles.iter().enumerate() {
+                let want = single.read_shadows_blocking().unwrap();
+                let got = multi.read_ema_blocking(j).unwrap();
+                for ((spec, a), (_, b)) in got.iter().zip(want.iter()) {
+                    let worst = a
+                        .iter()
+                        .zip(b)
+                        .map(|(x, y)| common::ulps(*x, *y))
+                        .max()
+                        .unwrap_or(0);
+                    assert_eq!(
+                        worst, 0,
+                        "K={k} EMA {j} {policy:?} tensor {}: {worst} ulps",
+                        spec.name
+                    );
+                }
+            }
+            assert_eq!(
+                multi.read_ema_blocking(0).unwrap(),
+                multi.read_shadows_blocking().unwrap()
+            );
+            assert!(multi.read_ema_blocking(k).is_err());
+        }
+    }
+}
+
+#[test]
+fn too_many_or_compensated_multi_emas_are_refused() {
+    let Some(ctx) = gpu() else { return };
+    let buf = buffer_with(ctx, &random(1, 8), 0);
+    let five = schedules()
+        .into_iter()
+        .chain([Schedule::constant(0.5)])
+        .skip(1)
+        .fold(GpuEma::builder(Schedule::constant(0.9)), |b, s| {
+            b.extra_ema(s)
+        });
+    let e = five
+        .track_buffer(TensorSpec::new("w", [8]), &buf, 0)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidSchedule(_)), "{e}");
+    let e = GpuEma::builder(Schedule::constant(0.9))
+        .extra_ema(Schedule::constant(0.99))
+        .compensated(true)
+        .track_buffer(TensorSpec::new("w", [8]), &buf, 0)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidSchedule(_)), "{e}");
+    let e = GpuEma::builder(Schedule::constant(0.9))
+        .extra_ema(Schedule::constant(f64::NAN))
+        .track_buffer(TensorSpec::new("w", [8]), &buf, 0)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidDecay { .. }), "{e}");
+}
