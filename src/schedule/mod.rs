@@ -3,6 +3,10 @@
 //! The GPU never sees a decay: it receives `alpha = 1 - decay`, computed here, because
 //! `1 - decay` in f32 loses most of the digits of a decay close to 1 (see [`Numerics`]).
 
+mod policy;
+
+pub use policy::{Action, Policy};
+
 use crate::error::{Error, Result};
 
 /// How the decay of update `n` is chosen.
@@ -71,81 +75,6 @@ pub enum Schedule {
         /// Steps between two updates (Composer's `update_interval`), > 0.
         update_interval: f64,
     },
-}
-
-/// When updates happen, around the [`Schedule`]: a delayed start and an update interval
-/// (ema-pytorch's `update_after_step` and `update_every`, diffusers' `update_after_step`,
-/// Composer's `update_interval`).
-///
-/// The step counter `n` counts *calls* (optimizer steps), whether they update or not:
-/// - calls with `n <= update_after_step` copy the parameters into the shadows (exactly, with
-///   the copy pass) instead of averaging;
-/// - after that, only calls where `n - update_after_step` is a multiple of `update_every`
-///   update; the others record nothing;
-/// - an update evaluates the schedule at `n - update_after_step`, so warm-ups start when the
-///   averaging does. With `update_every = k`, each update folds in one parameter value per
-///   `k` steps: pick the decay per update (a [`Schedule::HalfLife`] with
-///   `update_interval = k` does it for you).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Policy {
-    /// Calls up to and including this one copy instead of averaging (default 0).
-    pub update_after_step: u64,
-    /// Update on every k-th call (default 1).
-    pub update_every: u64,
-}
-
-impl Default for Policy {
-    fn default() -> Self {
-        Self {
-            update_after_step: 0,
-            update_every: 1,
-        }
-    }
-}
-
-/// What one call does.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Action {
-    /// Nothing this call (between two updates of `update_every`).
-    Skip,
-    /// Shadows := params, exactly (before `update_after_step`).
-    Copy,
-    /// The EMA update with this `alpha = 1 - decay`.
-    Update(f32),
-}
-
-impl Policy {
-    /// Checks `update_every >= 1`.
-    pub fn validate(&self) -> Result<()> {
-        if self.update_every == 0 {
-            return Err(Error::InvalidSchedule(
-                "update_every must be at least 1".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// What call `n` does under `schedule` with `numerics`.
-    ///
-    /// ```
-    /// use wgpu_ema::schedule::{Action, Numerics, Policy, Schedule};
-    /// let p = Policy { update_after_step: 2, update_every: 3 };
-    /// let s = Schedule::constant(0.5);
-    /// assert_eq!(p.action(&s, 1, Numerics::Exact).unwrap(), Action::Copy);
-    /// assert_eq!(p.action(&s, 3, Numerics::Exact).unwrap(), Action::Skip);
-    /// assert_eq!(p.action(&s, 5, Numerics::Exact).unwrap(), Action::Update(0.5));
-    /// ```
-    pub fn action(&self, schedule: &Schedule, n: u64, numerics: Numerics) -> Result<Action> {
-        self.validate()?;
-        if n <= self.update_after_step {
-            return Ok(Action::Copy);
-        }
-        let k = n - self.update_after_step;
-        if !k.is_multiple_of(self.update_every) {
-            return Ok(Action::Skip);
-        }
-        Ok(Action::Update(schedule.alpha(k, numerics)?))
-    }
 }
 
 /// The arithmetic used to turn a decay into `alpha = 1 - decay`, and to apply it.
@@ -533,37 +462,6 @@ mod tests {
         let every4 = Schedule::half_life(8.0, 4.0);
         assert!((every4.decay(9).unwrap() - 0.5f64.sqrt()).abs() < 1e-15);
         assert!(Schedule::half_life(0.0, 1.0).validate().is_err());
-    }
-
-    #[test]
-    fn policy_by_hand() {
-        let s = Schedule::tf(0.99);
-        let p = Policy {
-            update_after_step: 3,
-            update_every: 2,
-        };
-        let acts: Vec<Action> = (1..=8)
-            .map(|n| p.action(&s, n, Numerics::Exact).unwrap())
-            .collect();
-        let a = |k: u64| Action::Update(s.alpha(k, Numerics::Exact).unwrap());
-        assert_eq!(
-            acts,
-            [
-                Action::Copy,
-                Action::Copy,
-                Action::Copy,
-                Action::Skip,
-                a(2),
-                Action::Skip,
-                a(4),
-                Action::Skip
-            ]
-        );
-        let bad = Policy {
-            update_after_step: 0,
-            update_every: 0,
-        };
-        assert!(bad.action(&s, 1, Numerics::Exact).is_err());
     }
 
     #[test]

@@ -1,0 +1,369 @@
+//! Configuring and building a [`GpuEma`]: validation, shadow placement, pipelines, the
+//! initial copy.
+
+use std::num::NonZeroU64;
+
+use super::*;
+
+/// Configures a [`GpuEma`]: schedule, numerics, and the tensors to track.
+///
+/// ```no_run
+/// # fn main() -> wgpu_ema::Result<()> {
+/// use wgpu_ema::{GpuContext, GpuEma, Numerics, Schedule, TensorSpec};
+/// let ctx = GpuContext::new()?;
+/// # let weight_buf: wgpu::Buffer = unimplemented!();
+/// let ema = GpuEma::builder(Schedule::tf(0.9999))
+///     .numerics(Numerics::TensorFlow)
+///     .track_buffer(TensorSpec::new("weight", [2, 1]), &weight_buf, 0)
+///     .build(&ctx.device, &ctx.queue)?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct GpuEmaBuilder<'a> {
+    schedule: Schedule,
+    numerics: Numerics,
+    policy: Policy,
+    compensated: bool,
+    extra_emas: Vec<Schedule>,
+    num_updates: u64,
+    ring_slots: usize,
+    prefer_immediates: bool,
+    arena: Option<&'a ParamArena>,
+    buffers: Vec<(TensorSpec, &'a wgpu::Buffer, u64)>,
+}
+
+impl<'a> GpuEmaBuilder<'a> {
+    pub(super) fn new(schedule: Schedule) -> Self {
+        Self {
+            schedule,
+            numerics: Numerics::Exact,
+            policy: Policy::default(),
+            compensated: false,
+            extra_emas: Vec::new(),
+            num_updates: 0,
+            ring_slots: 1024,
+            prefer_immediates: true,
+            arena: None,
+            buffers: Vec::new(),
+        }
+    }
+
+    /// The arithmetic ([`Numerics::Exact`] by default).
+    pub fn numerics(mut self, numerics: Numerics) -> Self {
+        self.numerics = numerics;
+        self
+    }
+
+    /// When updates happen: a delayed start and an interval ([`Policy`]; default: every call
+    /// updates).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Compensated shadows (Kahan summation) for decays close to 1: beside each f32 shadow an
+    /// f32 term keeps what the last addition rounded off, so rounding errors stop
+    /// accumulating. Costs 4 bytes of memory and 8 bytes of traffic more per element per step
+    /// (20 instead of 12). Uses [`Numerics::Exact`]'s form; refused with
+    /// [`Numerics::TensorFlow`], whose point is TensorFlow's own rounding.
+    pub fn compensated(mut self, yes: bool) -> Self {
+        self.compensated = yes;
+        self
+    }
+
+    /// Keeps one more EMA of the same parameters with its own schedule, updated in the same
+    /// pass: each parameter is read once for all of them, so K EMAs move `4 + 8K` bytes per
+    /// element per step instead of `12K` for K separate passes. Up to 4 EMAs in all (the
+    /// builder's schedule is EMA 0). They share the numerics, the [`Policy`] and the step
+    /// counter; read EMA `k` with [`GpuEma::read_ema_blocking`]. Not combined with
+    /// [`compensated`](Self::compensated). Swaps and copies into the parameters use EMA 0.
+    pub fn extra_ema(mut self, schedule: Schedule) -> Self {
+        self.extra_emas.push(schedule);
+        self
+    }
+
+    /// The step counter's starting value (updates already applied): the first update
+    /// recorded with the internal counter is number `n + 1`.
+    pub fn num_updates(mut self, n: u64) -> Self {
+        self.num_updates = n;
+        self
+    }
+
+    /// Slots of the uniform ring used where the device lacks `Features::IMMEDIATES`
+    /// (default 1024): at most this many steps may be recorded between two submits.
+    pub fn ring_slots(mut self, slots: usize) -> Self {
+        self.ring_slots = slots.max(1);
+        self
+    }
+
+    /// Use immediates when the device has them (the default); `false` forces the uniform
+    /// ring, as on a device without `Features::IMMEDIATES`.
+    pub fn prefer_immediates(mut self, yes: bool) -> Self {
+        self.prefer_immediates = yes;
+        self
+    }
+
+    /// Tracks every tensor of a [`ParamArena`]: the fast path.
+    pub fn track_arena(mut self, arena: &'a ParamArena) -> Self {
+        self.arena = Some(arena);
+        self
+    }
+
+    /// Tracks a tensor living in the caller's `buffer` from `byte_offset` (a multiple of 4),
+    /// used in place. The buffer needs `BufferUsages::STORAGE`.
+    pub fn track_buffer(
+        mut self,
+        spec: TensorSpec,
+        buffer: &'a wgpu::Buffer,
+        byte_offset: u64,
+    ) -> Self {
+        self.buffers.push((spec, buffer, byte_offset));
+        self
+    }
+
+    /// Allocates the shadows, sets them equal to the parameters on the GPU (one pass,
+    /// submitted on `queue`; no host round trip) and returns the EMA.
+    ///
+    /// Fails, creating nothing on the GPU, on an invalid schedule, duplicate names, a buffer
+    /// without `STORAGE`, an offset that is not a multiple of 4, or a range past a buffer's end.
+    pub fn build(self, device: &wgpu::Device, queue: &wgpu::Queue) -> Result<GpuEma> {
+        self.policy.validate()?;
+        for s in &self.extra_emas {
+            s.validate()?;
+        }
+        let emas = 1 + self.extra_emas.len();
+        if emas > MAX_EMAS {
+            return Err(Error::InvalidSchedule(format!(
+                "{emas} EMAs asked for; one pass updates at most {MAX_EMAS}"
+            )));
+        }
+        if emas > 1 && self.compensated {
+            return Err(Error::InvalidSchedule(
+                "several EMAs in one pass cannot also be compensated".into(),
+            ));
+        }
+        if self.compensated && self.numerics == Numerics::TensorFlow {
+            return Err(Error::InvalidSchedule(
+                "compensated shadows use Numerics::Exact; TensorFlow's mode replays its own rounding"
+                    .into(),
+            ));
+        }
+        let stepper = Stepper {
+            num_updates: self.num_updates,
+            policy: self.policy,
+            ..Stepper::new(self.schedule, self.numerics)?
+        };
+        let lim = PlanLimits::from_device(&device.limits());
+        let mut names: Vec<&str> = Vec::new();
+        let arena_specs = self.arena.map_or(&[][..], |a| a.specs());
+        for name in arena_specs
+            .iter()
+            .chain(self.buffers.iter().map(|(s, _, _)| s))
+            .map(|s| s.name.as_str())
+        {
+            if names.contains(&name) {
+                return Err(Error::DuplicateName { name: name.into() });
+            }
+            names.push(name);
+        }
+        for (spec, buffer, offset) in &self.buffers {
+            validate_binding(spec, buffer, *offset)?;
+        }
+
+        // Shadow placement: the arena's shadows mirror it in one buffer (index 0); each user
+        // tensor gets a body and a tail region, packed into further buffers.
+        let mut regions = Vec::new();
+        for (spec, _, _) in &self.buffers {
+            let n = spec.numel();
+            regions.push((n - n % 4) * 4);
+            regions.push((n % 4) * 4);
+        }
+        let (places, sizes) =
+            layout::pack(&regions, lim.align, lim.max_buffer).map_err(|i| Error::TooLarge {
+                what: format!("shadow of tensor `{}`", self.buffers[i / 2].0.name),
+                bytes: regions[i],
+                limit: lim.max_buffer,
+            })?;
+        let mut buffer_sizes = Vec::new();
+        let first_user_buffer = usize::from(self.arena.is_some());
+        if let Some(a) = self.arena {
+            buffer_sizes.push(a.size());
+        }
+        buffer_sizes.extend(sizes);
+        let make_buffers = |label: &str| -> Vec<wgpu::Buffer> {
+            buffer_sizes
+                .iter()
+                .map(|&size| {
+                    device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some(label),
+                        size,
+                        usage: wgpu::BufferUsages::STORAGE
+                            | wgpu::BufferUsages::COPY_SRC
+                            | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    })
+                })
+                .collect()
+        };
+        let shadow_buffers = make_buffers("wgpu-ema shadows");
+        // The compensation terms mirror the shadows' layout, buffer for buffer.
+        let comp_buffers = if self.compensated {
+            make_buffers("wgpu-ema compensation")
+        } else {
+            Vec::new()
+        };
+        // Further EMAs mirror it too, plus a placeholder for the shader's unused slots.
+        let extra_shadows: Vec<Vec<wgpu::Buffer>> = self
+            .extra_emas
+            .iter()
+            .map(|_| make_buffers("wgpu-ema shadows (further EMA)"))
+            .collect();
+        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-ema unused EMA slot"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+
+        let immediates = self.prefer_immediates
+            && device.features().contains(wgpu::Features::IMMEDIATES)
+            && u64::from(device.limits().max_immediate_size) >= STEP_BYTES;
+        let pipes = Pipelines::new(device, immediates, self.numerics, self.compensated, emas);
+        let step = match &pipes.ring_layout {
+            None => StepValues::Immediates,
+            Some(ring_layout) => {
+                let stride = layout::align_up(
+                    STEP_BYTES,
+                    u64::from(device.limits().min_uniform_buffer_offset_alignment),
+                );
+                let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("wgpu-ema step ring"),
+                    size: stride * self.ring_slots as u64,
+                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("wgpu-ema step ring"),
+                    layout: ring_layout,
+                    entries: &[wgpu::BindGroupEntry {
+                        binding: 0,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &buffer,
+                            offset: 0,
+                            size: NonZeroU64::new(STEP_BYTES),
+                        }),
+                    }],
+                });
+                StepValues::Ring {
+                    buffer,
+                    bind_group,
+                    stride,
+                    slots: self.ring_slots,
+                    next: 0,
+                }
+            }
+        };
+
+        let mut ema = GpuEma {
+            device: device.clone(),
+            queue: queue.clone(),
+            stepper,
+            lim,
+            pipes,
+            step,
+            tensors: Vec::new(),
+            shadow_buffers,
+            comp_buffers,
+            extra: self.extra_emas.into_iter().zip(extra_shadows).collect(),
+            placeholder,
+            arena: None,
+            arena_segments: Vec::new(),
+            rw_segments: None,
+            swapped: false,
+        };
+        if let Some(a) = self.arena {
+            let plans = layout::plan_run(0, 0, a.size() / 4, true, &lim);
+            ema.arena_segments = ema.make_segments(a.buffer(), 0, &plans, false);
+            for (spec, &offset) in a.specs().iter().zip(a.offsets()) {
+                ema.tensors.push(Tracked {
+                    spec: spec.clone(),
+                    source: Source::Arena,
+                    pieces: vec![Piece {
+                        buffer: 0,
+                        offset,
+                        len: spec.numel(),
+                    }],
+                });
+            }
+            ema.arena = Some(a.clone());
+        }
+        for (i, (spec, buffer, offset)) in self.buffers.into_iter().enumerate() {
+            let n = spec.numel();
+            let piece = |k: usize, len: u64| {
+                let (b, off) = places[2 * i + k];
+                Piece {
+                    buffer: first_user_buffer + b,
+                    offset: off,
+                    len,
+                }
+            };
+            let pieces: Vec<Piece> = [piece(0, n - n % 4), piece(1, n % 4)]
+                .into_iter()
+                .filter(|p| p.len > 0)
+                .collect();
+            let segments = ema.tensor_segments(&pieces, buffer, offset, false);
+            ema.tensors.push(Tracked {
+                spec,
+                source: Source::Buffer {
+                    buffer: buffer.clone(),
+                    offset,
+                    segments,
+                    cache: Vec::new(),
+                },
+                pieces,
+            });
+        }
+        // shadows := params, on the GPU.
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("wgpu-ema init"),
+        });
+        ema.record_pass(&mut encoder, Op::Init, [1.0; MAX_EMAS]);
+        queue.submit(Some(encoder.finish()));
+        Ok(ema)
+    }
+}
+
+pub(super) fn validate_binding(
+    spec: &TensorSpec,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+) -> Result<()> {
+    let usage = buffer.usage();
+    if !usage.contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::MissingUsage {
+            name: spec.name.clone(),
+            needed: wgpu::BufferUsages::STORAGE,
+            have: usage,
+        });
+    }
+    if !offset.is_multiple_of(4) {
+        return Err(Error::Misaligned {
+            name: spec.name.clone(),
+            offset,
+        });
+    }
+    let end = spec
+        .numel()
+        .checked_mul(4)
+        .and_then(|b| b.checked_add(offset))
+        .unwrap_or(u64::MAX);
+    if end > buffer.size() {
+        return Err(Error::OutOfBounds {
+            name: spec.name.clone(),
+            offset,
+            end,
+            buffer_size: buffer.size(),
+        });
+    }
+    Ok(())
+}

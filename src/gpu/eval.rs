@@ -1,0 +1,42 @@
+//! Evaluating with the EMA weights: swap and copy into the parameters, on the GPU.
+
+use super::*;
+
+impl GpuEma {
+    /// Records an exchange of every parameter with its shadow, on the GPU in one pass:
+    /// evaluate with the EMA weights, then call it again to get the raw weights (and the
+    /// shadows) back **bit for bit** (bits are moved, not added and subtracted as Keras'
+    /// `SwapEMAWeights` does). While swapped, updates are refused with [`Error::Swapped`]: a
+    /// training step would average the shadows into themselves.
+    pub fn record_swap(&mut self, encoder: &mut wgpu::CommandEncoder) {
+        self.record_pass(encoder, Op::Swap, [1.0; MAX_EMAS]);
+        self.swapped = !self.swapped;
+    }
+
+    /// [`record_swap`](Self::record_swap), submitted on the queue.
+    pub fn swap(&mut self) -> wgpu::SubmissionIndex {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wgpu-ema swap"),
+            });
+        self.record_swap(&mut encoder);
+        self.queue.submit(Some(encoder.finish()))
+    }
+
+    /// True between two swaps: the parameters hold the EMA weights.
+    pub fn is_swapped(&self) -> bool {
+        self.swapped
+    }
+
+    /// Records `param = shadow` for every tensor (TensorFlow's `variables_to_restore` on the
+    /// GPU, diffusers' `copy_to`): the raw parameters are overwritten; keep them with
+    /// [`record_swap`](Self::record_swap) instead if training goes on.
+    pub fn record_copy_to_params(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+        if self.swapped {
+            return Err(Error::Swapped);
+        }
+        self.record_pass(encoder, Op::ToParams, [1.0; MAX_EMAS]);
+        Ok(())
+    }
+}

@@ -1,0 +1,312 @@
+//! Moving shadows between the GPU and the host (readback, writes, restore), and where the
+//! parameters are bound (rebinding, bindings of shadows for user shaders).
+
+use std::num::NonZeroU64;
+
+use super::*;
+
+impl GpuEma {
+    /// Points tracked tensor `name` at another buffer and offset (frameworks such as burn hand
+    /// out a new one after each optimizer step). Bind groups are cached for the last few
+    /// (buffer, offset) pairs of each tensor, so alternating between buffers creates nothing.
+    /// Arena tensors cannot be rebound.
+    pub fn rebind(&mut self, name: &str, buffer: &wgpu::Buffer, byte_offset: u64) -> Result<()> {
+        if self.swapped {
+            return Err(Error::Swapped);
+        }
+        let i = self.index(name)?;
+        builder::validate_binding(&self.tensors[i].spec, buffer, byte_offset)?;
+        let t = &self.tensors[i];
+        let Source::Buffer {
+            buffer: cur_buf,
+            offset: cur_off,
+            cache,
+            ..
+        } = &t.source
+        else {
+            return Err(Error::NotRebindable {
+                name: name.to_string(),
+            });
+        };
+        if cur_buf == buffer && *cur_off == byte_offset {
+            return Ok(());
+        }
+        let hit = cache
+            .iter()
+            .position(|(b, o, _)| b == buffer && *o == byte_offset);
+        let new_segments = match hit {
+            Some(_) => None,
+            None => Some(self.tensor_segments(&t.pieces, buffer, byte_offset, false)),
+        };
+        let Source::Buffer {
+            buffer: cur_buf,
+            offset: cur_off,
+            segments,
+            cache,
+        } = &mut self.tensors[i].source
+        else {
+            unreachable!("checked above");
+        };
+        let incoming = match (hit, new_segments) {
+            (Some(h), _) => cache.remove(h).2,
+            (None, Some(s)) => s,
+            (None, None) => Vec::new(),
+        };
+        let old = std::mem::replace(segments, incoming);
+        let old_buf = std::mem::replace(cur_buf, buffer.clone());
+        cache.push((old_buf, *cur_off, old));
+        if cache.len() > REBIND_CACHE {
+            cache.remove(0);
+        }
+        *cur_off = byte_offset;
+        self.rw_segments = None;
+        Ok(())
+    }
+
+    fn ranges<'s>(
+        &'s self,
+        buffers: &'s [wgpu::Buffer],
+        which: &[usize],
+    ) -> Vec<readback::Range<'s>> {
+        which
+            .iter()
+            .flat_map(|&i| self.tensors[i].pieces.iter())
+            .map(|p| readback::Range {
+                buffer: &buffers[p.buffer],
+                offset: p.offset,
+                len: p.len,
+            })
+            .collect()
+    }
+
+    fn start_read(&self, which: &[usize]) -> readback::Pending {
+        readback::start(
+            &self.device,
+            &self.queue,
+            &self.ranges(&self.shadow_buffers, which),
+        )
+    }
+
+    /// How many EMAs one pass updates (1 + the [`extra_ema`](GpuEmaBuilder::extra_ema)s).
+    pub fn ema_count(&self) -> usize {
+        1 + self.extra.len()
+    }
+
+    /// The schedule of EMA `k` (0: the builder's).
+    pub fn ema_schedule(&self, k: usize) -> Option<Schedule> {
+        match k {
+            0 => Some(self.stepper.schedule),
+            _ => self.extra.get(k - 1).map(|(s, _)| *s),
+        }
+    }
+
+    fn ema_buffers(&self, k: usize) -> Result<&[wgpu::Buffer]> {
+        match k {
+            0 => Ok(&self.shadow_buffers),
+            _ => self
+                .extra
+                .get(k - 1)
+                .map(|(_, b)| b.as_slice())
+                .ok_or_else(|| Error::UnknownName {
+                    name: format!("EMA number {k} (there are {})", self.ema_count()),
+                }),
+        }
+    }
+
+    /// Reads every shadow of EMA `k` back, blocking (`k = 0` is
+    /// [`read_shadows_blocking`](Self::read_shadows_blocking)).
+    pub fn read_ema_blocking(&self, k: usize) -> Result<HostTensors> {
+        let all: Vec<usize> = (0..self.tensors.len()).collect();
+        let ranges = self.ranges(self.ema_buffers(k)?, &all);
+        let flat = readback::start(&self.device, &self.queue, &ranges).wait(&self.device)?;
+        Ok(arena::split(&self.specs(), &flat))
+    }
+
+    /// Overwrites the shadow of `name` in EMA `k` (restoring a checkpoint).
+    pub fn write_ema_shadow(&mut self, k: usize, name: &str, values: &[f32]) -> Result<()> {
+        if k == 0 {
+            return self.write_shadow(name, values);
+        }
+        let i = self.index(name)?;
+        let spec = &self.tensors[i].spec;
+        if values.len() as u64 != spec.numel() {
+            return Err(Error::LengthMismatch {
+                name: spec.name.clone(),
+                expected: spec.numel(),
+                got: values.len() as u64,
+            });
+        }
+        self.write_pieces(self.ema_buffers(k)?, i, values);
+        Ok(())
+    }
+
+    /// Reads every shadow back, blocking until the steps submitted so far have run (not
+    /// those submitted later). Names are the parameters' names.
+    pub fn read_shadows_blocking(&self) -> Result<HostTensors> {
+        let all: Vec<usize> = (0..self.tensors.len()).collect();
+        let flat = self.start_read(&all).wait(&self.device)?;
+        Ok(arena::split(&self.specs(), &flat))
+    }
+
+    /// Reads the shadow of `name` back, blocking.
+    pub fn read_shadow_blocking(&self, name: &str) -> Result<Vec<f32>> {
+        let i = self.index(name)?;
+        self.start_read(&[i]).wait(&self.device)
+    }
+
+    /// Reads every shadow back, asynchronously: the copy is submitted at once and the future
+    /// resolves once the GPU has run it. On native targets something must poll the device
+    /// meanwhile (`device.poll(wgpu::PollType::Poll)` in your loop, or a thread waiting);
+    /// [`read_shadows_blocking`](Self::read_shadows_blocking) does it for you.
+    pub fn read_shadows(&self) -> impl std::future::Future<Output = Result<HostTensors>> + use<> {
+        let all: Vec<usize> = (0..self.tensors.len()).collect();
+        let pending = self.start_read(&all);
+        let specs = self.specs();
+        async move {
+            let flat = pending.finish().await?;
+            Ok(arena::split(&specs, &flat))
+        }
+    }
+
+    /// Overwrites the shadow of `name` from the host (restoring a checkpoint); lands at the
+    /// next submit on the queue, before that submit's commands.
+    pub fn write_shadow(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let i = self.index(name)?;
+        let spec = &self.tensors[i].spec;
+        if values.len() as u64 != spec.numel() {
+            return Err(Error::LengthMismatch {
+                name: spec.name.clone(),
+                expected: spec.numel(),
+                got: values.len() as u64,
+            });
+        }
+        self.write_pieces(&self.shadow_buffers, i, values);
+        // The old compensation term belongs to the old shadow.
+        if !self.comp_buffers.is_empty() {
+            let zeros = vec![0.0f32; values.len()];
+            self.write_pieces(&self.comp_buffers, i, &zeros);
+        }
+        Ok(())
+    }
+
+    fn write_pieces(&self, buffers: &[wgpu::Buffer], i: usize, values: &[f32]) {
+        let mut at = 0usize;
+        for p in &self.tensors[i].pieces {
+            let part = &values[at..at + p.len as usize];
+            self.queue
+                .write_buffer(&buffers[p.buffer], p.offset, bytemuck::cast_slice(part));
+            at += p.len as usize;
+        }
+    }
+
+    /// True when the shadows carry Kahan compensation terms
+    /// ([`GpuEmaBuilder::compensated`]).
+    pub fn is_compensated(&self) -> bool {
+        !self.comp_buffers.is_empty()
+    }
+
+    /// Overwrites the compensation term of `name` (restoring a checkpoint of a compensated
+    /// EMA; call after [`write_shadow`](Self::write_shadow), which zeroes it).
+    pub fn write_compensation(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        let i = self.index(name)?;
+        let spec = &self.tensors[i].spec;
+        if values.len() as u64 != spec.numel() || self.comp_buffers.is_empty() {
+            return Err(Error::LengthMismatch {
+                name: spec.name.clone(),
+                expected: if self.comp_buffers.is_empty() {
+                    0
+                } else {
+                    spec.numel()
+                },
+                got: values.len() as u64,
+            });
+        }
+        self.write_pieces(&self.comp_buffers, i, values);
+        Ok(())
+    }
+
+    /// Restores shadows and the step counter from a training checkpoint, so the next updates
+    /// continue exactly as if training had never stopped. Every tracked tensor's shadow must be
+    /// present with its shape, and no shadow of an untracked tensor may be; all is checked
+    /// before anything is written. Parameters are restored with
+    /// [`write_params`](Self::write_params) (`checkpoint.params_for(&ema.specs())`).
+    pub fn restore(&mut self, checkpoint: &crate::checkpoint::Checkpoint) -> Result<()> {
+        let shadows = checkpoint.shadows_for(&self.specs())?;
+        let n = checkpoint.num_updates()?;
+        let comps = if self.is_compensated() {
+            checkpoint.compensation_for(&self.specs())?
+        } else {
+            None
+        };
+        for (spec, values) in shadows.iter() {
+            self.write_shadow(&spec.name, values)?;
+        }
+        for (spec, values) in comps.iter().flat_map(|c| c.iter()) {
+            self.write_compensation(&spec.name, values)?;
+        }
+        self.stepper.num_updates = n;
+        Ok(())
+    }
+
+    /// Writes parameter values from the host into the tracked parameters (the arena, or user
+    /// buffers, which then need `BufferUsages::COPY_DST`). Every name and length is checked
+    /// before anything is written. Lands at the next submit on the queue.
+    pub fn write_params(&self, params: &HostTensors) -> Result<()> {
+        let mut writes = Vec::new();
+        for (spec, values) in params.iter() {
+            let t = &self.tensors[self.index(&spec.name)?];
+            if values.len() as u64 != t.spec.numel() {
+                return Err(Error::LengthMismatch {
+                    name: spec.name.clone(),
+                    expected: t.spec.numel(),
+                    got: values.len() as u64,
+                });
+            }
+            let (buffer, offset) = match &t.source {
+                Source::Arena => {
+                    let arena = self.arena.as_ref().expect("arena tensors imply an arena");
+                    (arena.buffer(), t.pieces[0].offset)
+                }
+                Source::Buffer { buffer, offset, .. } => (buffer, *offset),
+            };
+            if !buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
+                return Err(Error::MissingUsage {
+                    name: spec.name.clone(),
+                    needed: wgpu::BufferUsages::COPY_DST,
+                    have: buffer.usage(),
+                });
+            }
+            writes.push((buffer, offset, values));
+        }
+        for (buffer, offset, values) in writes {
+            if !values.is_empty() {
+                self.queue
+                    .write_buffer(buffer, offset, bytemuck::cast_slice(values));
+            }
+        }
+        Ok(())
+    }
+
+    /// A binding of the shadow of `name`, for your own shaders (evaluating with the EMA
+    /// weights on the GPU without copying them). Available when the shadow is one contiguous
+    /// run: arena tensors, and user-buffer tensors whose element count is below 4 or a
+    /// multiple of 4 (others keep their last `n % 4` elements apart, for the vec4 kernel).
+    pub fn shadow_binding(&self, name: &str) -> Result<wgpu::BufferBinding<'_>> {
+        let t = &self.tensors[self.index(name)?];
+        match t.pieces.as_slice() {
+            [] => Err(Error::LengthMismatch {
+                name: name.to_string(),
+                expected: 1,
+                got: 0,
+            }),
+            [p] => Ok(wgpu::BufferBinding {
+                buffer: &self.shadow_buffers[p.buffer],
+                offset: p.offset,
+                size: NonZeroU64::new(p.len * 4),
+            }),
+            _ => Err(Error::NotContiguous {
+                name: name.to_string(),
+            }),
+        }
+    }
+}
