@@ -131,3 +131,93 @@ fn too_many_or_compensated_multi_emas_are_refused() {
         .unwrap_err();
     assert!(matches!(e, Error::InvalidDecay { .. }), "{e}");
 }
+
+#[test]
+fn every_ema_is_checkpointed_and_resumed() {
+    let Some(ctx) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let n = 301;
+    let build = |buf: &wgpu_ema::wgpu::Buffer| {
+        GpuEma::builder(Schedule::tf(0.999))
+            .extra_ema(Schedule::constant(0.99))
+            .extra_ema(Schedule::power(6.94))
+            .track_buffer(TensorSpec::new("w", [n]), buf, 0)
+            .build(&ctx.device, &ctx.queue)
+            .unwrap()
+    };
+    let (b1, b2) = (
+        buffer_with(ctx, &random(0, n), 0),
+        buffer_with(ctx, &random(0, n), 0),
+    );
+    let (mut straight, mut first) = (build(&b1), build(&b2));
+    for step in 1..=10 {
+        for (ema, b) in [(&mut straight, &b1), (&mut first, &b2)] {
+            write(ctx, b, 0, &random(step, n));
+            ema.update().unwrap();
+        }
+    }
+    let path = dir.path().join("multi.safetensors");
+    let mut params = wgpu_ema::HostTensors::new();
+    params
+        .insert(TensorSpec::new("w", [n]), random(10, n))
+        .unwrap();
+    wgpu_ema::checkpoint::save_training(
+        &path,
+        &first.snapshot(false).unwrap(),
+        Some(&params),
+        &Default::default(),
+    )
+    .unwrap();
+    let ck = wgpu_ema::checkpoint::Checkpoint::load(&path).unwrap();
+    let names: Vec<&str> = ck.names().collect();
+    assert_eq!(
+        names,
+        [
+            "w",
+            "w/ExponentialMovingAverage",
+            "w/ExponentialMovingAverage_1",
+            "w/ExponentialMovingAverage_2"
+        ]
+    );
+    assert_eq!(
+        ck.metadata()["extra_schedules"],
+        "constant(decay=0.99); power(gamma=6.94)"
+    );
+    let b3 = buffer_with(ctx, &random(10, n), 0);
+    let mut resumed = build(&b3);
+    resumed.restore(&ck).unwrap();
+    for step in 11..=20 {
+        for (ema, b) in [(&mut straight, &b1), (&mut resumed, &b3)] {
+            write(ctx, b, 0, &random(step, n));
+            ema.update().unwrap();
+        }
+    }
+    for k in 0..3 {
+        assert_eq!(
+            resumed.read_ema_blocking(k).unwrap(),
+            straight.read_ema_blocking(k).unwrap(),
+            "EMA {k}"
+        );
+    }
+    // A checkpoint without the further EMAs cannot resume this EMA.
+    let single = dir.path().join("single.safetensors");
+    let one = GpuEma::builder(Schedule::tf(0.999))
+        .track_buffer(TensorSpec::new("w", [n]), &b3, 0)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    wgpu_ema::checkpoint::save_training(
+        &single,
+        &one.snapshot(false).unwrap(),
+        Some(&params),
+        &Default::default(),
+    )
+    .unwrap();
+    let e = resumed
+        .restore(&wgpu_ema::checkpoint::Checkpoint::load(&single).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("w/ExponentialMovingAverage_1") && e.contains("missing"),
+        "{e}"
+    );
+}

@@ -31,6 +31,20 @@ use crate::tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
 /// Suffix of a compensated shadow's Kahan term: `weight/ExponentialMovingAverage/Compensation`.
 pub const COMPENSATION_SUFFIX: &str = "/Compensation";
 
+/// Metadata key: the schedules of further EMAs kept in the same pass, `; `-separated, EMA 1
+/// first (absent with one EMA).
+pub const META_EXTRA_SCHEDULES: &str = "extra_schedules";
+
+/// The name of a shadow of EMA `k`: TensorFlow's `<name>/ExponentialMovingAverage` for the
+/// first, `<name>/ExponentialMovingAverage_<k>` for the others (as TensorFlow names the
+/// shadows of a second `ExponentialMovingAverage` object).
+pub fn ema_shadow_name(name: &str, k: usize) -> String {
+    match k {
+        0 => format!("{name}{EMA_SUFFIX}"),
+        _ => format!("{name}{EMA_SUFFIX}_{k}"),
+    }
+}
+
 /// Metadata key: the step counter (`num_updates`), decimal.
 pub const META_NUM_UPDATES: &str = "num_updates";
 /// Metadata key: the schedule and its parameters, e.g. `num_updates(decay=0.9999)`.
@@ -69,6 +83,20 @@ pub trait EmaState {
     fn compensated(&self) -> bool {
         false
     }
+    /// EMAs kept per parameter (1 unless several are updated in one pass).
+    fn ema_count(&self) -> usize {
+        1
+    }
+    /// The schedule of EMA `k`, for the metadata.
+    fn ema_schedule(&self, k: usize) -> Option<Schedule> {
+        (k == 0).then(|| self.schedule())
+    }
+    /// The shadow of tensor `i` in EMA `k >= 1`.
+    fn read_ema_shadow(&self, k: usize, _i: usize) -> Result<Vec<f32>> {
+        Err(Error::UnknownName {
+            name: format!("EMA number {k}"),
+        })
+    }
     /// The compensation term of tensor `i`, for a compensated EMA.
     fn read_compensation(&self, _i: usize) -> Result<Option<Vec<f32>>> {
         Ok(None)
@@ -76,6 +104,17 @@ pub trait EmaState {
 }
 
 fn metadata(state: &dyn EmaState, kind: &str) -> HashMap<String, String> {
+    let mut m = base_metadata(state, kind);
+    if state.ema_count() > 1 {
+        let extra: Vec<String> = (1..state.ema_count())
+            .filter_map(|k| state.ema_schedule(k).map(|s| s.describe()))
+            .collect();
+        m.insert(META_EXTRA_SCHEDULES.to_string(), extra.join("; "));
+    }
+    m
+}
+
+fn base_metadata(state: &dyn EmaState, kind: &str) -> HashMap<String, String> {
     HashMap::from([
         (META_KIND.to_string(), kind.to_string()),
         (
@@ -109,6 +148,15 @@ fn training_entries<'a>(
             produce: Box::new(move || state.read_shadow(i)),
         });
         names.push(spec.shadow_name());
+        for k in 1..state.ema_count() {
+            let name = ema_shadow_name(&spec.name, k);
+            entries.push(Entry {
+                name: name.clone(),
+                shape: spec.shape.clone(),
+                produce: Box::new(move || state.read_ema_shadow(k, i)),
+            });
+            names.push(name);
+        }
         if state.compensated() {
             let name = format!("{}{COMPENSATION_SUFFIX}", spec.shadow_name());
             let missing = name.clone();
@@ -447,6 +495,14 @@ impl Checkpoint {
             return Ok(None);
         }
         self.collect(specs, name).map(Some)
+    }
+
+    /// The shadows of EMA `k` (see [`ema_shadow_name`]) of `specs`, by parameter name.
+    pub fn ema_shadows_for(&self, k: usize, specs: &[TensorSpec]) -> Result<HostTensors> {
+        if k == 0 {
+            return self.shadows_for(specs);
+        }
+        self.collect(specs, |s| ema_shadow_name(&s.name, k))
     }
 
     /// The raw parameters of `specs` (plain names), for resuming training.

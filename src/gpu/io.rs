@@ -238,11 +238,19 @@ impl GpuEma {
         } else {
             None
         };
+        let extras = (1..self.ema_count())
+            .map(|k| checkpoint.ema_shadows_for(k, &self.specs()))
+            .collect::<Result<Vec<_>>>()?;
         for (spec, values) in shadows.iter() {
             self.write_shadow(&spec.name, values)?;
         }
         for (spec, values) in comps.iter().flat_map(|c| c.iter()) {
             self.write_compensation(&spec.name, values)?;
+        }
+        for (k, shadows) in extras.iter().enumerate() {
+            for (spec, values) in shadows.iter() {
+                self.write_ema_shadow(k + 1, &spec.name, values)?;
+            }
         }
         self.stepper.num_updates = n;
         Ok(())

@@ -23,6 +23,9 @@ pub struct Snapshot {
     specs: Vec<TensorSpec>,
     shadow_at: Vec<u64>,
     comp_at: Vec<Option<u64>>,
+    /// `extra_at[k - 1][i]`: tensor `i` of EMA `k`.
+    extra_at: Vec<Vec<u64>>,
+    extra_schedules: Vec<Schedule>,
     param_at: Vec<Option<u64>>,
     num_updates: u64,
     schedule: Schedule,
@@ -42,6 +45,15 @@ impl GpuEma {
         for t in &self.tensors {
             shadow_at.push(at);
             at += t.spec.numel() * 4;
+        }
+        let mut extra_at = Vec::new();
+        for _ in &self.extra {
+            let mut v = Vec::new();
+            for t in &self.tensors {
+                v.push(at);
+                at += t.spec.numel() * 4;
+            }
+            extra_at.push(v);
         }
         for t in &self.tensors {
             if self.is_compensated() {
@@ -91,7 +103,14 @@ impl GpuEma {
             let sources = [
                 (&self.shadow_buffers, Some(shadow_at[i])),
                 (&self.comp_buffers, comp_at[i]),
-            ];
+            ]
+            .into_iter()
+            .chain(
+                self.extra
+                    .iter()
+                    .zip(&extra_at)
+                    .map(|((_, b), at)| (b, Some(at[i]))),
+            );
             for (buffers, start) in sources {
                 let Some(mut dst) = start else { continue };
                 for p in &t.pieces {
@@ -125,6 +144,8 @@ impl GpuEma {
             specs: self.specs(),
             shadow_at,
             comp_at,
+            extra_at,
+            extra_schedules: self.extra.iter().map(|(s, _)| *s).collect(),
             param_at,
             num_updates: self.num_updates(),
             schedule: self.schedule(),
@@ -163,6 +184,24 @@ impl EmaState for Snapshot {
     }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
         self.read(self.shadow_at[i], self.specs[i].numel())
+    }
+    fn ema_count(&self) -> usize {
+        1 + self.extra_at.len()
+    }
+    fn ema_schedule(&self, k: usize) -> Option<Schedule> {
+        match k {
+            0 => Some(self.schedule),
+            _ => self.extra_schedules.get(k - 1).copied(),
+        }
+    }
+    fn read_ema_shadow(&self, k: usize, i: usize) -> Result<Vec<f32>> {
+        let at = self
+            .extra_at
+            .get(k.wrapping_sub(1))
+            .ok_or_else(|| Error::UnknownName {
+                name: format!("EMA number {k}"),
+            })?[i];
+        self.read(at, self.specs[i].numel())
     }
     fn compensated(&self) -> bool {
         self.comp_at.iter().any(Option::is_some)
