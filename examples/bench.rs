@@ -297,6 +297,35 @@ fn gpu_rows(
     }
     pb.finish_and_clear();
 
+    // Two EMAs of the same parameters: one pass (reads the params once: 20 bytes per
+    // element) against two separate passes (24 bytes).
+    for &n in sizes.iter().filter(|&&n| n == 1 << 22 || n == 1 << 24) {
+        let arena = ParamArena::new(&ctx.device, [TensorSpec::new("p", [n as usize])])?;
+        let mut both = GpuEma::builder(Schedule::constant(0.999))
+            .extra_ema(Schedule::constant(0.9999))
+            .track_arena(&arena)
+            .build(&ctx.device, &ctx.queue)?;
+        let mut one = GpuEma::builder(Schedule::constant(0.999))
+            .track_arena(&arena)
+            .build(&ctx.device, &ctx.queue)?;
+        let mut two = GpuEma::builder(Schedule::constant(0.9999))
+            .track_arena(&arena)
+            .build(&ctx.device, &ctx.queue)?;
+        let t1 = time(reps, Duration::from_millis(1500), || {
+            if let Ok(i) = both.update() {
+                gb.wait(i);
+            }
+        });
+        let t2 = time(reps, Duration::from_millis(1500), || {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let _ = one.record_update(&mut enc);
+            let _ = two.record_update(&mut enc);
+            gb.wait(ctx.queue.submit(Some(enc.finish())));
+        });
+        rows.push(row("gpu-2-emas-one-pass", n, t1, 20, bw_ref.max(1e-9)));
+        rows.push(row("gpu-2-emas-two-passes", n, t2, 24, bw_ref.max(1e-9)));
+    }
+
     // Model-shaped workloads: arena vs separate user buffers vs the naive way.
     let models: Vec<(&str, Vec<TensorSpec>)> = if quick {
         vec![("resnet50", resnet50())]
