@@ -324,6 +324,27 @@ fn gpu_rows(
         });
         rows.push(row("gpu-2-emas-one-pass", n, t1, 20, bw_ref.max(1e-9)));
         rows.push(row("gpu-2-emas-two-passes", n, t2, 24, bw_ref.max(1e-9)));
+        // bf16 parameters, f32 shadows: 2 + 8 = 10 bytes per element.
+        let params16 = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: n * 2,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let mut half = GpuEma::builder(Schedule::constant(0.999))
+            .track_buffer_as(
+                TensorSpec::new("p", [n as usize]),
+                &params16,
+                0,
+                wgpu_ema::ParamDtype::BF16,
+            )
+            .build(&ctx.device, &ctx.queue)?;
+        let t3 = time(reps, Duration::from_millis(1500), || {
+            if let Ok(i) = half.update() {
+                gb.wait(i);
+            }
+        });
+        rows.push(row("gpu-bf16-params", n, t3, 10, bw_ref.max(1e-9)));
     }
 
     // Model-shaped workloads: arena vs separate user buffers vs the naive way.

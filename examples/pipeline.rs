@@ -135,10 +135,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut enc = device.create_command_encoder(&Default::default());
     dispatch(&mut enc, &eval, &eval_bg);
     enc.copy_buffer_to_buffer(&loss, 0, &readback, 0, 4);
-    ema.record_swap(&mut enc);
+    ema.record_swap(&mut enc)?;
     dispatch(&mut enc, &eval, &eval_bg);
     enc.copy_buffer_to_buffer(&loss, 0, &readback, 4, 4);
-    ema.record_swap(&mut enc);
+    ema.record_swap(&mut enc)?;
     queue.submit(Some(enc.finish()));
     let (tx, rx) = std::sync::mpsc::channel();
     readback.map_async(wgpu::MapMode::Read, .., move |r| {

@@ -368,3 +368,82 @@ fn copy_multi_vec4(
         shadow_d4[i] = p;
     }
 }
+
+// f16 and bf16 parameters, f32 shadows (a 16-bit shadow stops moving once alpha * (p - s) is
+// below half its ulp). Parameters are read as u32 words, two per word, element j of the
+// binding in the low half of word j / 2 when j is even: f16 with `unpack2x16float` (core WGSL,
+// no SHADER_F16 needed), bf16 by shifting its bits into an f32. The tensor starts at a 4-byte
+// multiple, so its shift into the binding is even: shift = 2 * words - count rounded up to
+// even, where words = arrayLength(params_half).
+
+@group(0) @binding(0) var<storage, read> params_half: array<u32>;
+
+fn half_shift(count: u32) -> u32 {
+    return 2u * arrayLength(&params_half) - (count + (count & 1u));
+}
+
+fn load_f16(j: u32) -> f32 {
+    let v = unpack2x16float(params_half[j >> 1u]);
+    return select(v.x, v.y, (j & 1u) == 1u);
+}
+
+fn load_bf16(j: u32) -> f32 {
+    let w = params_half[j >> 1u];
+    return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (j & 1u) == 1u));
+}
+
+@compute @workgroup_size(256)
+fn update_f16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    shadow[i] = ema1(shadow[i], load_f16(half_shift(count) + i), step.alpha);
+}
+
+@compute @workgroup_size(256)
+fn update_bf16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    shadow[i] = ema1(shadow[i], load_bf16(half_shift(count) + i), step.alpha);
+}
+
+@compute @workgroup_size(256)
+fn copy_f16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    shadow[i] = load_f16(half_shift(count) + i);
+}
+
+@compute @workgroup_size(256)
+fn copy_bf16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let i = linear_index(wid, nwg, lid);
+    if i >= count {
+        return;
+    }
+    shadow[i] = load_bf16(half_shift(count) + i);
+}

@@ -84,7 +84,10 @@ pub enum Error {
     },
 
     /// A tensor's byte offset is not a multiple of 4.
-    #[error("tensor `{name}`: byte offset {offset} is not a multiple of 4 (f32 elements)")]
+    #[error(
+        "tensor `{name}`: byte offset {offset} is not a multiple of 4 \
+         (f32 elements; f16/bf16 tensors too, read as u32 words)"
+    )]
     Misaligned {
         /// The tensor.
         name: String,
@@ -134,6 +137,19 @@ pub enum Error {
         steps: usize,
         /// Slots in the ring.
         slots: usize,
+    },
+
+    /// An operation that does not support f16/bf16 parameters was asked of a tensor that has
+    /// them.
+    #[error(
+        "tensor `{name}` has f16/bf16 parameters, which {what} do not support; \
+         read the f32 shadows back and convert them on the host"
+    )]
+    HalfPrecision {
+        /// The tensor.
+        name: String,
+        /// The operation.
+        what: &'static str,
     },
 
     /// The parameters hold the EMA weights (after a swap): training steps, resets, copies and

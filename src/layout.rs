@@ -49,6 +49,10 @@ pub(crate) enum Kind {
     Vec4,
     /// One element per invocation.
     Scalar,
+    /// f16 parameters (two per u32 word), one element per invocation.
+    F16,
+    /// bf16 parameters (two per u32 word), one element per invocation.
+    BF16,
 }
 
 /// One bind group's worth of work.
@@ -70,7 +74,7 @@ impl SegmentPlan {
     pub fn groups(&self) -> (u32, u32) {
         let items = match self.kind {
             Kind::Vec4 => self.count / 4,
-            Kind::Scalar => self.count,
+            _ => self.count,
         };
         let groups = items.div_ceil(WORKGROUP).max(1);
         let x = groups.min(MAX_GROUPS_PER_DIM);
@@ -110,6 +114,39 @@ pub(crate) fn plan_run(
             kind,
             param_offset: bind,
             param_size: (shift + count) * 4,
+            shadow_offset: shadow_offset + done * 4,
+            count,
+        });
+        done += count;
+    }
+    out
+}
+
+/// Plans a run of `n` 16-bit parameters (f16 or bf16, `kind`) starting at byte
+/// `param_offset` (a multiple of 4, so that the shift into the binding is even) with f32
+/// shadows from byte `shadow_offset` (a multiple of `lim.align`). The parameter binding is
+/// rounded up to whole u32 words.
+pub(crate) fn plan_run_half(
+    param_offset: u64,
+    shadow_offset: u64,
+    n: u64,
+    kind: Kind,
+    lim: &PlanLimits,
+) -> Vec<SegmentPlan> {
+    debug_assert_eq!(param_offset % 4, 0);
+    let mut out = Vec::new();
+    let mut done = 0u64;
+    let step = lim.align / 4;
+    while done < n {
+        let p = param_offset + done * 2;
+        let bind = p / lim.align * lim.align;
+        let shift = (p - bind) / 2;
+        let fits = ((lim.max_binding / 2 - shift).min(lim.max_binding / 4) / step) * step;
+        let count = (n - done).min(fits);
+        out.push(SegmentPlan {
+            kind,
+            param_offset: bind,
+            param_size: ((shift + count) * 2).next_multiple_of(4),
             shadow_offset: shadow_offset + done * 4,
             count,
         });
@@ -203,6 +240,22 @@ mod tests {
         assert!(s.iter().all(|x| x.param_size <= LAVAPIPE.max_binding));
         assert_eq!(s.iter().map(|x| x.count).sum::<u64>(), n);
         assert!(s.iter().all(|x| (x.param_size / 4 - x.count) == 1));
+    }
+
+    #[test]
+    fn half_runs_have_even_shifts_and_whole_words() {
+        let s = plan_run_half(260, 0, 7, Kind::BF16, &LAVAPIPE);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].param_offset, 256);
+        // shift 2 halves + 7 halves = 9 halves -> 5 words.
+        assert_eq!(s[0].param_size, 20);
+        let big = plan_run_half(4, 0, (128u64 << 20) / 2, Kind::F16, &LAVAPIPE);
+        assert!(big.len() >= 2);
+        assert!(big
+            .iter()
+            .all(|x| x.param_size <= LAVAPIPE.max_binding && x.count * 4 <= LAVAPIPE.max_binding));
+        assert!(big.iter().all(|x| x.shadow_offset % 256 == 0));
+        assert_eq!(big.iter().map(|x| x.count).sum::<u64>(), (128u64 << 20) / 2);
     }
 
     #[test]

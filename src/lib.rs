@@ -56,7 +56,7 @@ pub use context::{wanted_features, GpuContext};
 pub use error::{Error, Result};
 pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, Snapshot, EMA_WGSL};
 pub use schedule::{Numerics, Schedule};
-pub use tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
+pub use tensors::{HostTensors, ParamDtype, TensorSpec, EMA_SUFFIX};
 
 // The README's examples compile as doc tests.
 #[doc = include_str!("../README.md")]

@@ -5,6 +5,29 @@ use crate::error::{Error, Result};
 /// The suffix TensorFlow gives a shadow's name: `weight` → `weight/ExponentialMovingAverage`.
 pub const EMA_SUFFIX: &str = "/ExponentialMovingAverage";
 
+/// The element type of parameters in a user buffer. Shadows are always f32: at decay 0.999
+/// alpha is below half an ulp of a bf16 value, and a bf16 shadow would never move.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ParamDtype {
+    /// 32-bit floats.
+    #[default]
+    F32,
+    /// IEEE half precision, read with WGSL's `unpack2x16float` (no `SHADER_F16` needed).
+    F16,
+    /// bfloat16 (the top 16 bits of an f32).
+    BF16,
+}
+
+impl ParamDtype {
+    /// Bytes per element.
+    pub fn size(self) -> u64 {
+        match self {
+            ParamDtype::F32 => 4,
+            ParamDtype::F16 | ParamDtype::BF16 => 2,
+        }
+    }
+}
+
 /// A tracked tensor: its name and shape. Elements are f32.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TensorSpec {

@@ -49,7 +49,7 @@ fn swap_twice_restores_both_bit_for_bit() {
     let user_before = read_buffer(ctx, &user, 8, n_user);
     let shadows_before = ema.read_shadows_blocking().unwrap();
 
-    ema.swap();
+    ema.swap().unwrap();
     assert!(ema.is_swapped());
     let params_swapped = arena.read_blocking(&ctx.device, &ctx.queue).unwrap();
     for s in &specs {
@@ -79,7 +79,7 @@ fn swap_twice_restores_both_bit_for_bit() {
     assert!(matches!(ema.rebind("user", &user, 8), Err(Error::Swapped)));
     assert_eq!(ema.num_updates(), 3, "a refused update does not count");
 
-    ema.swap();
+    ema.swap().unwrap();
     assert!(!ema.is_swapped());
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let params_after = arena.read_blocking(&ctx.device, &ctx.queue).unwrap();

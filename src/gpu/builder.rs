@@ -29,7 +29,7 @@ pub struct GpuEmaBuilder<'a> {
     ring_slots: usize,
     prefer_immediates: bool,
     arena: Option<&'a ParamArena>,
-    buffers: Vec<(TensorSpec, &'a wgpu::Buffer, u64)>,
+    buffers: Vec<(TensorSpec, &'a wgpu::Buffer, u64, ParamDtype)>,
 }
 
 impl<'a> GpuEmaBuilder<'a> {
@@ -117,7 +117,25 @@ impl<'a> GpuEmaBuilder<'a> {
         buffer: &'a wgpu::Buffer,
         byte_offset: u64,
     ) -> Self {
-        self.buffers.push((spec, buffer, byte_offset));
+        self.buffers
+            .push((spec, buffer, byte_offset, ParamDtype::F32));
+        self
+    }
+
+    /// Tracks a tensor of f16 or bf16 parameters (or f32: [`track_buffer`](Self::track_buffer))
+    /// in the caller's `buffer` from `byte_offset`, a multiple of 4 for every dtype (so that
+    /// the shader reads whole u32 words; the buffer must hold the word containing the last
+    /// element). Shadows are f32. Such tensors take plain updates and copies (no
+    /// compensation, no several EMAs in one pass); swaps and copies into the parameters are
+    /// refused with [`Error::HalfPrecision`].
+    pub fn track_buffer_as(
+        mut self,
+        spec: TensorSpec,
+        buffer: &'a wgpu::Buffer,
+        byte_offset: u64,
+        dtype: ParamDtype,
+    ) -> Self {
+        self.buffers.push((spec, buffer, byte_offset, dtype));
         self
     }
 
@@ -158,7 +176,7 @@ impl<'a> GpuEmaBuilder<'a> {
         let arena_specs = self.arena.map_or(&[][..], |a| a.specs());
         for name in arena_specs
             .iter()
-            .chain(self.buffers.iter().map(|(s, _, _)| s))
+            .chain(self.buffers.iter().map(|(s, _, _, _)| s))
             .map(|s| s.name.as_str())
         {
             if names.contains(&name) {
@@ -166,17 +184,25 @@ impl<'a> GpuEmaBuilder<'a> {
             }
             names.push(name);
         }
-        for (spec, buffer, offset) in &self.buffers {
-            validate_binding(spec, buffer, *offset)?;
+        for (spec, buffer, offset, dtype) in &self.buffers {
+            validate_binding(spec, buffer, *offset, *dtype)?;
+            if *dtype != ParamDtype::F32 && (emas > 1 || self.compensated) {
+                return Err(Error::HalfPrecision {
+                    name: spec.name.clone(),
+                    what: "several EMAs in one pass or compensated shadows",
+                });
+            }
         }
 
         // Shadow placement: the arena's shadows mirror it in one buffer (index 0); each user
         // tensor gets a body and a tail region, packed into further buffers.
         let mut regions = Vec::new();
-        for (spec, _, _) in &self.buffers {
+        for (spec, _, _, dtype) in &self.buffers {
             let n = spec.numel();
-            regions.push((n - n % 4) * 4);
-            regions.push((n % 4) * 4);
+            // 16-bit parameters run the scalar kernels: one region, no tail.
+            let tail = if *dtype == ParamDtype::F32 { n % 4 } else { 0 };
+            regions.push((n - tail) * 4);
+            regions.push(tail * 4);
         }
         let (places, sizes) =
             layout::pack(&regions, lim.align, lim.max_buffer).map_err(|i| Error::TooLarge {
@@ -297,8 +323,9 @@ impl<'a> GpuEmaBuilder<'a> {
             }
             ema.arena = Some(a.clone());
         }
-        for (i, (spec, buffer, offset)) in self.buffers.into_iter().enumerate() {
+        for (i, (spec, buffer, offset, dtype)) in self.buffers.into_iter().enumerate() {
             let n = spec.numel();
+            let tail = if dtype == ParamDtype::F32 { n % 4 } else { 0 };
             let piece = |k: usize, len: u64| {
                 let (b, off) = places[2 * i + k];
                 Piece {
@@ -307,16 +334,17 @@ impl<'a> GpuEmaBuilder<'a> {
                     len,
                 }
             };
-            let pieces: Vec<Piece> = [piece(0, n - n % 4), piece(1, n % 4)]
+            let pieces: Vec<Piece> = [piece(0, n - tail), piece(1, tail)]
                 .into_iter()
                 .filter(|p| p.len > 0)
                 .collect();
-            let segments = ema.tensor_segments(&pieces, buffer, offset, false);
+            let segments = ema.tensor_segments(&pieces, buffer, offset, dtype, false);
             ema.tensors.push(Tracked {
                 spec,
                 source: Source::Buffer {
                     buffer: buffer.clone(),
                     offset,
+                    dtype,
                     segments,
                     cache: Vec::new(),
                 },
@@ -337,6 +365,7 @@ pub(super) fn validate_binding(
     spec: &TensorSpec,
     buffer: &wgpu::Buffer,
     offset: u64,
+    dtype: ParamDtype,
 ) -> Result<()> {
     let usage = buffer.usage();
     if !usage.contains(wgpu::BufferUsages::STORAGE) {
@@ -352,9 +381,11 @@ pub(super) fn validate_binding(
             offset,
         });
     }
+    // 16-bit parameters are read as whole u32 words: the last word must be in the buffer.
     let end = spec
         .numel()
-        .checked_mul(4)
+        .checked_mul(dtype.size())
+        .map(|b| b.next_multiple_of(4))
         .and_then(|b| b.checked_add(offset))
         .unwrap_or(u64::MAX);
     if end > buffer.size() {

@@ -7,21 +7,29 @@ impl GpuEma {
     /// evaluate with the EMA weights, then call it again to get the raw weights (and the
     /// shadows) back **bit for bit** (bits are moved, not added and subtracted as Keras'
     /// `SwapEMAWeights` does). While swapped, updates are refused with [`Error::Swapped`]: a
-    /// training step would average the shadows into themselves.
-    pub fn record_swap(&mut self, encoder: &mut wgpu::CommandEncoder) {
+    /// training step would average the shadows into themselves. Tensors with f16/bf16
+    /// parameters cannot be swapped ([`Error::HalfPrecision`]: an f32 shadow does not fit).
+    pub fn record_swap(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
+        if let Some(name) = self.half_tensor() {
+            return Err(Error::HalfPrecision {
+                name: name.to_string(),
+                what: "swaps",
+            });
+        }
         self.record_pass(encoder, Op::Swap, [1.0; MAX_EMAS]);
         self.swapped = !self.swapped;
+        Ok(())
     }
 
     /// [`record_swap`](Self::record_swap), submitted on the queue.
-    pub fn swap(&mut self) -> wgpu::SubmissionIndex {
+    pub fn swap(&mut self) -> Result<wgpu::SubmissionIndex> {
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("wgpu-ema swap"),
             });
-        self.record_swap(&mut encoder);
-        self.queue.submit(Some(encoder.finish()))
+        self.record_swap(&mut encoder)?;
+        Ok(self.queue.submit(Some(encoder.finish())))
     }
 
     /// True between two swaps: the parameters hold the EMA weights.
@@ -35,6 +43,12 @@ impl GpuEma {
     pub fn record_copy_to_params(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
         if self.swapped {
             return Err(Error::Swapped);
+        }
+        if let Some(name) = self.half_tensor() {
+            return Err(Error::HalfPrecision {
+                name: name.to_string(),
+                what: "copies into the parameters",
+            });
         }
         self.record_pass(encoder, Op::ToParams, [1.0; MAX_EMAS]);
         Ok(())

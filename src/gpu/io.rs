@@ -15,11 +15,11 @@ impl GpuEma {
             return Err(Error::Swapped);
         }
         let i = self.index(name)?;
-        builder::validate_binding(&self.tensors[i].spec, buffer, byte_offset)?;
         let t = &self.tensors[i];
         let Source::Buffer {
             buffer: cur_buf,
             offset: cur_off,
+            dtype,
             cache,
             ..
         } = &t.source
@@ -28,6 +28,8 @@ impl GpuEma {
                 name: name.to_string(),
             });
         };
+        let dtype = *dtype;
+        builder::validate_binding(&t.spec, buffer, byte_offset, dtype)?;
         if cur_buf == buffer && *cur_off == byte_offset {
             return Ok(());
         }
@@ -35,30 +37,29 @@ impl GpuEma {
             .iter()
             .position(|(b, o, _)| b == buffer && *o == byte_offset);
         let new_segments = match hit {
-            Some(_) => None,
-            None => Some(self.tensor_segments(&t.pieces, buffer, byte_offset, false)),
+            Some(_) => Vec::new(),
+            None => self.tensor_segments(&t.pieces, buffer, byte_offset, dtype, false),
         };
-        let Source::Buffer {
+        if let Source::Buffer {
             buffer: cur_buf,
             offset: cur_off,
             segments,
             cache,
+            ..
         } = &mut self.tensors[i].source
-        else {
-            unreachable!("checked above");
-        };
-        let incoming = match (hit, new_segments) {
-            (Some(h), _) => cache.remove(h).2,
-            (None, Some(s)) => s,
-            (None, None) => Vec::new(),
-        };
-        let old = std::mem::replace(segments, incoming);
-        let old_buf = std::mem::replace(cur_buf, buffer.clone());
-        cache.push((old_buf, *cur_off, old));
-        if cache.len() > REBIND_CACHE {
-            cache.remove(0);
+        {
+            let incoming = match hit {
+                Some(h) => cache.remove(h).2,
+                None => new_segments,
+            };
+            let old = std::mem::replace(segments, incoming);
+            let old_buf = std::mem::replace(cur_buf, buffer.clone());
+            cache.push((old_buf, *cur_off, old));
+            if cache.len() > REBIND_CACHE {
+                cache.remove(0);
+            }
+            *cur_off = byte_offset;
         }
-        *cur_off = byte_offset;
         self.rw_segments = None;
         Ok(())
     }
@@ -269,6 +270,14 @@ impl GpuEma {
                     expected: t.spec.numel(),
                     got: values.len() as u64,
                 });
+            }
+            if let Source::Buffer { dtype, .. } = &t.source {
+                if *dtype != ParamDtype::F32 {
+                    return Err(Error::HalfPrecision {
+                        name: spec.name.clone(),
+                        what: "write_params",
+                    });
+                }
             }
             let (buffer, offset) = match &t.source {
                 Source::Arena => {

@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::layout::{self, Kind, Piece, PlanLimits, SegmentPlan};
 use crate::readback;
 use crate::schedule::{Action, Numerics, Policy, Schedule};
-use crate::tensors::{HostTensors, TensorSpec};
+use crate::tensors::{HostTensors, ParamDtype, TensorSpec};
 use pipelines::{Op, Pipelines, MAX_EMAS, STEP_BYTES};
 
 /// How many (buffer, offset) bindings per tensor [`GpuEma::rebind`] keeps bind groups for.
@@ -46,6 +46,7 @@ enum Source {
     Buffer {
         buffer: wgpu::Buffer,
         offset: u64,
+        dtype: ParamDtype,
         segments: Vec<Segment>,
         /// Segments for bindings seen before, most recent last.
         cache: Vec<(wgpu::Buffer, u64, Vec<Segment>)>,
@@ -207,17 +208,35 @@ impl GpuEma {
         pieces: &[Piece],
         params: &wgpu::Buffer,
         offset: u64,
+        dtype: ParamDtype,
         rw: bool,
     ) -> Vec<Segment> {
         let mut out = Vec::new();
         let mut done = 0;
         for piece in pieces {
-            let plans =
-                layout::plan_run(offset + done * 4, piece.offset, piece.len, true, &self.lim);
+            let at = offset + done * dtype.size();
+            let plans = match dtype {
+                ParamDtype::F32 => layout::plan_run(at, piece.offset, piece.len, true, &self.lim),
+                ParamDtype::F16 => {
+                    layout::plan_run_half(at, piece.offset, piece.len, Kind::F16, &self.lim)
+                }
+                ParamDtype::BF16 => {
+                    layout::plan_run_half(at, piece.offset, piece.len, Kind::BF16, &self.lim)
+                }
+            };
             out.extend(self.make_segments(params, piece.buffer, &plans, rw));
             done += piece.len;
         }
         out
+    }
+
+    /// The first tracked tensor with 16-bit parameters, which swaps and copies into the
+    /// parameters do not support.
+    fn half_tensor(&self) -> Option<&str> {
+        self.tensors.iter().find_map(|t| match &t.source {
+            Source::Buffer { dtype, .. } if *dtype != ParamDtype::F32 => Some(t.spec.name.as_str()),
+            _ => None,
+        })
     }
 
     /// Makes the segments with the parameters bound read-write, on the first swap or copy
@@ -232,8 +251,14 @@ impl GpuEma {
             all.extend(self.make_segments(a.buffer(), 0, &plans, true));
         }
         for t in &self.tensors {
-            if let Source::Buffer { buffer, offset, .. } = &t.source {
-                all.extend(self.tensor_segments(&t.pieces, buffer, *offset, true));
+            if let Source::Buffer {
+                buffer,
+                offset,
+                dtype: ParamDtype::F32,
+                ..
+            } = &t.source
+            {
+                all.extend(self.tensor_segments(&t.pieces, buffer, *offset, ParamDtype::F32, true));
             }
         }
         self.rw_segments = Some(all);
@@ -278,7 +303,7 @@ impl GpuEma {
             }),
             timestamp_writes: None,
         });
-        for kind in [Kind::Vec4, Kind::Scalar] {
+        for kind in [Kind::Vec4, Kind::Scalar, Kind::F16, Kind::BF16] {
             let segs: Box<dyn Iterator<Item = &Segment>> = if op.writes_params() {
                 Box::new(self.rw_segments.iter().flatten())
             } else {

@@ -53,6 +53,9 @@ pub(crate) struct Pipelines {
     init: [wgpu::ComputePipeline; 2],
     swap: [wgpu::ComputePipeline; 2],
     to_params: [wgpu::ComputePipeline; 2],
+    /// f16 then bf16 parameters (plain updates and copies only).
+    update_half: [wgpu::ComputePipeline; 2],
+    init_half: [wgpu::ComputePipeline; 2],
 }
 
 fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
@@ -174,6 +177,8 @@ impl Pipelines {
             } else {
                 [make("copy_vec4"), make("copy_scalar")]
             },
+            update_half: [make("update_f16"), make("update_bf16")],
+            init_half: [make("copy_f16"), make("copy_bf16")],
             swap: [make_rw("swap_vec4"), make_rw("swap_scalar")],
             to_params: [make_rw("to_params_vec4"), make_rw("to_params_scalar")],
             segment_layout,
@@ -186,6 +191,14 @@ impl Pipelines {
         let i = match kind {
             Kind::Vec4 => 0,
             Kind::Scalar => 1,
+            Kind::F16 | Kind::BF16 => {
+                let h = usize::from(kind == Kind::BF16);
+                // Swaps and copies into the parameters refuse 16-bit tensors before recording.
+                return match op {
+                    Op::Update => &self.update_half[h],
+                    _ => &self.init_half[h],
+                };
+            }
         };
         match op {
             Op::Update => &self.update[i],

@@ -38,6 +38,12 @@ impl GpuEma {
     /// one submit. Parameters in user buffers need `BufferUsages::COPY_SRC` for that
     /// ([`Error::MissingUsage`] otherwise; the arena has it).
     pub fn snapshot(&self, with_params: bool) -> Result<Snapshot> {
+        if let (true, Some(name)) = (with_params, self.half_tensor()) {
+            return Err(Error::HalfPrecision {
+                name: name.to_string(),
+                what: "snapshots with parameters (take it without, and pass the parameters)",
+            });
+        }
         let mut at = 0u64;
         let mut shadow_at = Vec::new();
         let mut param_at = Vec::new();

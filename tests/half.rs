@@ -1,0 +1,156 @@
+//! f16 and bf16 parameters with f32 shadows, on every adapter (no SHADER_F16 needed), against
+//! the f64 reference fed the same decoded values.
+
+mod common;
+
+use common::{assert_close, gpu};
+use half::{bf16, f16};
+use wgpu_ema::cpu::ReferenceEma;
+use wgpu_ema::{wgpu, Error, GpuContext, GpuEma, Numerics, ParamDtype, Schedule, TensorSpec};
+
+/// Seeded values as 16-bit bit patterns, and the f32 values they decode to.
+fn halves(dtype: ParamDtype, seed: u64, n: usize) -> (Vec<u16>, Vec<f32>) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let f: Vec<f32> = (0..n).map(|_| rng.f32() * 4.0 - 2.0).collect();
+    match dtype {
+        ParamDtype::F16 => f
+            .iter()
+            .map(|&x| (f16::from_f32(x).to_bits(), f16::from_f32(x).to_f32()))
+            .unzip(),
+        ParamDtype::BF16 => f
+            .iter()
+            .map(|&x| (bf16::from_f32(x).to_bits(), bf16::from_f32(x).to_f32()))
+            .unzip(),
+        ParamDtype::F32 => unreachable!("16-bit dtypes only"),
+    }
+}
+
+/// A buffer with 0xFFFF (NaN in both formats) around the tensor at `offset`.
+fn half_buffer(ctx: &GpuContext, bits: &[u16], offset: u64) -> wgpu::Buffer {
+    let before = (offset / 2) as usize;
+    let mut all = vec![0xFFFFu16; before];
+    all.extend_from_slice(bits);
+    all.extend([0xFFFF; 6]);
+    if all.len() % 2 == 1 {
+        all.push(0xFFFF);
+    }
+    let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("half params"),
+        size: (all.len() * 2) as u64,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&all));
+    buf
+}
+
+#[test]
+fn f16_and_bf16_params_match_the_reference() {
+    let Some(ctx) = gpu() else { return };
+    let schedule = Schedule::tf(0.99);
+    for dtype in [ParamDtype::F16, ParamDtype::BF16] {
+        for n in [1usize, 2, 3, 4, 257, 1025] {
+            for offset in [0u64, 4, 260] {
+                let (bits0, p0) = halves(dtype, n as u64, n);
+                let buf = half_buffer(ctx, &bits0, offset);
+                let mut ema = GpuEma::builder(schedule)
+                    .track_buffer_as(TensorSpec::new("h", [n]), &buf, offset, dtype)
+                    .build(&ctx.device, &ctx.queue)
+                    .unwrap();
+                assert_eq!(
+                    ema.read_shadow_blocking("h").unwrap(),
+                    p0,
+                    "{dtype:?} n={n}: shadows start at the decoded params"
+                );
+                let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &[&p0]).unwrap();
+                for step in 1..=5u64 {
+                    let (mut bits, p) = halves(dtype, 100 * step + n as u64, n);
+                    if n % 2 == 1 {
+                        bits.push(0xFFFF); // writes are whole words; keep the NaN neighbour
+                    }
+                    ctx.queue
+                        .write_buffer(&buf, offset, bytemuck::cast_slice(&bits));
+                    ema.update().unwrap();
+                    reference.update(&[&p]).unwrap();
+                }
+                let what = format!("{dtype:?} n={n} offset={offset}");
+                assert_close(
+                    &what,
+                    &ema.read_shadow_blocking("h").unwrap(),
+                    &reference.shadows()[0],
+                    20.0 * f32::EPSILON as f64,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_f32_shadow_of_bf16_params_moves_where_a_bf16_shadow_would_not() {
+    let Some(ctx) = gpu() else { return };
+    let one = bf16::from_f32(1.0).to_bits();
+    let buf = half_buffer(ctx, &[one; 4], 0);
+    let mut ema = GpuEma::builder(Schedule::constant(0.999))
+        .track_buffer_as(TensorSpec::new("b", [4]), &buf, 0, ParamDtype::BF16)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    let target = bf16::from_f32(1.5);
+    ctx.queue
+        .write_buffer(&buf, 0, bytemuck::cast_slice(&[target.to_bits(); 4]));
+    ema.update().unwrap();
+    let s = ema.read_shadow_blocking("b").unwrap()[0];
+    assert!((s - 1.0005).abs() < 1e-6, "f32 shadow {s}");
+    // The same update on a bf16 shadow rounds back to 1.0: alpha * (p - s) = 5e-4 is below
+    // half of bf16's ulp at 1.0 (2^-8).
+    let bf16_shadow = bf16::from_f32(1.0 + 0.001 * (1.5 - 1.0));
+    assert_eq!(bf16_shadow.to_f32(), 1.0);
+}
+
+#[test]
+fn half_tensors_refuse_what_they_do_not_support() {
+    let Some(ctx) = gpu() else { return };
+    let (bits, _) = halves(ParamDtype::F16, 1, 6);
+    let buf = half_buffer(ctx, &bits, 0);
+    let e = GpuEma::builder(Schedule::constant(0.9))
+        .track_buffer_as(TensorSpec::new("h", [6]), &buf, 2, ParamDtype::F16)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap_err();
+    assert!(matches!(e, Error::Misaligned { .. }), "{e}");
+    let e = GpuEma::builder(Schedule::constant(0.9))
+        .compensated(true)
+        .track_buffer_as(TensorSpec::new("h", [6]), &buf, 0, ParamDtype::F16)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap_err();
+    assert!(matches!(e, Error::HalfPrecision { .. }), "{e}");
+    let e = GpuEma::builder(Schedule::constant(0.9))
+        .track_buffer_as(
+            TensorSpec::new("h", [6]),
+            &buf,
+            buf.size() - 8,
+            ParamDtype::F16,
+        )
+        .build(&ctx.device, &ctx.queue)
+        .unwrap_err();
+    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
+    let mut ema = GpuEma::builder(Schedule::constant(0.9))
+        .track_buffer_as(TensorSpec::new("h", [6]), &buf, 0, ParamDtype::F16)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    assert!(matches!(ema.swap(), Err(Error::HalfPrecision { .. })));
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    assert!(matches!(
+        ema.record_copy_to_params(&mut enc),
+        Err(Error::HalfPrecision { .. })
+    ));
+    assert!(matches!(
+        ema.snapshot(true),
+        Err(Error::HalfPrecision { .. })
+    ));
+    assert!(ema.snapshot(false).is_ok());
+    // Rebinding keeps the dtype and its checks.
+    assert!(matches!(
+        ema.rebind("h", &buf, 6),
+        Err(Error::Misaligned { .. })
+    ));
+    ema.rebind("h", &buf, 4).unwrap();
+}
