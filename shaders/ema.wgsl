@@ -447,3 +447,98 @@ fn copy_bf16(
     }
     shadow[i] = load_bf16(half_shift(count) + i);
 }
+
+// Copying f32 shadows into 16-bit parameters, rounding to nearest, ties to even (WGSL leaves
+// the rounding of its own conversions to the implementation, so it is done by hand). One
+// invocation per u32 word: both halves are written together, and a half that belongs to
+// another tensor (at the end of the range) is kept.
+
+@group(0) @binding(0) var<storage, read_write> params_half_rw: array<u32>;
+
+fn f32_to_bf16_rne(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    if (b & 0x7fffffffu) > 0x7f800000u {
+        return ((b >> 16u) | 0x40u) & 0xffffu; // NaN stays NaN (quiet)
+    }
+    return ((b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u) & 0xffffu;
+}
+
+fn f32_to_f16_rne(x: f32) -> u32 {
+    let b = bitcast<u32>(x);
+    let sign = (b >> 16u) & 0x8000u;
+    let exp = (b >> 23u) & 0xffu;
+    let man = b & 0x7fffffu;
+    if exp == 0xffu {
+        return sign | 0x7c00u | select(0u, 0x200u | (man >> 13u), man != 0u);
+    }
+    let e = i32(exp) - 112; // rebias: -127 + 15
+    if e >= 31 {
+        return sign | 0x7c00u; // overflow: infinity
+    }
+    if e <= 0 {
+        // Subnormal (or zero) in f16: h units of 2^-24.
+        if e < -10 {
+            return sign;
+        }
+        let m = man | 0x800000u;
+        let shift = u32(14 - e);
+        var h = m >> shift;
+        let rem = m & ((1u << shift) - 1u);
+        let halfway = 1u << (shift - 1u);
+        if rem > halfway || (rem == halfway && (h & 1u) == 1u) {
+            h += 1u;
+        }
+        return sign | h;
+    }
+    var h = (u32(e) << 10u) | (man >> 13u);
+    let rem = man & 0x1fffu;
+    if rem > 0x1000u || (rem == 0x1000u && (h & 1u) == 1u) {
+        h += 1u; // may carry into the exponent, up to infinity: still correct
+    }
+    return sign | h;
+}
+
+fn to_params_word(w: u32, count: u32, bf16: bool) {
+    let words = (count + 1u) / 2u;
+    let base = arrayLength(&params_half_rw) - words;
+    let i = 2u * w;
+    let old = params_half_rw[base + w];
+    var lo = f32_to_f16_rne(shadow[i]);
+    if bf16 {
+        lo = f32_to_bf16_rne(shadow[i]);
+    }
+    var hi = old >> 16u;
+    if i + 1u < count {
+        hi = f32_to_f16_rne(shadow[i + 1u]);
+        if bf16 {
+            hi = f32_to_bf16_rne(shadow[i + 1u]);
+        }
+    }
+    params_half_rw[base + w] = lo | (hi << 16u);
+}
+
+@compute @workgroup_size(256)
+fn to_params_f16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let w = linear_index(wid, nwg, lid);
+    if w < (count + 1u) / 2u {
+        to_params_word(w, count, false);
+    }
+}
+
+@compute @workgroup_size(256)
+fn to_params_bf16(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let count = arrayLength(&shadow);
+    let w = linear_index(wid, nwg, lid);
+    if w < (count + 1u) / 2u {
+        to_params_word(w, count, true);
+    }
+}

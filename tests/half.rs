@@ -37,7 +37,9 @@ fn half_buffer(ctx: &GpuContext, bits: &[u16], offset: u64) -> wgpu::Buffer {
     let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("half params"),
         size: (all.len() * 2) as u64,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
         mapped_at_creation: false,
     });
     ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&all));
@@ -137,11 +139,6 @@ fn half_tensors_refuse_what_they_do_not_support() {
         .build(&ctx.device, &ctx.queue)
         .unwrap();
     assert!(matches!(ema.swap(), Err(Error::HalfPrecision { .. })));
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
-    assert!(matches!(
-        ema.record_copy_to_params(&mut enc),
-        Err(Error::HalfPrecision { .. })
-    ));
     assert!(matches!(
         ema.snapshot(true),
         Err(Error::HalfPrecision { .. })
@@ -153,4 +150,97 @@ fn half_tensors_refuse_what_they_do_not_support() {
         Err(Error::Misaligned { .. })
     ));
     ema.rebind("h", &buf, 4).unwrap();
+}
+
+/// Values that exercise rounding: ties, subnormals, overflow, infinities, signed zero.
+fn edge_values(dtype: ParamDtype) -> Vec<f32> {
+    let mut v = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -2.5,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-30,
+        -3e38,
+        0.1,
+        1.0 / 3.0,
+    ];
+    match dtype {
+        ParamDtype::F16 => v.extend([
+            1.0 + 2f32.powi(-11),       // tie between 1 and the next f16: to even (1)
+            1.0 + 3.0 * 2f32.powi(-11), // tie: to even (1 + 2^-9)
+            65504.0,                    // the largest f16
+            65519.0,                    // just below the overflow tie
+            65520.0,                    // the tie: to infinity
+            2f32.powi(-24),
+            2f32.powi(-25),
+            3.0 * 2f32.powi(-26),
+            1.5 * 2f32.powi(-24),
+            6.1e-5,
+            5.9e-8,
+        ]),
+        _ => v.extend([
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+            3.3895314e38,
+            1e-39,
+        ]),
+    }
+    let mut rng = fastrand::Rng::with_seed(9);
+    v.extend((0..1000).map(|_| (rng.f32() - 0.5) * 2f32.powi(rng.i32(-30..20))));
+    v
+}
+
+#[test]
+fn copying_shadows_into_half_params_rounds_to_nearest_even() {
+    let Some(ctx) = gpu() else { return };
+    for dtype in [ParamDtype::F16, ParamDtype::BF16] {
+        let values = edge_values(dtype);
+        let n = values.len() + 1; // odd: the last word's high half belongs to someone else
+        for offset in [0u64, 260] {
+            let buf = half_buffer(ctx, &vec![0u16; n], offset);
+            let mut ema = GpuEma::builder(Schedule::constant(0.5))
+                .track_buffer_as(TensorSpec::new("h", [n]), &buf, offset, dtype)
+                .build(&ctx.device, &ctx.queue)
+                .unwrap();
+            let mut shadow = values.clone();
+            shadow.push(f32::NAN);
+            ema.write_shadow("h", &shadow).unwrap();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            ema.record_copy_to_params(&mut enc).unwrap();
+            ctx.queue.submit(Some(enc.finish()));
+            let words = common::read_words(ctx, &buf);
+            let halves: Vec<u16> = words
+                .iter()
+                .flat_map(|w| [*w as u16, (*w >> 16) as u16])
+                .collect();
+            let start = (offset / 2) as usize;
+            assert!(
+                halves[..start].iter().all(|&h| h == 0xFFFF),
+                "{dtype:?}: bytes before the tensor kept"
+            );
+            assert_eq!(
+                halves[start + n],
+                0xFFFF,
+                "{dtype:?}: the neighbour in the last word is kept"
+            );
+            for (i, &x) in shadow.iter().enumerate() {
+                let got = halves[start + i];
+                if x.is_nan() {
+                    let nan = match dtype {
+                        ParamDtype::F16 => f16::from_bits(got).is_nan(),
+                        _ => bf16::from_bits(got).is_nan(),
+                    };
+                    assert!(nan, "{dtype:?}: NaN stays NaN, got {got:#06x}");
+                    continue;
+                }
+                let want = match dtype {
+                    ParamDtype::F16 => f16::from_f32(x).to_bits(),
+                    _ => bf16::from_f32(x).to_bits(),
+                };
+                assert_eq!(got, want, "{dtype:?} element {i}: {x:e} -> {got:#06x}, round-to-nearest-even gives {want:#06x}");
+            }
+        }
+    }
 }

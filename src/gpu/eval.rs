@@ -39,16 +39,12 @@ impl GpuEma {
 
     /// Records `param = shadow` for every tensor (TensorFlow's `variables_to_restore` on the
     /// GPU, diffusers' `copy_to`): the raw parameters are overwritten; keep them with
-    /// [`record_swap`](Self::record_swap) instead if training goes on.
+    /// [`record_swap`](Self::record_swap) instead if training goes on. Into f16/bf16
+    /// parameters the f32 shadows are rounded to nearest, ties to even (done by hand in the
+    /// shader: WGSL leaves its own conversions' rounding to the implementation).
     pub fn record_copy_to_params(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
         if self.swapped {
             return Err(Error::Swapped);
-        }
-        if let Some(name) = self.half_tensor() {
-            return Err(Error::HalfPrecision {
-                name: name.to_string(),
-                what: "copies into the parameters",
-            });
         }
         self.record_pass(encoder, Op::ToParams, [1.0; MAX_EMAS]);
         Ok(())

@@ -254,11 +254,11 @@ impl GpuEma {
             if let Source::Buffer {
                 buffer,
                 offset,
-                dtype: ParamDtype::F32,
+                dtype,
                 ..
             } = &t.source
             {
-                all.extend(self.tensor_segments(&t.pieces, buffer, *offset, ParamDtype::F32, true));
+                all.extend(self.tensor_segments(&t.pieces, buffer, *offset, *dtype, true));
             }
         }
         self.rw_segments = Some(all);

@@ -56,6 +56,7 @@ pub(crate) struct Pipelines {
     /// f16 then bf16 parameters (plain updates and copies only).
     update_half: [wgpu::ComputePipeline; 2],
     init_half: [wgpu::ComputePipeline; 2],
+    to_params_half: [wgpu::ComputePipeline; 2],
 }
 
 fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
@@ -179,6 +180,7 @@ impl Pipelines {
             },
             update_half: [make("update_f16"), make("update_bf16")],
             init_half: [make("copy_f16"), make("copy_bf16")],
+            to_params_half: [make_rw("to_params_f16"), make_rw("to_params_bf16")],
             swap: [make_rw("swap_vec4"), make_rw("swap_scalar")],
             to_params: [make_rw("to_params_vec4"), make_rw("to_params_scalar")],
             segment_layout,
@@ -193,10 +195,11 @@ impl Pipelines {
             Kind::Scalar => 1,
             Kind::F16 | Kind::BF16 => {
                 let h = usize::from(kind == Kind::BF16);
-                // Swaps and copies into the parameters refuse 16-bit tensors before recording.
+                // Swaps refuse 16-bit tensors before recording anything.
                 return match op {
                     Op::Update => &self.update_half[h],
-                    _ => &self.init_half[h],
+                    Op::ToParams => &self.to_params_half[h],
+                    Op::Init | Op::Swap => &self.init_half[h],
                 };
             }
         };

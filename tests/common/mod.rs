@@ -90,3 +90,23 @@ pub fn ulps(a: f32, b: f32) -> u64 {
     };
     (key(a) - key(b)).unsigned_abs()
 }
+
+/// Reads a whole buffer (it needs COPY_SRC) back as u32 words.
+pub fn read_words(ctx: &GpuContext, buf: &wgpu::Buffer) -> Vec<u32> {
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test readback"),
+        size: buf.size(),
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, buf.size());
+    ctx.queue.submit(Some(enc.finish()));
+    staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map"));
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .expect("poll");
+    let words = bytemuck::pod_collect_to_vec(&staging.get_mapped_range(..).expect("mapped"));
+    staging.unmap();
+    words
+}
