@@ -391,55 +391,76 @@ fn gpu_rows(
             ));
             continue;
         }
-        let pipe = gb.pipeline("naive_ema");
-        let shadows: Vec<wgpu::Buffer> =
-            specs.iter().map(|s| gb.storage(s.numel(), false)).collect();
-        let uniforms: Vec<wgpu::Buffer> = specs.iter().map(|_| gb.uniform(1e-3)).collect();
-        let groups: Vec<wgpu::BindGroup> = (0..specs.len())
-            .map(|i| {
-                ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: None,
-                    layout: &pipe.get_bind_group_layout(0),
-                    entries: &[
-                        wgpu::BindGroupEntry {
-                            binding: 0,
-                            resource: shadows[i].as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 1,
-                            resource: params[i].as_entire_binding(),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 2,
-                            resource: uniforms[i].as_entire_binding(),
-                        },
-                    ],
-                })
-            })
-            .collect();
-        let naive_record = |enc: &mut wgpu::CommandEncoder| {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipe);
-            for (i, s) in specs.iter().enumerate() {
-                ctx.queue.write_buffer(
-                    &uniforms[i],
-                    0,
-                    bytemuck::cast_slice(&[1e-3f32, 0.0, 0.0, 0.0]),
-                );
-                pass.set_bind_group(0, &groups[i], &[]);
-                let (x, y) = GpuBench::groups(s.numel());
-                pass.dispatch_workgroups(x, y, 1);
-            }
-        };
+        let naive = Naive::new(gb, &specs, &params);
         let t = time(reps, Duration::from_secs(3), || {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
-            naive_record(&mut enc);
+            naive.record(ctx, &mut enc);
             gb.wait(ctx.queue.submit(Some(enc.finish())));
         });
         rows.push(row(&format!("gpu-{model}-naive"), total, t, 12, bw));
     }
     host_costs(gb, notes)?;
     Ok(bw_ref)
+}
+
+/// What a user writes without the crate: per tensor, its own shadow buffer, a uniform holding
+/// alpha rewritten every step, and one scalar dispatch.
+struct Naive {
+    pipe: wgpu::ComputePipeline,
+    uniforms: Vec<wgpu::Buffer>,
+    groups: Vec<wgpu::BindGroup>,
+    counts: Vec<u64>,
+}
+
+impl Naive {
+    fn new(gb: &GpuBench<'_>, specs: &[TensorSpec], params: &[wgpu::Buffer]) -> Self {
+        let pipe = gb.pipeline("naive_ema");
+        let uniforms: Vec<wgpu::Buffer> = specs.iter().map(|_| gb.uniform(1e-3)).collect();
+        let groups = specs
+            .iter()
+            .zip(params)
+            .zip(&uniforms)
+            .map(|((s, p), u)| {
+                let shadow = gb.storage(s.numel(), false);
+                gb.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipe.get_bind_group_layout(0),
+                    entries: &[
+                        wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: shadow.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 1,
+                            resource: p.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 2,
+                            resource: u.as_entire_binding(),
+                        },
+                    ],
+                })
+            })
+            .collect();
+        Self {
+            pipe,
+            uniforms,
+            groups,
+            counts: specs.iter().map(TensorSpec::numel).collect(),
+        }
+    }
+
+    fn record(&self, ctx: &GpuContext, enc: &mut wgpu::CommandEncoder) {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&self.pipe);
+        for ((u, g), &n) in self.uniforms.iter().zip(&self.groups).zip(&self.counts) {
+            ctx.queue
+                .write_buffer(u, 0, bytemuck::cast_slice(&[1e-3f32, 0.0, 0.0, 0.0]));
+            pass.set_bind_group(0, g, &[]);
+            let (x, y) = GpuBench::groups(n);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+    }
 }
 
 /// Host cost of one step, record + submit without waiting, for 161 tensors: an arena, 161
@@ -462,47 +483,10 @@ fn host_costs(gb: &GpuBench<'_>, notes: &mut Vec<String>) -> Result<(), Error> {
             bld.track_buffer(s.clone(), p, 0)
         })
         .build(&ctx.device, &ctx.queue)?;
-    let pipe = gb.pipeline("naive_ema");
-    let shadows: Vec<wgpu::Buffer> = specs.iter().map(|s| gb.storage(s.numel(), false)).collect();
-    let uniforms: Vec<wgpu::Buffer> = specs.iter().map(|_| gb.uniform(1e-3)).collect();
-    let groups: Vec<wgpu::BindGroup> = (0..specs.len())
-        .map(|i| {
-            ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &pipe.get_bind_group_layout(0),
-                entries: &[
-                    wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: shadows[i].as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 1,
-                        resource: params[i].as_entire_binding(),
-                    },
-                    wgpu::BindGroupEntry {
-                        binding: 2,
-                        resource: uniforms[i].as_entire_binding(),
-                    },
-                ],
-            })
-        })
-        .collect();
+    let naive_way = Naive::new(gb, &specs, &params);
     let naive = |submit: bool| {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipe);
-            for (i, s) in specs.iter().enumerate() {
-                ctx.queue.write_buffer(
-                    &uniforms[i],
-                    0,
-                    bytemuck::cast_slice(&[1e-3f32, 0.0, 0.0, 0.0]),
-                );
-                pass.set_bind_group(0, &groups[i], &[]);
-                let (x, y) = GpuBench::groups(s.numel());
-                pass.dispatch_workgroups(x, y, 1);
-            }
-        }
+        naive_way.record(ctx, &mut enc);
         let cb = enc.finish();
         if submit {
             ctx.queue.submit(Some(cb));

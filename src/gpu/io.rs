@@ -6,6 +6,20 @@ use std::num::NonZeroU64;
 use super::*;
 
 impl GpuEma {
+    /// The index of `name`, after checking that `len` values fit its shape.
+    fn index_with_len(&self, name: &str, len: usize) -> Result<usize> {
+        let i = self.index(name)?;
+        let spec = &self.tensors[i].spec;
+        if len as u64 != spec.numel() {
+            return Err(Error::LengthMismatch {
+                name: spec.name.clone(),
+                expected: spec.numel(),
+                got: len as u64,
+            });
+        }
+        Ok(i)
+    }
+
     /// Points tracked tensor `name` at another buffer and offset (frameworks such as burn hand
     /// out a new one after each optimizer step). Bind groups are cached for the last few
     /// (buffer, offset) pairs of each tensor, so alternating between buffers creates nothing.
@@ -128,15 +142,7 @@ impl GpuEma {
         if k == 0 {
             return self.write_shadow(name, values);
         }
-        let i = self.index(name)?;
-        let spec = &self.tensors[i].spec;
-        if values.len() as u64 != spec.numel() {
-            return Err(Error::LengthMismatch {
-                name: spec.name.clone(),
-                expected: spec.numel(),
-                got: values.len() as u64,
-            });
-        }
+        let i = self.index_with_len(name, values.len())?;
         self.write_pieces(self.ema_buffers(k)?, i, values);
         Ok(())
     }
@@ -172,15 +178,7 @@ impl GpuEma {
     /// Overwrites the shadow of `name` from the host (restoring a checkpoint); lands at the
     /// next submit on the queue, before that submit's commands.
     pub fn write_shadow(&mut self, name: &str, values: &[f32]) -> Result<()> {
-        let i = self.index(name)?;
-        let spec = &self.tensors[i].spec;
-        if values.len() as u64 != spec.numel() {
-            return Err(Error::LengthMismatch {
-                name: spec.name.clone(),
-                expected: spec.numel(),
-                got: values.len() as u64,
-            });
-        }
+        let i = self.index_with_len(name, values.len())?;
         self.write_pieces(&self.shadow_buffers, i, values);
         // The old compensation term belongs to the old shadow.
         if !self.comp_buffers.is_empty() {
