@@ -160,6 +160,16 @@ pub enum Error {
     )]
     Swapped,
 
+    /// A burn parameter cannot be tracked (feature `burn`): another backend, a dtype other
+    /// than f32, non-contiguous storage, or a module whose parameters changed.
+    #[error("burn parameter `{name}`: {message}")]
+    Burn {
+        /// The parameter's module path.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+
     /// No GPU adapter was found.
     #[error(
         "no GPU adapter found{backends}; for a software one install Mesa \

@@ -41,6 +41,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "burn")]
+pub mod burn;
 pub mod checkpoint;
 mod context;
 pub mod cpu;

@@ -1,0 +1,294 @@
+//! EMA of a [burn](https://burn.dev) module's weights on burn's own wgpu device (feature
+//! `burn`).
+//!
+//! burn 0.22 runs on wgpu 30, as this crate does: its cubecl runtime hands out, for each
+//! parameter, the `wgpu::Buffer` and offset where the values live, and the update runs in
+//! place there, one compute pass per step on burn's device and queue, with no copy and no host
+//! round trip. burn's optimizers return new tensors each step, so [`BurnEma::update`] finds
+//! every parameter's current buffer again (the bind groups of the last few are cached).
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use burn::nn::LinearConfig;
+//! use burn::tensor::Device;
+//! use wgpu_ema::burn::BurnEma;
+//! use wgpu_ema::Schedule;
+//!
+//! // burn's device, and the wgpu device and queue it runs on.
+//! let (device, setup) = Device::wgpu_options().init_with_setup()?;
+//! let model = LinearConfig::new(4, 2).init(&device);
+//! let mut ema = BurnEma::new(&model, &setup.device, &setup.queue, Schedule::tf(0.999))?;
+//! // each training step, after `model = optimizer.step(lr, model, grads)`:
+//! ema.update(&model)?;
+//! let ema_model = ema.ema_module(model.clone())?; // a copy with the EMA weights
+//! # let _ = ema_model; Ok(()) }
+//! ```
+//!
+//! Names are the module paths burn-store uses (`layers.0.weight`), so
+//! [`checkpoint::export_ema`](crate::checkpoint::export_ema) of [`BurnEma::snapshot`] loads
+//! straight into the model with burn-store's `SafetensorsStore`.
+
+use std::collections::HashMap;
+
+use ::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use ::burn::tensor::{DType, Tensor, TensorData};
+use burn_cubecl::{Cube, CubeBackend};
+use cubecl::wgpu::{AutoCompiler, WgpuResource, WgpuServer};
+
+use crate::error::{Error, Result};
+use crate::gpu::{GpuEma, Snapshot};
+use crate::schedule::Schedule;
+use crate::tensors::{HostTensors, TensorSpec};
+
+/// burn 0.22 and this crate must share one `wgpu`: a type error on this line means the `wgpu`
+/// that burn was built with is not the one wgpu-ema uses. burn 0.22.x (cubecl 0.11) pairs
+/// with wgpu-ema 0.1.x, both on wgpu 30.
+const BURN_0_22_AND_WGPU_EMA_0_1_SHARE_WGPU_30: fn(cubecl::wgpu::wgpu::Device) -> wgpu::Device =
+    |device| device;
+
+/// A parameter's storage while our pass runs: holding the guard keeps burn's allocator from
+/// freeing or reusing the memory until the pass is submitted.
+struct Resolved {
+    name: String,
+    shape: Vec<usize>,
+    resource: cubecl_runtime::storage::ManagedResource<WgpuResource>,
+}
+
+/// Walks a module and resolves every float parameter to its wgpu buffer, naming each by its
+/// module path as burn-store does (dot-joined, enum variants skipped).
+struct Resolver {
+    path: Vec<String>,
+    skipped: Vec<bool>,
+    out: Vec<Result<Resolved>>,
+}
+
+fn burn_error(name: &str, message: impl std::fmt::Display) -> Error {
+    Error::Burn {
+        name: name.to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn resolve<const D: usize>(name: String, tensor: Tensor<D>) -> Result<Resolved> {
+    let shape = tensor.shape().dims::<D>().to_vec();
+    let primitive = tensor
+        .without_autodiff()
+        .try_into_primitive::<Cube>()
+        .map_err(|e| {
+            burn_error(
+                &name,
+                format!("not a tensor of burn's wgpu backend ({e:?})"),
+            )
+        })?;
+    // Flushes burn's pending work for this tensor and gives the cubecl tensor behind it.
+    let cube = primitive
+        .client
+        .clone()
+        .resolve_tensor_float::<CubeBackend>(primitive);
+    if cube.dtype != DType::F32 {
+        return Err(burn_error(
+            &name,
+            format!("dtype {:?}; only F32 parameters are tracked", cube.dtype),
+        ));
+    }
+    if !cube.is_contiguous() {
+        return Err(burn_error(
+            &name,
+            "stored non-contiguously; make it contiguous first",
+        ));
+    }
+    let resource = cube
+        .client
+        .get_resource::<WgpuServer<AutoCompiler>>(cube.handle.clone())
+        .map_err(|e| burn_error(&name, format!("its storage is not a wgpu buffer ({e:?})")))?;
+    Ok(Resolved {
+        name,
+        shape,
+        resource,
+    })
+}
+
+impl ModuleVisitor for Resolver {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        let skip = container_type.starts_with("Enum:");
+        self.skipped.push(skip);
+        if !skip {
+            self.path.push(name.to_string());
+        }
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        if self.skipped.pop() == Some(false) {
+            self.path.pop();
+        }
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.push(resolve(self.path.join("."), param.val()));
+    }
+}
+
+fn resolve_module<M: Module>(module: &M) -> Result<Vec<Resolved>> {
+    let mut r = Resolver {
+        path: Vec::new(),
+        skipped: Vec::new(),
+        out: Vec::new(),
+    };
+    module.visit(&mut r);
+    r.out.into_iter().collect()
+}
+
+/// Replaces every float parameter by its EMA value (same id, so optimizers and records still
+/// match).
+struct WithShadows<'a> {
+    path: Vec<String>,
+    skipped: Vec<bool>,
+    shadows: &'a HashMap<String, Vec<f32>>,
+    error: Option<Error>,
+}
+
+impl ModuleMapper for WithShadows<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        let skip = container_type.starts_with("Enum:");
+        self.skipped.push(skip);
+        if !skip {
+            self.path.push(name.to_string());
+        }
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        if self.skipped.pop() == Some(false) {
+            self.path.pop();
+        }
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        let Some(values) = self.shadows.get(&name) else {
+            self.error.get_or_insert(Error::UnknownName { name });
+            return param;
+        };
+        param.map(|tensor| {
+            let data = TensorData::new(values.clone(), tensor.shape().dims::<D>().to_vec());
+            Tensor::<D>::from_data(data, &tensor.device())
+        })
+    }
+}
+
+/// Exponential moving averages of a burn module's float parameters, updated in place on
+/// burn's wgpu device.
+pub struct BurnEma {
+    ema: GpuEma,
+    specs: Vec<TensorSpec>,
+}
+
+impl std::fmt::Debug for BurnEma {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BurnEma")
+            .field("specs", &self.specs)
+            .field("num_updates", &self.ema.num_updates())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BurnEma {
+    /// Tracks every float parameter of `module`, whose tensors live on the wgpu `device`
+    /// (burn's: `Device::wgpu_options().init_with_setup()` returns it in its `WgpuSetup`).
+    /// Shadows start equal to the parameters, copied on the GPU.
+    pub fn new<M: Module>(
+        module: &M,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        schedule: Schedule,
+    ) -> Result<Self> {
+        let _ = BURN_0_22_AND_WGPU_EMA_0_1_SHARE_WGPU_30;
+        let params = resolve_module(module)?;
+        let specs: Vec<TensorSpec> = params
+            .iter()
+            .map(|p| TensorSpec::new(p.name.clone(), &p.shape))
+            .collect();
+        let mut builder = GpuEma::builder(schedule);
+        for (p, spec) in params.iter().zip(&specs) {
+            let r = p.resource.resource();
+            builder = builder.track_buffer(spec.clone(), &r.buffer, r.offset);
+        }
+        let ema = builder.build(device, queue)?;
+        drop(params);
+        Ok(Self { ema, specs })
+    }
+
+    /// One update after the optimizer's step: finds each parameter's current buffer and
+    /// offset, records the update of all of them in one compute pass on burn's queue, and
+    /// submits it. burn's pending work is flushed first (by resolving the tensors), and the
+    /// parameters' memory is held until the pass is submitted.
+    pub fn update<M: Module>(&mut self, module: &M) -> Result<()> {
+        let params = resolve_module(module)?;
+        if params.len() != self.specs.len() {
+            return Err(Error::TensorCountMismatch {
+                expected: self.specs.len(),
+                got: params.len(),
+            });
+        }
+        for (p, spec) in params.iter().zip(&self.specs) {
+            if p.name != spec.name || p.shape != spec.shape {
+                return Err(burn_error(
+                    &p.name,
+                    format!("expected `{}` of shape {:?} here", spec.name, spec.shape),
+                ));
+            }
+            let r = p.resource.resource();
+            self.ema.rebind(&spec.name, &r.buffer, r.offset)?;
+        }
+        self.ema.update()?;
+        // The guards in `params` are dropped only now, after the submit.
+        drop(params);
+        Ok(())
+    }
+
+    /// The tracked parameters, named by module path.
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// The EMA underneath: schedule, counter, readback, checkpoints.
+    pub fn ema(&self) -> &GpuEma {
+        &self.ema
+    }
+
+    /// The EMA underneath, mutably (to restore a checkpoint, set the counter).
+    pub fn ema_mut(&mut self) -> &mut GpuEma {
+        &mut self.ema
+    }
+
+    /// Reads every shadow back, by module path.
+    pub fn read_shadows(&self) -> Result<HostTensors> {
+        self.ema.read_shadows_blocking()
+    }
+
+    /// A snapshot of the shadows for checkpoints
+    /// ([`checkpoint::export_ema`](crate::checkpoint::export_ema) writes them under the module
+    /// paths, which burn-store's `SafetensorsStore` loads into the model).
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        self.ema.snapshot(false)
+    }
+
+    /// `module` with every float parameter replaced by its EMA value, for evaluation.
+    pub fn ema_module<M: Module>(&self, module: M) -> Result<M> {
+        let shadows: HashMap<String, Vec<f32>> = self
+            .read_shadows()?
+            .iter()
+            .map(|(s, v)| (s.name.clone(), v.to_vec()))
+            .collect();
+        let mut mapper = WithShadows {
+            path: Vec::new(),
+            skipped: Vec::new(),
+            shadows: &shadows,
+            error: None,
+        };
+        let out = module.map(&mut mapper);
+        match mapper.error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The burn integration (feature `burn`): shadows of a burn MLP trained with Adam on burn's
+//! own wgpu device, against the f64 reference fed the parameter values read back from burn.
+
+mod common;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{AdamConfig, GradientsParams};
+use burn::tensor::{Device, Tensor, TensorData};
+use common::assert_close;
+use wgpu_ema::burn::BurnEma;
+use wgpu_ema::cpu::ReferenceEma;
+use wgpu_ema::{Error, Numerics, Schedule};
+
+#[derive(Module, Debug)]
+struct Net {
+    hidden: Linear,
+    out: Linear,
+}
+
+/// Every float parameter's values, in visiting order, read back from burn.
+struct Values(Vec<Vec<f32>>);
+impl ModuleVisitor for Values {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push(
+            param
+                .val()
+                .into_data()
+                .try_to_vec::<f32>()
+                .expect("f32 parameter"),
+        );
+    }
+}
+
+fn values<M: Module>(m: &M) -> Vec<Vec<f32>> {
+    let mut v = Values(Vec::new());
+    m.visit(&mut v);
+    v.0
+}
+
+fn burn_device() -> Option<(Device, burn::tensor::wgpu::WgpuSetup)> {
+    match Device::wgpu_options().init_with_setup() {
+        Ok(x) => Some(x),
+        Err(e) => {
+            if std::env::var("WGPU_EMA_REQUIRE_ADAPTER").as_deref() == Ok("1") {
+                panic!("WGPU_EMA_REQUIRE_ADAPTER=1 but burn found no wgpu adapter ({e}): install mesa-vulkan-drivers and libvulkan1");
+            }
+            eprintln!("SKIPPED: no wgpu adapter for burn ({e})");
+            None
+        }
+    }
+}
+
+#[test]
+fn shadows_of_a_burn_mlp_match_the_reference() {
+    let Some((device, setup)) = burn_device() else {
+        return;
+    };
+    let device = device.autodiff();
+    device.seed(7);
+    let mut net = Net {
+        hidden: LinearConfig::new(5, 7).init(&device),
+        out: LinearConfig::new(7, 3).init(&device),
+    };
+    let schedule = Schedule::tf(0.9);
+    let mut ema = BurnEma::new(&net, &setup.device, &setup.queue, schedule).unwrap();
+    let names: Vec<&str> = ema.specs().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["hidden.weight", "hidden.bias", "out.weight", "out.bias"]
+    );
+    assert_eq!(ema.specs()[0].shape, [5, 7]);
+
+    let start = values(&net);
+    let slices: Vec<&[f32]> = start.iter().map(|v| v.as_slice()).collect();
+    let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &slices).unwrap();
+    let shadows = ema.read_shadows().unwrap();
+    assert_eq!(
+        shadows.try_get("out.weight").unwrap(),
+        start[2].as_slice(),
+        "shadows start at the params"
+    );
+
+    let mut optim = AdamConfig::new().init();
+    let mut rng = fastrand::Rng::with_seed(4);
+    for _ in 0..6 {
+        let x: Vec<f32> = (0..16 * 5).map(|_| rng.f32() - 0.5).collect();
+        let y: Vec<f32> = (0..16 * 3).map(|_| rng.f32() - 0.5).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [16, 5]), &device);
+        let y = Tensor::<2>::from_data(TensorData::new(y, [16, 3]), &device);
+        let d = net
+            .out
+            .forward(burn::tensor::activation::relu(net.hidden.forward(x)))
+            - y;
+        let grads = GradientsParams::from_grads(d.clone().mul(d).mean().backward(), &net);
+        net = optim.step(0.05, net, grads);
+        ema.update(&net).unwrap();
+        let now = values(&net);
+        let slices: Vec<&[f32]> = now.iter().map(|v| v.as_slice()).collect();
+        reference.update(&slices).unwrap();
+    }
+    assert_eq!(ema.ema().num_updates(), 6);
+    let shadows = ema.read_shadows().unwrap();
+    for (i, spec) in ema.specs().iter().enumerate() {
+        assert_close(
+            &spec.name,
+            shadows.try_get(&spec.name).unwrap(),
+            &reference.shadows()[i],
+            24.0 * f32::EPSILON as f64,
+        );
+    }
+
+    // The EMA copy of the module holds the shadows.
+    let ema_net = ema.ema_module(net.clone()).unwrap();
+    let v = values(&ema_net);
+    assert_eq!(v[0], shadows.try_get("hidden.weight").unwrap());
+
+    // A module of another shape is refused, naming the parameter.
+    let other = Net {
+        hidden: LinearConfig::new(5, 8).init(&device),
+        out: LinearConfig::new(8, 3).init(&device),
+    };
+    let e = ema.update(&other).unwrap_err();
+    assert!(
+        matches!(e, Error::Burn { ref name, .. } if name == "hidden.weight"),
+        "{e}"
+    );
+}
