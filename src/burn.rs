@@ -57,9 +57,36 @@ struct Resolved {
 /// Walks a module and resolves every float parameter to its wgpu buffer, naming each by its
 /// module path as burn-store does (dot-joined, enum variants skipped).
 struct Resolver {
-    path: Vec<String>,
-    skipped: Vec<bool>,
+    path: PathStack,
     out: Vec<Result<Resolved>>,
+}
+
+/// The module path of the parameter being visited, as burn-store builds it: field and index
+/// names joined with dots, enum variants left out.
+#[derive(Default)]
+struct PathStack {
+    names: Vec<String>,
+    skipped: Vec<bool>,
+}
+
+impl PathStack {
+    fn enter(&mut self, name: &str, container_type: &str) {
+        let skip = container_type.starts_with("Enum:");
+        self.skipped.push(skip);
+        if !skip {
+            self.names.push(name.to_string());
+        }
+    }
+
+    fn exit(&mut self) {
+        if self.skipped.pop() == Some(false) {
+            self.names.pop();
+        }
+    }
+
+    fn name(&self) -> String {
+        self.names.join(".")
+    }
 }
 
 fn burn_error(name: &str, message: impl std::fmt::Display) -> Error {
@@ -110,28 +137,21 @@ fn resolve<const D: usize>(name: String, tensor: Tensor<D>) -> Result<Resolved> 
 
 impl ModuleVisitor for Resolver {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        let skip = container_type.starts_with("Enum:");
-        self.skipped.push(skip);
-        if !skip {
-            self.path.push(name.to_string());
-        }
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        if self.skipped.pop() == Some(false) {
-            self.path.pop();
-        }
+        self.path.exit();
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.out.push(resolve(self.path.join("."), param.val()));
+        self.out.push(resolve(self.path.name(), param.val()));
     }
 }
 
 fn resolve_module<M: Module>(module: &M) -> Result<Vec<Resolved>> {
     let mut r = Resolver {
-        path: Vec::new(),
-        skipped: Vec::new(),
+        path: PathStack::default(),
         out: Vec::new(),
     };
     module.visit(&mut r);
@@ -141,29 +161,22 @@ fn resolve_module<M: Module>(module: &M) -> Result<Vec<Resolved>> {
 /// Replaces every float parameter by its EMA value (same id, so optimizers and records still
 /// match).
 struct WithShadows<'a> {
-    path: Vec<String>,
-    skipped: Vec<bool>,
+    path: PathStack,
     shadows: &'a HashMap<String, Vec<f32>>,
     error: Option<Error>,
 }
 
 impl ModuleMapper for WithShadows<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
-        let skip = container_type.starts_with("Enum:");
-        self.skipped.push(skip);
-        if !skip {
-            self.path.push(name.to_string());
-        }
+        self.path.enter(name, container_type);
     }
 
     fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        if self.skipped.pop() == Some(false) {
-            self.path.pop();
-        }
+        self.path.exit();
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let name = self.path.join(".");
+        let name = self.path.name();
         let Some(values) = self.shadows.get(&name) else {
             self.error.get_or_insert(Error::UnknownName { name });
             return param;
@@ -280,8 +293,7 @@ impl BurnEma {
             .map(|(s, v)| (s.name.clone(), v.to_vec()))
             .collect();
         let mut mapper = WithShadows {
-            path: Vec::new(),
-            skipped: Vec::new(),
+            path: PathStack::default(),
             shadows: &shadows,
             error: None,
         };
