@@ -26,6 +26,16 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| rng.f32() - 0.5).collect()
 }
 
+/// Waits for one submission (and only it).
+fn wait(ctx: &GpuContext, idx: wgpu::SubmissionIndex) {
+    ctx.device
+        .poll(wgpu::PollType::Wait {
+            submission_index: Some(idx),
+            timeout: None,
+        })
+        .expect("poll");
+}
+
 fn bench_cpu(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu");
     for n in sizes() {
@@ -64,12 +74,7 @@ fn bench_gpu(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("update+wait", n), &n, |b, _| {
             b.iter(|| {
                 let idx = ema.update().expect("update");
-                ctx.device
-                    .poll(wgpu::PollType::Wait {
-                        submission_index: Some(idx),
-                        timeout: None,
-                    })
-                    .expect("poll")
+                wait(&ctx, idx)
             })
         });
     }
@@ -86,12 +91,7 @@ fn bench_gpu(c: &mut Criterion) {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             ema.record_updates(&mut enc, 4).expect("record");
             let idx = ctx.queue.submit(Some(enc.finish()));
-            ctx.device
-                .poll(wgpu::PollType::Wait {
-                    submission_index: Some(idx),
-                    timeout: None,
-                })
-                .expect("poll")
+            wait(&ctx, idx)
         })
     });
     g.finish();
@@ -134,12 +134,7 @@ fn bench_gpu(c: &mut Criterion) {
             g.bench_function(format!("{model}/{name}"), |bch| {
                 bch.iter(|| {
                     let idx = ema.update().expect("update");
-                    ctx.device
-                        .poll(wgpu::PollType::Wait {
-                            submission_index: Some(idx),
-                            timeout: None,
-                        })
-                        .expect("poll")
+                    wait(&ctx, idx)
                 })
             });
         }

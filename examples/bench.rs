@@ -213,6 +213,31 @@ impl GpuBench<'_> {
         (x as u32, g.div_ceil(x) as u32)
     }
 
+    /// The same tensors tracked two ways: in an arena, and one user buffer each (returned so
+    /// that other kernels can use them too).
+    fn arena_and_buffers(
+        &self,
+        specs: &[TensorSpec],
+    ) -> Result<(ParamArena, GpuEma, Vec<wgpu::Buffer>, GpuEma), Error> {
+        let ctx = self.ctx;
+        let arena = ParamArena::new(&ctx.device, specs.to_vec())?;
+        let a = GpuEma::builder(Schedule::tf(0.999))
+            .track_arena(&arena)
+            .build(&ctx.device, &ctx.queue)?;
+        let params: Vec<wgpu::Buffer> = specs
+            .iter()
+            .map(|s| self.storage(s.numel(), true))
+            .collect();
+        let b = specs
+            .iter()
+            .zip(&params)
+            .fold(GpuEma::builder(Schedule::tf(0.999)), |bld, (s, p)| {
+                bld.track_buffer(s.clone(), p, 0)
+            })
+            .build(&ctx.device, &ctx.queue)?;
+        Ok((arena, a, params, b))
+    }
+
     /// Seconds per `a += s*b` pass (vec4), one submit each, waited for, and the elements it
     /// covered (`n`, or fewer where `n` exceeds one storage binding).
     fn bandwidth(&self, n: u64, reps: usize) -> (f64, u64) {
@@ -355,18 +380,7 @@ fn gpu_rows(
     };
     for (model, specs) in models {
         let total: u64 = specs.iter().map(TensorSpec::numel).sum();
-        let arena = ParamArena::new(&ctx.device, specs.clone())?;
-        let mut a = GpuEma::builder(Schedule::tf(0.999))
-            .track_arena(&arena)
-            .build(&ctx.device, &ctx.queue)?;
-        let params: Vec<wgpu::Buffer> = specs.iter().map(|s| gb.storage(s.numel(), true)).collect();
-        let mut b = specs
-            .iter()
-            .zip(&params)
-            .fold(GpuEma::builder(Schedule::tf(0.999)), |bld, (s, p)| {
-                bld.track_buffer(s.clone(), p, 0)
-            })
-            .build(&ctx.device, &ctx.queue)?;
+        let (_arena, mut a, params, mut b) = gb.arena_and_buffers(&specs)?;
         let bw = bw_ref.max(1e-9);
         let t = time(reps, Duration::from_secs(3), || {
             if let Ok(i) = a.update() {
@@ -471,18 +485,7 @@ fn host_costs(gb: &GpuBench<'_>, notes: &mut Vec<String>) -> Result<(), Error> {
     let specs: Vec<TensorSpec> = (0..161)
         .map(|i| TensorSpec::new(format!("t{i}"), [64]))
         .collect();
-    let arena = ParamArena::new(&ctx.device, specs.clone())?;
-    let mut a = GpuEma::builder(Schedule::tf(0.999))
-        .track_arena(&arena)
-        .build(&ctx.device, &ctx.queue)?;
-    let params: Vec<wgpu::Buffer> = specs.iter().map(|s| gb.storage(s.numel(), true)).collect();
-    let mut b = specs
-        .iter()
-        .zip(&params)
-        .fold(GpuEma::builder(Schedule::tf(0.999)), |bld, (s, p)| {
-            bld.track_buffer(s.clone(), p, 0)
-        })
-        .build(&ctx.device, &ctx.queue)?;
+    let (_arena, mut a, params, mut b) = gb.arena_and_buffers(&specs)?;
     let naive_way = Naive::new(gb, &specs, &params);
     let naive = |submit: bool| {
         let mut enc = ctx.device.create_command_encoder(&Default::default());

@@ -304,11 +304,11 @@ impl GpuEma {
             timestamp_writes: None,
         });
         for kind in [Kind::Vec4, Kind::Scalar, Kind::F16, Kind::BF16] {
-            let segs: Box<dyn Iterator<Item = &Segment>> = if op.writes_params() {
-                Box::new(self.rw_segments.iter().flatten())
-            } else {
-                Box::new(self.segments())
-            };
+            // Either the read-write segments or the update ones; chained so that a step
+            // allocates nothing on the host either.
+            let rw = op.writes_params();
+            let segs = (self.rw_segments.iter().flatten().filter(|_| rw))
+                .chain(self.segments().filter(|_| !rw));
             let mut segs = segs.filter(|s| s.kind == kind).peekable();
             if segs.peek().is_none() {
                 continue;
