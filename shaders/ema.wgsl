@@ -1,21 +1,25 @@
-// wgpu-ema: the in-place EMA update and the shadow initialisation.
+// wgpu-ema: the EMA update and its companions (copy, swap, copy into the parameters) over any
+// set of tensors, in one dispatch per shadow buffer and group of parameter bindings.
 //
-// One bind group per *segment*: a run of `count` elements of one tensor (or of the parameter
-// arena) that fits in one storage binding. The host binds
-//   - `params` at the storage-aligned offset at or below the segment's first parameter, so the
-//     segment starts `shift` elements into the binding and the binding holds `shift + count`
-//     elements (vec4 entry points: `shift` and `count` are multiples of 4);
-//   - `shadow` exactly over the segment's shadows (`count` elements).
-// So `count = arrayLength(shadow)` and `shift = arrayLength(params) - count`: a segment needs
-// no uniform of its own, and rebinding a parameter only needs a new bind group.
+// Multi-tensor apply. Each dispatch binds a chunk table `segs`: one row per *segment*, a run
+// of `count` elements of one tensor whose parameters start at element `param` of parameter
+// binding number `slot` and whose shadows start at element `shadow` of the shadow binding.
+// The work is a list of *items* of 4 elements (one `vec4<f32>` of shadows; a segment's last
+// item is padded), numbered across the segments: a row's `vstart` is its first item. Each
+// invocation takes PER_THREAD items, `WG` apart so that neighbouring lanes read neighbouring
+// memory; it finds an item's row by binary search (rows are sorted by `vstart`), and most
+// items only check that they are still in the row of the one before. Small tensors thus share
+// workgroups with their neighbours instead of leaving lanes idle.
 //
-// The per-step value, `alpha = 1 - decay`, is computed on the host (in f64, or with
-// TensorFlow's f32 arithmetic) and arrives as an immediate (push constant) where the device
-// has `Features::IMMEDIATES`, else from a uniform ring slot chosen by a dynamic offset: the
-// host rewrites the declaration of `step` below for that case.
+// Parameter bindings are plain `array<u32>` (f32 bits, or two f16/bf16 per word) at any
+// element offset; the host generates their declarations and the `switch` that picks one by
+// slot (`load4`, `load2`, ... at the end of the source, one case per binding), so one
+// dispatch reads up to as many buffers as the device allows storage bindings, on every
+// backend. Shadows are ours: every segment starts on an item boundary.
 //
-// Dispatches are 2-D when a segment needs more than 65,535 workgroups: the linear workgroup
-// index is `wid.y * num_workgroups.x + wid.x`.
+// The per-step values arrive as an immediate (push constant) where the device has
+// `Features::IMMEDIATES`, else from a uniform ring slot chosen by a dynamic offset: the host
+// rewrites the declaration of `step` below for that case.
 
 struct Step {
     alpha: f32,
@@ -34,23 +38,91 @@ var<immediate> step: Step;
 // writes it in the TensorFlow-compatible mode so that a compiler that fuses sees the same
 // expression TensorFlow's kernels do.
 override TF_FORM: bool = false;
+// How many EMAs an `update_multi` pass updates (2 to 4).
+override K: u32 = 2u;
 
 const WG: u32 = 256u;
+const PER_THREAD: u32 = 4u;
 
-@group(0) @binding(0) var<storage, read> params: array<f32>;
-@group(0) @binding(1) var<storage, read_write> shadow: array<f32>;
-@group(0) @binding(0) var<storage, read> params4: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read_write> shadow4: array<vec4<f32>>;
-
-fn linear_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
-    return (wid.y * nwg.x + wid.x) * WG + lid.x;
+struct Seg {
+    vstart: u32,
+    count: u32,
+    param: u32,
+    shadow: u32,
+    slot: u32,
+    // 0: f32, 1: f16, 2: bf16.
+    dtype: u32,
+    pad0: u32,
+    pad1: u32,
 }
 
-fn ema1(s: f32, p: f32, a: f32) -> f32 {
-    if TF_FORM {
-        return s - (s - p) * a;
+@group(0) @binding(0) var<storage, read> segs: array<Seg>;
+@group(0) @binding(1) var<storage, read_write> shadow: array<vec4<f32>>;
+// Kahan compensation terms, laid out as the shadows.
+@group(0) @binding(2) var<storage, read_write> comp: array<vec4<f32>>;
+// Further EMAs' shadows (EMA 1, 2, 3), laid out as the shadows; unused ones are bound to a
+// small placeholder and never touched (K).
+@group(0) @binding(3) var<storage, read_write> shadow_b: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> shadow_c: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> shadow_d: array<vec4<f32>>;
+
+// One item: its row, its first element in the row (`e`), how many of its 4 elements are real
+// (`n`), and its shadows' vec4 index (`sh`).
+struct Item {
+    seg: Seg,
+    e: u32,
+    n: u32,
+    sh: u32,
+}
+
+fn total_items() -> u32 {
+    let last = segs[arrayLength(&segs) - 1u];
+    return last.vstart + (last.count + 3u) / 4u;
+}
+
+// Item number `j` of this invocation.
+fn item_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, j: u32) -> u32 {
+    return ((wid.y * nwg.x + wid.x) * PER_THREAD + j) * WG + lid.x;
+}
+
+// The row holding item `v`, searching from row `start` (which starts at or before `v`).
+fn find_row(v: u32, start: u32) -> u32 {
+    let rows = arrayLength(&segs);
+    if start + 1u >= rows || segs[start + 1u].vstart > v {
+        return start;
     }
-    return s + a * (p - s);
+    var lo = start + 1u;
+    var hi = rows;
+    while hi - lo > 1u {
+        let mid = (lo + hi) / 2u;
+        if segs[mid].vstart <= v {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+fn locate(v: u32, row: u32) -> Item {
+    let seg = segs[row];
+    let q = v - seg.vstart;
+    let e = q * 4u;
+    return Item(seg, e, min(4u, seg.count - e), seg.shadow / 4u + q);
+}
+
+// The item's 4 parameters as f32 (elements past `n` are whatever the binding holds there).
+fn load_params(it: Item) -> vec4<f32> {
+    let i = it.seg.param + it.e;
+    if it.seg.dtype == 0u {
+        return bitcast<vec4<f32>>(load4(it.seg.slot, i));
+    }
+    // 16-bit parameters: `i` is even (tensors start on a word), so the item is 2 words.
+    let w = load2(it.seg.slot, i >> 1u);
+    if it.seg.dtype == 1u {
+        return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+    }
+    return bitcast<vec4<f32>>(vec4<u32>(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u));
 }
 
 fn ema4(s: vec4<f32>, p: vec4<f32>, a: f32) -> vec4<f32> {
@@ -60,130 +132,46 @@ fn ema4(s: vec4<f32>, p: vec4<f32>, a: f32) -> vec4<f32> {
     return s + a * (p - s);
 }
 
+// Each entry point below runs the same loop over this invocation's items; only the body
+// differs. Padding lanes of a segment's last item compute on whatever lies past the tensor
+// and write only the shadows' padding, never parameters.
+
 @compute @workgroup_size(256)
-fn update_scalar(
+fn update(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
+    let total = total_items();
+    var row = 0u;
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let v = item_index(wid, nwg, lid, j);
+        if v >= total {
+            return;
+        }
+        row = find_row(v, row);
+        let it = locate(v, row);
+        shadow[it.sh] = ema4(shadow[it.sh], load_params(it), step.alpha);
     }
-    let shift = arrayLength(&params) - count;
-    shadow[i] = ema1(shadow[i], params[shift + i], step.alpha);
 }
 
 @compute @workgroup_size(256)
-fn update_vec4(
+fn init(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let count = arrayLength(&shadow4);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
+    let total = total_items();
+    var row = 0u;
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let v = item_index(wid, nwg, lid, j);
+        if v >= total {
+            return;
+        }
+        row = find_row(v, row);
+        let it = locate(v, row);
+        shadow[it.sh] = load_params(it);
     }
-    let shift = arrayLength(&params4) - count;
-    shadow4[i] = ema4(shadow4[i], params4[shift + i], step.alpha);
-}
-
-@compute @workgroup_size(256)
-fn copy_scalar(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    shadow[i] = params[arrayLength(&params) - count + i];
-}
-
-@compute @workgroup_size(256)
-fn copy_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow4);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    shadow4[i] = params4[arrayLength(&params4) - count + i];
-}
-
-// Evaluation with the EMA weights: the same segments, with the parameters bound read-write.
-// Swapping moves bits, never arithmetic, so swapping twice restores both sides exactly.
-
-@group(0) @binding(0) var<storage, read_write> params_rw: array<f32>;
-@group(0) @binding(0) var<storage, read_write> params_rw4: array<vec4<f32>>;
-
-@compute @workgroup_size(256)
-fn swap_scalar(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    let j = arrayLength(&params_rw) - count + i;
-    let p = params_rw[j];
-    params_rw[j] = shadow[i];
-    shadow[i] = p;
-}
-
-@compute @workgroup_size(256)
-fn swap_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow4);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    let j = arrayLength(&params_rw4) - count + i;
-    let p = params_rw4[j];
-    params_rw4[j] = shadow4[i];
-    shadow4[i] = p;
-}
-
-@compute @workgroup_size(256)
-fn to_params_scalar(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    params_rw[arrayLength(&params_rw) - count + i] = shadow[i];
-}
-
-@compute @workgroup_size(256)
-fn to_params_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow4);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    params_rw4[arrayLength(&params_rw4) - count + i] = shadow4[i];
 }
 
 // Compensated shadows (Kahan summation): beside each shadow an f32 term `comp` holding the
@@ -194,266 +182,190 @@ fn to_params_vec4(
 // `t * step.one - s`, with `one` = 1.0 arriving at run time, hides the identity from them;
 // the multiplication by 1 is exact. The tests check the accuracy on each backend.
 
-@group(0) @binding(2) var<storage, read_write> comp: array<f32>;
-@group(0) @binding(2) var<storage, read_write> comp4: array<vec4<f32>>;
-
 @compute @workgroup_size(256)
-fn update_kahan_scalar(
+fn update_kahan(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
+    let total = total_items();
+    var row = 0u;
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let v = item_index(wid, nwg, lid, j);
+        if v >= total {
+            return;
+        }
+        row = find_row(v, row);
+        let it = locate(v, row);
+        let s = shadow[it.sh];
+        let y = step.alpha * (load_params(it) - s) - comp[it.sh];
+        let t = s + y;
+        comp[it.sh] = (t * step.one - s) - y;
+        shadow[it.sh] = t;
     }
-    let s = shadow[i];
-    let y = step.alpha * (params[arrayLength(&params) - count + i] - s) - comp[i];
-    let t = s + y;
-    comp[i] = (t * step.one - s) - y;
-    shadow[i] = t;
 }
 
 @compute @workgroup_size(256)
-fn update_kahan_vec4(
+fn init_kahan(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let count = arrayLength(&shadow4);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
+    let total = total_items();
+    var row = 0u;
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let v = item_index(wid, nwg, lid, j);
+        if v >= total {
+            return;
+        }
+        row = find_row(v, row);
+        let it = locate(v, row);
+        shadow[it.sh] = load_params(it);
+        comp[it.sh] = vec4<f32>(0.0);
     }
-    let s = shadow4[i];
-    let y = step.alpha * (params4[arrayLength(&params4) - count + i] - s) - comp4[i];
-    let t = s + y;
-    comp4[i] = (t * step.one - s) - y;
-    shadow4[i] = t;
-}
-
-@compute @workgroup_size(256)
-fn copy_kahan_scalar(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    shadow[i] = params[arrayLength(&params) - count + i];
-    comp[i] = 0.0;
-}
-
-@compute @workgroup_size(256)
-fn copy_kahan_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow4);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    shadow4[i] = params4[arrayLength(&params4) - count + i];
-    comp4[i] = vec4<f32>(0.0);
 }
 
 // Several EMAs of the same parameters in one pass (K = 2..4, e.g. decays 0.999 and 0.9999,
 // or EDM2's two power-function profiles): each parameter is read once and K shadows are
-// updated, 4 + 8K bytes per element instead of 12K for K separate passes. Shadows of unused
-// slots (K < 4) are bound to a small placeholder and never touched.
-
-override K: u32 = 2u;
-
-@group(0) @binding(1) var<storage, read_write> shadow_a: array<f32>;
-@group(0) @binding(2) var<storage, read_write> shadow_b: array<f32>;
-@group(0) @binding(3) var<storage, read_write> shadow_c: array<f32>;
-@group(0) @binding(4) var<storage, read_write> shadow_d: array<f32>;
-@group(0) @binding(1) var<storage, read_write> shadow_a4: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> shadow_b4: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read_write> shadow_c4: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> shadow_d4: array<vec4<f32>>;
+// updated, 4 + 8K bytes per element instead of 12K for K separate passes.
 
 @compute @workgroup_size(256)
-fn update_multi_scalar(
+fn update_multi(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let count = arrayLength(&shadow_a);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    let p = params[arrayLength(&params) - count + i];
+    let total = total_items();
+    var row = 0u;
     let a = step.alphas;
-    shadow_a[i] = ema1(shadow_a[i], p, a.x);
-    shadow_b[i] = ema1(shadow_b[i], p, a.y);
-    if K > 2u {
-        shadow_c[i] = ema1(shadow_c[i], p, a.z);
-    }
-    if K > 3u {
-        shadow_d[i] = ema1(shadow_d[i], p, a.w);
-    }
-}
-
-@compute @workgroup_size(256)
-fn update_multi_vec4(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow_a4);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    let p = params4[arrayLength(&params4) - count + i];
-    let a = step.alphas;
-    shadow_a4[i] = ema4(shadow_a4[i], p, a.x);
-    shadow_b4[i] = ema4(shadow_b4[i], p, a.y);
-    if K > 2u {
-        shadow_c4[i] = ema4(shadow_c4[i], p, a.z);
-    }
-    if K > 3u {
-        shadow_d4[i] = ema4(shadow_d4[i], p, a.w);
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let v = item_index(wid, nwg, lid, j);
+        if v >= total {
+            return;
+        }
+        row = find_row(v, row);
+        let it = locate(v, row);
+        let p = load_params(it);
+        let i = it.sh;
+        shadow[i] = ema4(shadow[i], p, a.x);
+        shadow_b[i] = ema4(shadow_b[i], p, a.y);
+        if K > 2u {
+            shadow_c[i] = ema4(shadow_c[i], p, a.z);
+        }
+        if K > 3u {
+            shadow_d[i] = ema4(shadow_d[i], p, a.w);
+        }
     }
 }
 
 @compute @workgroup_size(256)
-fn copy_multi_scalar(
+fn init_multi(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let count = arrayLength(&shadow_a);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
+    let total = total_items();
+    var row = 0u;
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let v = item_index(wid, nwg, lid, j);
+        if v >= total {
+            return;
+        }
+        row = find_row(v, row);
+        let it = locate(v, row);
+        let p = load_params(it);
+        let i = it.sh;
+        shadow[i] = p;
+        shadow_b[i] = p;
+        if K > 2u {
+            shadow_c[i] = p;
+        }
+        if K > 3u {
+            shadow_d[i] = p;
+        }
     }
-    let p = params[arrayLength(&params) - count + i];
-    shadow_a[i] = p;
-    shadow_b[i] = p;
-    if K > 2u {
-        shadow_c[i] = p;
-    }
-    if K > 3u {
-        shadow_d[i] = p;
+}
+
+// Evaluation with the EMA weights: the parameters bound read-write (`load4_rw`, `store_rw`).
+// Swapping moves bits, never arithmetic, so swapping twice restores both sides exactly. Only
+// the item's `n` real elements of the parameters are written.
+
+fn store_n(slot: u32, i: u32, v: vec4<u32>, n: u32) {
+    for (var c = 0u; c < n; c++) {
+        store_rw(slot, i + c, v[c]);
     }
 }
 
 @compute @workgroup_size(256)
-fn copy_multi_vec4(
+fn swap(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let count = arrayLength(&shadow_a4);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
+    let total = total_items();
+    var row = 0u;
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let v = item_index(wid, nwg, lid, j);
+        if v >= total {
+            return;
+        }
+        row = find_row(v, row);
+        let it = locate(v, row);
+        let i = it.seg.param + it.e;
+        let p = load4_rw(it.seg.slot, i);
+        store_n(it.seg.slot, i, bitcast<vec4<u32>>(shadow[it.sh]), it.n);
+        shadow[it.sh] = bitcast<vec4<f32>>(p);
     }
-    let p = params4[arrayLength(&params4) - count + i];
-    shadow_a4[i] = p;
-    shadow_b4[i] = p;
-    if K > 2u {
-        shadow_c4[i] = p;
-    }
-    if K > 3u {
-        shadow_d4[i] = p;
-    }
 }
 
-// f16 and bf16 parameters, f32 shadows (a 16-bit shadow stops moving once alpha * (p - s) is
-// below half its ulp). Parameters are read as u32 words, two per word, element j of the
-// binding in the low half of word j / 2 when j is even: f16 with `unpack2x16float` (core WGSL,
-// no SHADER_F16 needed), bf16 by shifting its bits into an f32. The tensor starts at a 4-byte
-// multiple, so its shift into the binding is even: shift = 2 * words - count rounded up to
-// even, where words = arrayLength(params_half).
-
-@group(0) @binding(0) var<storage, read> params_half: array<u32>;
-
-fn half_shift(count: u32) -> u32 {
-    return 2u * arrayLength(&params_half) - (count + (count & 1u));
-}
-
-fn load_f16(j: u32) -> f32 {
-    let v = unpack2x16float(params_half[j >> 1u]);
-    return select(v.x, v.y, (j & 1u) == 1u);
-}
-
-fn load_bf16(j: u32) -> f32 {
-    let w = params_half[j >> 1u];
-    return bitcast<f32>(select(w << 16u, w & 0xffff0000u, (j & 1u) == 1u));
-}
+// Copying f32 shadows into the parameters; into 16-bit ones rounding to nearest, ties to even
+// (WGSL leaves the rounding of its own conversions to the implementation, so it is done by
+// hand). A 16-bit item is 2 words; a half past the tensor's end (in its last word) is kept.
 
 @compute @workgroup_size(256)
-fn update_f16(
+fn to_params(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
+    let total = total_items();
+    var row = 0u;
+    for (var j = 0u; j < PER_THREAD; j++) {
+        let v = item_index(wid, nwg, lid, j);
+        if v >= total {
+            return;
+        }
+        row = find_row(v, row);
+        let it = locate(v, row);
+        let s = shadow[it.sh];
+        let i = it.seg.param + it.e;
+        if it.seg.dtype == 0u {
+            store_n(it.seg.slot, i, bitcast<vec4<u32>>(s), it.n);
+            continue;
+        }
+        var h: vec4<u32>;
+        for (var c = 0u; c < 4u; c++) {
+            if it.seg.dtype == 1u {
+                h[c] = f32_to_f16_rne(s[c]);
+            } else {
+                h[c] = f32_to_bf16_rne(s[c]);
+            }
+        }
+        let w = i >> 1u;
+        var hi0 = h.y;
+        if it.n < 2u {
+            hi0 = load1_rw(it.seg.slot, w) >> 16u;
+        }
+        store_rw(it.seg.slot, w, h.x | (hi0 << 16u));
+        if it.n > 2u {
+            var hi1 = h.w;
+            if it.n < 4u {
+                hi1 = load1_rw(it.seg.slot, w + 1u) >> 16u;
+            }
+            store_rw(it.seg.slot, w + 1u, h.z | (hi1 << 16u));
+        }
     }
-    shadow[i] = ema1(shadow[i], load_f16(half_shift(count) + i), step.alpha);
 }
-
-@compute @workgroup_size(256)
-fn update_bf16(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    shadow[i] = ema1(shadow[i], load_bf16(half_shift(count) + i), step.alpha);
-}
-
-@compute @workgroup_size(256)
-fn copy_f16(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    shadow[i] = load_f16(half_shift(count) + i);
-}
-
-@compute @workgroup_size(256)
-fn copy_bf16(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let i = linear_index(wid, nwg, lid);
-    if i >= count {
-        return;
-    }
-    shadow[i] = load_bf16(half_shift(count) + i);
-}
-
-// Copying f32 shadows into 16-bit parameters, rounding to nearest, ties to even (WGSL leaves
-// the rounding of its own conversions to the implementation, so it is done by hand). One
-// invocation per u32 word: both halves are written together, and a half that belongs to
-// another tensor (at the end of the range) is kept.
-
-@group(0) @binding(0) var<storage, read_write> params_half_rw: array<u32>;
 
 fn f32_to_bf16_rne(x: f32) -> u32 {
     let b = bitcast<u32>(x);
@@ -498,47 +410,3 @@ fn f32_to_f16_rne(x: f32) -> u32 {
     return sign | h;
 }
 
-fn to_params_word(w: u32, count: u32, bf16: bool) {
-    let words = (count + 1u) / 2u;
-    let base = arrayLength(&params_half_rw) - words;
-    let i = 2u * w;
-    let old = params_half_rw[base + w];
-    var lo = f32_to_f16_rne(shadow[i]);
-    if bf16 {
-        lo = f32_to_bf16_rne(shadow[i]);
-    }
-    var hi = old >> 16u;
-    if i + 1u < count {
-        hi = f32_to_f16_rne(shadow[i + 1u]);
-        if bf16 {
-            hi = f32_to_bf16_rne(shadow[i + 1u]);
-        }
-    }
-    params_half_rw[base + w] = lo | (hi << 16u);
-}
-
-@compute @workgroup_size(256)
-fn to_params_f16(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let w = linear_index(wid, nwg, lid);
-    if w < (count + 1u) / 2u {
-        to_params_word(w, count, false);
-    }
-}
-
-@compute @workgroup_size(256)
-fn to_params_bf16(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let count = arrayLength(&shadow);
-    let w = linear_index(wid, nwg, lid);
-    if w < (count + 1u) / 2u {
-        to_params_word(w, count, true);
-    }
-}

@@ -1,21 +1,38 @@
-//! Where every element lives, and how a step's work splits into storage bindings.
+//! Where every element lives, and how a step's work is cut into dispatches.
 //!
-//! Pure arithmetic, no GPU: a *segment* is a run of elements that one bind group covers,
-//! with the parameters bound at the storage-aligned offset at or below their first element
-//! (`shift` elements in) and the shadows bound exactly. Segments never exceed the device's
-//! `max_storage_buffer_binding_size`; every split falls on a multiple of the storage offset
-//! alignment, so all chunks of a run have the same shift.
+//! Pure arithmetic, no GPU. The pieces fit together like this:
+//! - **Shadows** ([`place_shadows`]): each tensor's shadow is one run of f32 (several *pieces*
+//!   only past one storage binding), starting at a storage-aligned offset of a crate-owned
+//!   buffer no larger than one binding, so a whole shadow buffer is always one binding.
+//! - **Parameter windows** ([`window_of`]): a parameter buffer is bound whole when it fits
+//!   one binding, else through windows of one binding every half binding, so any run of up to
+//!   half a binding lies inside one window.
+//! - **Segments** ([`plan_tensor`]): a run of one tensor's elements whose shadows lie in one
+//!   shadow buffer and whose parameters lie in one window: one row of the chunk table.
+//! - **Dispatches** ([`group_segments`]): segments sharing a shadow buffer and at most `slots`
+//!   distinct windows run in one dispatch, the shader choosing the window by slot number.
+//!   Its work is a list of *items* (4 consecutive elements of one segment), numbered across
+//!   the segments; each invocation takes [`ITEMS_PER_THREAD`] items, so small tensors share
+//!   workgroups instead of leaving lanes idle.
 
-/// Elements per workgroup invocation group (`@workgroup_size` in `shaders/ema.wgsl`).
+use crate::tensors::ParamDtype;
+
+/// Invocations per workgroup (`@workgroup_size` in `shaders/ema.wgsl`).
 pub(crate) const WORKGROUP: u64 = 256;
+/// Items per invocation (`PER_THREAD` in the shader).
+pub(crate) const ITEMS_PER_THREAD: u64 = 4;
+/// Elements per item: one `vec4<f32>` of shadows.
+pub(crate) const ITEM: u64 = 4;
 /// The most workgroups in one dimension of a dispatch (WebGPU's default limit).
 pub(crate) const MAX_GROUPS_PER_DIM: u64 = 65_535;
+/// Bytes of one chunk-table row (`struct Seg` in the shader).
+pub(crate) const ROW_BYTES: u64 = 32;
 
 /// The device limits the planner needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PlanLimits {
     /// Granularity of offsets that may start a binding: the storage offset alignment, and at
-    /// least 16 bytes so that vec4 chunks stay whole.
+    /// least 16 bytes so that shadow items (vec4) stay whole.
     pub align: u64,
     /// Largest binding, in bytes, a multiple of `align`.
     pub max_binding: u64,
@@ -28,7 +45,9 @@ impl PlanLimits {
         let align = u64::from(limits.min_storage_buffer_offset_alignment).max(16);
         let max_binding = limits
             .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size);
+            .min(limits.max_buffer_size)
+            // Element offsets travel as u32 in the chunk table.
+            .min(1 << 32);
         Self {
             align,
             max_binding: max_binding / align * align,
@@ -37,122 +56,9 @@ impl PlanLimits {
     }
 }
 
-/// Rounds `x` up to a multiple of `a` (a power of two or any positive number).
+/// Rounds `x` up to a multiple of `a` (any positive number).
 pub(crate) fn align_up(x: u64, a: u64) -> u64 {
     x.div_ceil(a) * a
-}
-
-/// Which entry point a segment runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum Kind {
-    /// Four elements per invocation (`vec4<f32>`): shift and count multiples of 4.
-    Vec4,
-    /// One element per invocation.
-    Scalar,
-    /// f16 parameters (two per u32 word), one element per invocation.
-    F16,
-    /// bf16 parameters (two per u32 word), one element per invocation.
-    BF16,
-}
-
-/// One bind group's worth of work.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct SegmentPlan {
-    pub kind: Kind,
-    /// Byte offset of the parameter binding (storage-aligned).
-    pub param_offset: u64,
-    /// Byte size of the parameter binding: `(shift + count) * 4`.
-    pub param_size: u64,
-    /// Byte offset of the shadow binding (storage-aligned); its size is `count * 4`.
-    pub shadow_offset: u64,
-    /// Elements.
-    pub count: u64,
-}
-
-impl SegmentPlan {
-    /// Workgroups as (x, y): 2-D once one dimension's 65,535 is not enough.
-    pub fn groups(&self) -> (u32, u32) {
-        let items = match self.kind {
-            Kind::Vec4 => self.count / 4,
-            _ => self.count,
-        };
-        let groups = items.div_ceil(WORKGROUP).max(1);
-        let x = groups.min(MAX_GROUPS_PER_DIM);
-        let y = groups.div_ceil(x);
-        // max_binding <= 4 GiB keeps y far below 65,535.
-        (x as u32, y as u32)
-    }
-}
-
-/// Plans a run of `n` elements whose parameters start at byte `param_offset` (a multiple of
-/// 4) and whose shadows start at byte `shadow_offset` (a multiple of `lim.align`).
-/// `vec4` allows the vec4 entry point where the parameters' alignment permits it; `n` must
-/// then be a multiple of 4 for it to be used.
-pub(crate) fn plan_run(
-    param_offset: u64,
-    shadow_offset: u64,
-    n: u64,
-    vec4: bool,
-    lim: &PlanLimits,
-) -> Vec<SegmentPlan> {
-    debug_assert_eq!(param_offset % 4, 0);
-    debug_assert_eq!(shadow_offset % lim.align, 0);
-    let mut out = Vec::new();
-    let mut done = 0u64;
-    while done < n {
-        let p = param_offset + done * 4;
-        let bind = p / lim.align * lim.align;
-        let shift = (p - bind) / 4;
-        let kind = if vec4 && shift.is_multiple_of(4) && n.is_multiple_of(4) {
-            Kind::Vec4
-        } else {
-            Kind::Scalar
-        };
-        let fits = (lim.max_binding - shift * 4) / lim.align * lim.align / 4;
-        let count = (n - done).min(fits);
-        out.push(SegmentPlan {
-            kind,
-            param_offset: bind,
-            param_size: (shift + count) * 4,
-            shadow_offset: shadow_offset + done * 4,
-            count,
-        });
-        done += count;
-    }
-    out
-}
-
-/// Plans a run of `n` 16-bit parameters (f16 or bf16, `kind`) starting at byte
-/// `param_offset` (a multiple of 4, so that the shift into the binding is even) with f32
-/// shadows from byte `shadow_offset` (a multiple of `lim.align`). The parameter binding is
-/// rounded up to whole u32 words.
-pub(crate) fn plan_run_half(
-    param_offset: u64,
-    shadow_offset: u64,
-    n: u64,
-    kind: Kind,
-    lim: &PlanLimits,
-) -> Vec<SegmentPlan> {
-    debug_assert_eq!(param_offset % 4, 0);
-    let mut out = Vec::new();
-    let mut done = 0u64;
-    let step = lim.align / 4;
-    while done < n {
-        let p = param_offset + done * 2;
-        let bind = p / lim.align * lim.align;
-        let shift = (p - bind) / 2;
-        let fits = ((lim.max_binding / 2 - shift).min(lim.max_binding / 4) / step) * step;
-        let count = (n - done).min(fits);
-        out.push(SegmentPlan {
-            kind,
-            param_offset: bind,
-            param_size: ((shift + count) * 2).next_multiple_of(4),
-            shadow_offset: shadow_offset + done * 4,
-            count,
-        });
-        done += count;
-    }
-    out
 }
 
 /// Where part of a tensor's shadow lives: `len` elements from byte `offset` of shadow buffer
@@ -164,34 +70,217 @@ pub(crate) struct Piece {
     pub len: u64,
 }
 
-/// Each region's (buffer, byte offset), and each buffer's size.
-pub(crate) type Packing = (Vec<(usize, u64)>, Vec<u64>);
+/// Each tensor's shadow pieces, and each shadow buffer's size in bytes.
+pub(crate) type Placement = (Vec<Vec<Piece>>, Vec<u64>);
 
-/// Packs regions of `sizes` bytes into buffers of at most `max_buffer` bytes, each region
-/// starting at a multiple of `align`. Returns each region's (buffer, offset) and the buffers'
-/// sizes, or the index of a region that fits in no buffer.
-pub(crate) fn pack(sizes: &[u64], align: u64, max_buffer: u64) -> Result<Packing, usize> {
-    let mut places = Vec::with_capacity(sizes.len());
+/// Places the shadows of tensors of `numels` elements, in order, into buffers of at most one
+/// binding, each piece starting at a multiple of `align`: a shadow that fits one binding is one
+/// piece; a larger one is cut into pieces on `align` boundaries (so that every piece but the
+/// last holds whole items), the first filling what the last buffer has left.
+/// Returns `None` when a size overflows.
+pub(crate) fn place_shadows(numels: &[u64], lim: &PlanLimits) -> Option<Placement> {
+    let mut pieces = Vec::with_capacity(numels.len());
     let mut buffers: Vec<u64> = Vec::new();
-    for (i, &size) in sizes.iter().enumerate() {
-        if size > max_buffer {
-            return Err(i);
+    for &n in numels {
+        let mut mine = Vec::new();
+        let mut done = 0u64;
+        // A shadow larger than one binding is split anyway: it starts in the room the last
+        // buffer has left (whole alignment units), so it costs no more buffers than it must.
+        let split = n.checked_mul(4)? > lim.max_binding;
+        while done < n {
+            let used = buffers.last().map(|&u| align_up(u, lim.align));
+            let room = used.map_or(0, |u| lim.max_binding.saturating_sub(u));
+            let left = (n - done).checked_mul(4)?;
+            let bytes = if left <= room {
+                left
+            } else if split && room >= lim.align {
+                room / lim.align * lim.align
+            } else {
+                buffers.push(0);
+                left.min(lim.max_binding)
+            };
+            let b = buffers.len() - 1;
+            let at = align_up(buffers[b], lim.align);
+            mine.push(Piece {
+                buffer: b,
+                offset: at,
+                len: bytes / 4,
+            });
+            buffers[b] = at + bytes;
+            done += bytes / 4;
         }
-        let fits_last = buffers
-            .last()
-            .is_some_and(|&used| align_up(used, align) + size <= max_buffer);
-        if !fits_last {
-            buffers.push(0);
-        }
-        let b = buffers.len() - 1;
-        let at = align_up(buffers[b], align);
-        places.push((b, at));
-        buffers[b] = at + size;
+        pieces.push(mine);
     }
     for b in &mut buffers {
-        *b = align_up((*b).max(4), align);
+        *b = align_up((*b).max(4), lim.align);
     }
-    Ok((places, buffers))
+    Some((pieces, buffers))
+}
+
+/// A binding of part of a parameter buffer: `size` bytes from byte `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Window {
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// The window that byte `byte` of a parameter buffer of `buffer_size` bytes is read through.
+pub(crate) fn window_of(byte: u64, buffer_size: u64, lim: &PlanLimits) -> Window {
+    if buffer_size <= lim.max_binding {
+        return Window {
+            offset: 0,
+            size: buffer_size / 4 * 4,
+        };
+    }
+    let stride = (lim.max_binding / 2 / lim.align * lim.align).max(lim.align);
+    let offset = byte / stride * stride;
+    Window {
+        offset,
+        size: (lim.max_binding.min(buffer_size - offset)) / 4 * 4,
+    }
+}
+
+/// One row of the chunk table: `count` elements of one tensor, parameters from element
+/// `param` of `window` (in units of the dtype), shadows from element `shadow` of shadow
+/// buffer `shadow_buffer`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SegPlan {
+    pub window: Window,
+    pub param: u64,
+    pub shadow_buffer: usize,
+    pub shadow: u64,
+    pub count: u64,
+    pub dtype: ParamDtype,
+}
+
+impl SegPlan {
+    /// Items (4 elements, the last one padded) this segment takes.
+    pub fn items(&self) -> u64 {
+        self.count.div_ceil(ITEM)
+    }
+}
+
+/// Cuts a tensor whose shadow is `pieces` and whose parameters start at byte `param_offset`
+/// (a multiple of 4) of a buffer of `buffer_size` bytes into segments.
+pub(crate) fn plan_tensor(
+    pieces: &[Piece],
+    param_offset: u64,
+    dtype: ParamDtype,
+    buffer_size: u64,
+    lim: &PlanLimits,
+) -> Vec<SegPlan> {
+    let size = dtype.size();
+    let mut out = Vec::new();
+    let mut done = 0u64;
+    for piece in pieces {
+        let mut inside = 0u64;
+        while inside < piece.len {
+            let p = param_offset + (done + inside) * size;
+            let window = window_of(p, buffer_size, lim);
+            let room = (window.offset + window.size).saturating_sub(p) / size;
+            let left = piece.len - inside;
+            // A segment that stops early ends on an item boundary, so that the next one's
+            // shadows start a whole item and its 16-bit parameters a whole word.
+            let count = if left <= room {
+                left
+            } else {
+                room / ITEM * ITEM
+            };
+            if count == 0 {
+                // Only past the end of a buffer, which validation rules out.
+                break;
+            }
+            out.push(SegPlan {
+                window,
+                param: (p - window.offset) / size,
+                shadow_buffer: piece.buffer,
+                shadow: piece.offset / 4 + inside,
+                count,
+                dtype,
+            });
+            inside += count;
+        }
+        done += piece.len;
+    }
+    out
+}
+
+/// One dispatch: segments (indices into the planner's input) over one shadow buffer, reading
+/// parameters through at most `slots` windows, each named by (parameter buffer id, window).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct GroupPlan {
+    pub shadow_buffer: usize,
+    pub slots: Vec<(usize, Window)>,
+    pub segments: Vec<usize>,
+}
+
+/// Groups segments, each given with the id of its parameter buffer, into dispatches: per
+/// shadow buffer, its distinct windows in order of first use, `slots` per dispatch.
+pub(crate) fn group_segments(segs: &[(usize, SegPlan)], slots: usize) -> Vec<GroupPlan> {
+    let slots = slots.max(1);
+    let mut by_shadow: Vec<usize> = segs.iter().map(|(_, s)| s.shadow_buffer).collect();
+    by_shadow.sort_unstable();
+    by_shadow.dedup();
+    let mut out = Vec::new();
+    for sb in by_shadow {
+        let first = out.len();
+        for (i, (buf, s)) in segs.iter().enumerate() {
+            if s.shadow_buffer != sb {
+                continue;
+            }
+            let key = (*buf, s.window);
+            let found = out[first..]
+                .iter()
+                .position(|g: &GroupPlan| g.slots.contains(&key));
+            let g = match found {
+                Some(g) => first + g,
+                None => {
+                    if out.len() == first || out.last().is_some_and(|g| g.slots.len() == slots) {
+                        out.push(GroupPlan {
+                            shadow_buffer: sb,
+                            slots: Vec::new(),
+                            segments: Vec::new(),
+                        });
+                    }
+                    let last = out.len() - 1;
+                    out[last].slots.push(key);
+                    last
+                }
+            };
+            out[g].segments.push(i);
+        }
+    }
+    out
+}
+
+/// A chunk-table row as the shader reads it (`struct Seg`): first item, element count,
+/// parameter element, shadow element, slot, dtype code, padding.
+pub(crate) fn row(vstart: u64, seg: &SegPlan, slot: usize) -> [u32; 8] {
+    let dtype = match seg.dtype {
+        ParamDtype::F32 => 0,
+        ParamDtype::F16 => 1,
+        ParamDtype::BF16 => 2,
+    };
+    // Every value fits: offsets are below one binding (at most 4 GiB) in elements.
+    [
+        vstart as u32,
+        seg.count as u32,
+        seg.param as u32,
+        seg.shadow as u32,
+        slot as u32,
+        dtype,
+        0,
+        0,
+    ]
+}
+
+/// Workgroups as (x, y) for `items` items: 2-D once one dimension's 65,535 is not enough.
+pub(crate) fn workgroups(items: u64) -> (u32, u32) {
+    let groups = items.div_ceil(WORKGROUP * ITEMS_PER_THREAD).max(1);
+    let x = groups.min(MAX_GROUPS_PER_DIM);
+    let y = groups.div_ceil(x);
+    // A dispatch covers one shadow buffer (at most 4 GiB): y stays far below 65,535.
+    (x as u32, y as u32)
 }
 
 #[cfg(test)]
@@ -205,80 +294,138 @@ mod tests {
     };
 
     #[test]
-    fn aligned_run_is_one_vec4_segment() {
-        let s = plan_run(512, 0, 1024, true, &LAVAPIPE);
-        assert_eq!(s.len(), 1);
-        assert_eq!(s[0].kind, Kind::Vec4);
-        assert_eq!((s[0].param_offset, s[0].param_size), (512, 4096));
-    }
-
-    #[test]
-    fn misaligned_run_is_scalar_with_shift() {
-        // 4 bytes past an aligned offset: shift 1, scalar.
-        let s = plan_run(260, 0, 10, true, &LAVAPIPE);
-        assert_eq!(s.len(), 1);
-        assert_eq!(s[0].kind, Kind::Scalar);
-        assert_eq!(s[0].param_offset, 256);
-        assert_eq!(s[0].param_size, 44);
-        // 16 bytes past: shift 4, vec4 allowed.
-        let s = plan_run(272, 0, 8, true, &LAVAPIPE);
-        assert_eq!(s[0].kind, Kind::Vec4);
-        assert_eq!(s[0].param_size, 48);
-    }
-
-    #[test]
-    fn large_run_splits_at_the_binding_limit() {
-        let n = (128u64 << 20) / 4 + 1; // one element past 128 MiB
-        let s = plan_run(0, 0, n + 3, true, &LAVAPIPE);
-        assert_eq!(s.len(), 2);
-        assert!(s.iter().all(|x| x.param_size <= LAVAPIPE.max_binding));
-        assert_eq!(s[0].count + s[1].count, n + 3);
-        assert_eq!(s[1].shadow_offset, s[0].count * 4);
-        assert_eq!(s[1].shadow_offset % 256, 0);
-        // With a shift, the first chunk leaves room for it.
-        let s = plan_run(4, 0, n, false, &LAVAPIPE);
-        assert!(s.iter().all(|x| x.param_size <= LAVAPIPE.max_binding));
-        assert_eq!(s.iter().map(|x| x.count).sum::<u64>(), n);
-        assert!(s.iter().all(|x| (x.param_size / 4 - x.count) == 1));
-    }
-
-    #[test]
-    fn half_runs_have_even_shifts_and_whole_words() {
-        let s = plan_run_half(260, 0, 7, Kind::BF16, &LAVAPIPE);
-        assert_eq!(s.len(), 1);
-        assert_eq!(s[0].param_offset, 256);
-        // shift 2 halves + 7 halves = 9 halves -> 5 words.
-        assert_eq!(s[0].param_size, 20);
-        let big = plan_run_half(4, 0, (128u64 << 20) / 2, Kind::F16, &LAVAPIPE);
-        assert!(big.len() >= 2);
-        assert!(big
+    fn shadows_start_aligned_and_split_past_one_binding() {
+        let big = (128u64 << 20) / 4 + 5;
+        let (pieces, bufs) = place_shadows(&[3, 10, big, 0], &LAVAPIPE).unwrap();
+        // The big one starts in the first buffer's room and ends in a second.
+        assert_eq!(
+            pieces[0],
+            vec![Piece {
+                buffer: 0,
+                offset: 0,
+                len: 3
+            }]
+        );
+        assert_eq!(
+            pieces[1],
+            vec![Piece {
+                buffer: 0,
+                offset: 256,
+                len: 10
+            }]
+        );
+        assert_eq!(pieces[2].len(), 2);
+        assert_eq!(pieces[2][0].len + pieces[2][1].len, big);
+        assert!(pieces[3].is_empty());
+        assert!(bufs
             .iter()
-            .all(|x| x.param_size <= LAVAPIPE.max_binding && x.count * 4 <= LAVAPIPE.max_binding));
-        assert!(big.iter().all(|x| x.shadow_offset % 256 == 0));
-        assert_eq!(big.iter().map(|x| x.count).sum::<u64>(), (128u64 << 20) / 2);
+            .all(|&b| b <= LAVAPIPE.max_binding && b % 256 == 0));
+        for p in pieces.iter().flatten() {
+            assert!(p.offset.is_multiple_of(256) && p.offset + p.len * 4 <= bufs[p.buffer]);
+        }
     }
 
     #[test]
-    fn groups_go_2d_past_65535() {
-        let seg = SegmentPlan {
-            kind: Kind::Scalar,
-            param_offset: 0,
-            param_size: 0,
-            shadow_offset: 0,
-            count: 65_535 * 256 + 1,
+    fn small_buffers_are_one_window_large_ones_overlap() {
+        let w = window_of(12, 1000, &LAVAPIPE);
+        assert_eq!(
+            w,
+            Window {
+                offset: 0,
+                size: 1000
+            }
+        );
+        let size = 300u64 << 20;
+        let w = window_of(100 << 20, size, &LAVAPIPE);
+        assert_eq!(
+            w,
+            Window {
+                offset: 64 << 20,
+                size: 128 << 20
+            }
+        );
+        let w = window_of(size - 4, size, &LAVAPIPE);
+        assert_eq!(w.offset + w.size, size);
+    }
+
+    #[test]
+    fn segments_follow_pieces_and_windows() {
+        let pieces = [Piece {
+            buffer: 2,
+            offset: 512,
+            len: 7,
+        }];
+        let s = plan_tensor(&pieces, 260, ParamDtype::F32, 4096, &LAVAPIPE);
+        assert_eq!(s.len(), 1);
+        assert_eq!(
+            (s[0].param, s[0].shadow, s[0].count, s[0].items()),
+            (65, 128, 7, 2)
+        );
+        // A tensor crossing a window boundary of a large buffer splits on an item boundary.
+        let size = 300u64 << 20;
+        let n = 40u64 << 20;
+        let pieces = [Piece {
+            buffer: 0,
+            offset: 0,
+            len: n,
+        }];
+        let s = plan_tensor(&pieces, (120 << 20) + 4, ParamDtype::F32, size, &LAVAPIPE);
+        assert_eq!(s.iter().map(|x| x.count).sum::<u64>(), n);
+        assert!(s.len() >= 2 && s[0].count.is_multiple_of(4));
+        for x in &s {
+            assert!(x.param * 4 + x.count * 4 <= x.window.size);
+        }
+        assert_eq!(s[1].shadow, s[0].count);
+    }
+
+    #[test]
+    fn half_segments_count_in_halves() {
+        let pieces = [Piece {
+            buffer: 0,
+            offset: 0,
+            len: 9,
+        }];
+        let s = plan_tensor(&pieces, 8, ParamDtype::BF16, 64, &LAVAPIPE);
+        assert_eq!((s[0].param, s[0].count), (4, 9));
+    }
+
+    #[test]
+    fn groups_hold_at_most_slots_windows_per_shadow_buffer() {
+        let seg = |buf: usize, sb: usize| {
+            (
+                buf,
+                SegPlan {
+                    window: Window {
+                        offset: 0,
+                        size: 64,
+                    },
+                    param: 0,
+                    shadow_buffer: sb,
+                    shadow: 0,
+                    count: 4,
+                    dtype: ParamDtype::F32,
+                },
+            )
         };
-        assert_eq!(seg.groups(), (65_535, 2));
-        let one = SegmentPlan { count: 1, ..seg };
-        assert_eq!(one.groups(), (1, 1));
+        let segs = [
+            seg(0, 0),
+            seg(1, 0),
+            seg(0, 0),
+            seg(2, 0),
+            seg(3, 1),
+            seg(1, 0),
+        ];
+        let g = group_segments(&segs, 2);
+        assert_eq!(g.len(), 3);
+        assert_eq!(g[0].slots.len(), 2);
+        assert_eq!(g[0].segments, vec![0, 1, 2, 5]);
+        assert_eq!(g[1].segments, vec![3]);
+        assert_eq!((g[2].shadow_buffer, g[2].segments.clone()), (1, vec![4]));
     }
 
     #[test]
-    fn packing_respects_alignment_and_buffer_size() {
-        let (places, bufs) = pack(&[4, 1000, 300], 256, 1024).unwrap();
-        assert_eq!(places, vec![(0, 0), (1, 0), (2, 0)]);
-        assert_eq!(bufs, vec![256, 1024, 512]);
-        let (places, _) = pack(&[4, 8, 12], 256, 1024).unwrap();
-        assert_eq!(places, vec![(0, 0), (0, 256), (0, 512)]);
-        assert_eq!(pack(&[2048], 256, 1024), Err(0));
+    fn workgroups_go_2d_past_65535() {
+        assert_eq!(workgroups(1), (1, 1));
+        assert_eq!(workgroups(65_535 * 1024 + 1), (65_535, 2));
     }
 }

@@ -3,7 +3,14 @@
 
 use std::num::NonZeroU64;
 
+use super::bindings::{self, Shape};
+use super::pipelines::STEP_BYTES;
 use super::*;
+use crate::layout;
+
+/// The most parameter bindings one dispatch selects between (the `switch` in the shader
+/// grows with it).
+const MAX_SLOTS: usize = 64;
 
 /// Configures a [`GpuEma`]: schedule, numerics, and the tensors to track.
 ///
@@ -172,50 +179,35 @@ impl<'a> GpuEmaBuilder<'a> {
             ..Stepper::new(self.schedule, self.numerics)?
         };
         let lim = PlanLimits::from_device(&device.limits());
-        let mut names: Vec<&str> = Vec::new();
-        let arena_specs = self.arena.map_or(&[][..], |a| a.specs());
-        for name in arena_specs
-            .iter()
-            .chain(self.buffers.iter().map(|(s, _, _, _)| s))
-            .map(|s| s.name.as_str())
-        {
-            if names.contains(&name) {
-                return Err(Error::DuplicateName { name: name.into() });
+        // Every tensor as (spec, buffer, offset, dtype, in arena): the arena's first.
+        let mut all: Vec<(TensorSpec, &wgpu::Buffer, u64, ParamDtype, bool)> = Vec::new();
+        if let Some(a) = self.arena {
+            for (spec, &offset) in a.specs().iter().zip(a.offsets()) {
+                all.push((spec.clone(), a.buffer(), offset, ParamDtype::F32, true));
             }
-            names.push(name);
         }
-        for (spec, buffer, offset, dtype) in &self.buffers {
-            validate_binding(spec, buffer, *offset, *dtype)?;
-            if *dtype != ParamDtype::F32 && (emas > 1 || self.compensated) {
-                return Err(Error::HalfPrecision {
+        for (spec, buffer, offset, dtype) in self.buffers {
+            validate_binding(&spec, buffer, offset, dtype)?;
+            all.push((spec, buffer, offset, dtype, false));
+        }
+        let mut names = HashMap::with_capacity(all.len());
+        for (i, (spec, ..)) in all.iter().enumerate() {
+            if names.insert(spec.name.clone(), i).is_some() {
+                return Err(Error::DuplicateName {
                     name: spec.name.clone(),
-                    what: "several EMAs in one pass or compensated shadows",
                 });
             }
         }
 
-        // Shadow placement: the arena's shadows mirror it in one buffer (index 0); each user
-        // tensor gets a body and a tail region, packed into further buffers.
-        let mut regions = Vec::new();
-        for (spec, _, _, dtype) in &self.buffers {
-            let n = spec.numel();
-            // 16-bit parameters run the scalar kernels: one region, no tail.
-            let tail = if *dtype == ParamDtype::F32 { n % 4 } else { 0 };
-            regions.push((n - tail) * 4);
-            regions.push(tail * 4);
-        }
-        let (places, sizes) =
-            layout::pack(&regions, lim.align, lim.max_buffer).map_err(|i| Error::TooLarge {
-                what: format!("shadow of tensor `{}`", self.buffers[i / 2].0.name),
-                bytes: regions[i],
+        // Shadows: each tensor's one run (pieces only past one binding), packed into buffers
+        // of one binding each; compensation terms and further EMAs mirror that layout.
+        let numels: Vec<u64> = all.iter().map(|(s, ..)| s.numel()).collect();
+        let (pieces, buffer_sizes) =
+            layout::place_shadows(&numels, &lim).ok_or_else(|| Error::TooLarge {
+                what: "shadows".into(),
+                bytes: u64::MAX,
                 limit: lim.max_buffer,
             })?;
-        let mut buffer_sizes = Vec::new();
-        let first_user_buffer = usize::from(self.arena.is_some());
-        if let Some(a) = self.arena {
-            buffer_sizes.push(a.size());
-        }
-        buffer_sizes.extend(sizes);
         let make_buffers = |label: &str| -> Vec<wgpu::Buffer> {
             buffer_sizes
                 .iter()
@@ -231,30 +223,43 @@ impl<'a> GpuEmaBuilder<'a> {
                 })
                 .collect()
         };
-        let shadow_buffers = make_buffers("wgpu-ema shadows");
-        // The compensation terms mirror the shadows' layout, buffer for buffer.
-        let comp_buffers = if self.compensated {
+        let mut shadows = vec![make_buffers("wgpu-ema shadows")];
+        for _ in &self.extra_emas {
+            shadows.push(make_buffers("wgpu-ema shadows (further EMA)"));
+        }
+        let comp = if self.compensated {
             make_buffers("wgpu-ema compensation")
         } else {
             Vec::new()
         };
-        // Further EMAs mirror it too, plus a placeholder for the shader's unused slots.
-        let extra_shadows: Vec<Vec<wgpu::Buffer>> = self
-            .extra_emas
-            .iter()
-            .map(|_| make_buffers("wgpu-ema shadows (further EMA)"))
-            .collect();
-        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-ema unused EMA slot"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+        let placeholder = |label: &str| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        let store = Store {
+            shadows,
+            comp,
+            placeholder_read: placeholder("wgpu-ema unused binding (read)"),
+            placeholder_write: placeholder("wgpu-ema unused binding (read-write)"),
+        };
 
         let immediates = self.prefer_immediates
             && device.features().contains(wgpu::Features::IMMEDIATES)
             && u64::from(device.limits().max_immediate_size) >= STEP_BYTES;
-        let pipes = Pipelines::new(device, immediates, self.numerics, self.compensated, emas);
+        let mut shape = Shape {
+            emas,
+            compensated: self.compensated,
+            slots: 0,
+        };
+        let storage = device.limits().max_storage_buffers_per_shader_stage as usize;
+        shape.slots = storage
+            .saturating_sub(bindings::fixed_bindings(&shape))
+            .clamp(1, MAX_SLOTS);
+        let pipes = Pipelines::new(device, immediates, self.numerics, &shape);
         let step = match &pipes.ring_layout {
             None => StepValues::Immediates,
             Some(ring_layout) => {
@@ -290,67 +295,35 @@ impl<'a> GpuEmaBuilder<'a> {
             }
         };
 
+        let tensors = all
+            .into_iter()
+            .zip(pieces)
+            .map(
+                |((spec, buffer, offset, dtype, in_arena), pieces)| Tracked {
+                    spec,
+                    buffer: buffer.clone(),
+                    offset,
+                    dtype,
+                    in_arena,
+                    pieces,
+                },
+            )
+            .collect();
         let mut ema = GpuEma {
             device: device.clone(),
             queue: queue.clone(),
             stepper,
-            lim,
             pipes,
             step,
-            tensors: Vec::new(),
-            shadow_buffers,
-            comp_buffers,
-            extra: self.extra_emas.into_iter().zip(extra_shadows).collect(),
-            placeholder,
-            arena: None,
-            arena_segments: Vec::new(),
-            rw_segments: None,
+            tensors,
+            names,
+            extra: self.extra_emas,
+            store,
+            work: Dispatches::new(shape, lim),
+            arena: self.arena.cloned(),
             swapped: false,
         };
-        if let Some(a) = self.arena {
-            let plans = layout::plan_run(0, 0, a.size() / 4, true, &lim);
-            ema.arena_segments = ema.make_segments(a.buffer(), 0, &plans, false);
-            for (spec, &offset) in a.specs().iter().zip(a.offsets()) {
-                ema.tensors.push(Tracked {
-                    spec: spec.clone(),
-                    source: Source::Arena,
-                    pieces: vec![Piece {
-                        buffer: 0,
-                        offset,
-                        len: spec.numel(),
-                    }],
-                });
-            }
-            ema.arena = Some(a.clone());
-        }
-        for (i, (spec, buffer, offset, dtype)) in self.buffers.into_iter().enumerate() {
-            let n = spec.numel();
-            let tail = if dtype == ParamDtype::F32 { n % 4 } else { 0 };
-            let piece = |k: usize, len: u64| {
-                let (b, off) = places[2 * i + k];
-                Piece {
-                    buffer: first_user_buffer + b,
-                    offset: off,
-                    len,
-                }
-            };
-            let pieces: Vec<Piece> = [piece(0, n - tail), piece(1, tail)]
-                .into_iter()
-                .filter(|p| p.len > 0)
-                .collect();
-            let segments = ema.tensor_segments(&pieces, buffer, offset, dtype, false);
-            ema.tensors.push(Tracked {
-                spec,
-                source: Source::Buffer {
-                    buffer: buffer.clone(),
-                    offset,
-                    dtype,
-                    segments,
-                    cache: Vec::new(),
-                },
-                pieces,
-            });
-        }
+        ema.rebuild_dispatches();
         // shadows := params, on the GPU.
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("wgpu-ema init"),

@@ -21,60 +21,45 @@ impl GpuEma {
     }
 
     /// Points tracked tensor `name` at another buffer and offset (frameworks such as burn hand
-    /// out a new one after each optimizer step). Bind groups are cached for the last few
-    /// (buffer, offset) pairs of each tensor, so alternating between buffers creates nothing.
-    /// Arena tensors cannot be rebound.
+    /// out a new one after each optimizer step). Arena tensors cannot be rebound.
+    ///
+    /// Cheap: the tensor's rows of the chunk table are rewritten on the host and uploaded at
+    /// the next record; a buffer that one of the step's dispatches already binds (or has a
+    /// free slot for) creates no GPU resource, and sets of buffers seen before reuse their
+    /// bind groups. The rows reach the GPU with `queue.write_buffer`, that is at the next
+    /// submit on the queue: every step of one submit reads the bindings current at that
+    /// submit, so rebind between submits, not between two steps recorded for the same one.
     pub fn rebind(&mut self, name: &str, buffer: &wgpu::Buffer, byte_offset: u64) -> Result<()> {
         if self.swapped {
             return Err(Error::Swapped);
         }
         let i = self.index(name)?;
         let t = &self.tensors[i];
-        let Source::Buffer {
-            buffer: cur_buf,
-            offset: cur_off,
-            dtype,
-            cache,
-            ..
-        } = &t.source
-        else {
+        if t.in_arena {
             return Err(Error::NotRebindable {
                 name: name.to_string(),
             });
-        };
-        let dtype = *dtype;
-        builder::validate_binding(&t.spec, buffer, byte_offset, dtype)?;
-        if cur_buf == buffer && *cur_off == byte_offset {
+        }
+        builder::validate_binding(&t.spec, buffer, byte_offset, t.dtype)?;
+        if t.buffer == *buffer && t.offset == byte_offset {
             return Ok(());
         }
-        let hit = cache
-            .iter()
-            .position(|(b, o, _)| b == buffer && *o == byte_offset);
-        let new_segments = match hit {
-            Some(_) => Vec::new(),
-            None => self.tensor_segments(&t.pieces, buffer, byte_offset, dtype, false),
-        };
-        if let Source::Buffer {
-            buffer: cur_buf,
-            offset: cur_off,
-            segments,
-            cache,
-            ..
-        } = &mut self.tensors[i].source
-        {
-            let incoming = match hit {
-                Some(h) => cache.remove(h).2,
-                None => new_segments,
-            };
-            let old = std::mem::replace(segments, incoming);
-            let old_buf = std::mem::replace(cur_buf, buffer.clone());
-            cache.push((old_buf, *cur_off, old));
-            if cache.len() > REBIND_CACHE {
-                cache.remove(0);
-            }
-            *cur_off = byte_offset;
+        let t = &mut self.tensors[i];
+        t.buffer = buffer.clone();
+        t.offset = byte_offset;
+        let t = &self.tensors[i];
+        let patched = self.work.patch(
+            &self.device,
+            &self.pipes,
+            &self.store,
+            i,
+            &t.pieces,
+            &t.binding(),
+        );
+        // A failed patch, or windows that now fit in fewer dispatches: plan again.
+        if !patched || self.work.fragmented() {
+            self.rebuild_dispatches();
         }
-        self.rw_segments = None;
         Ok(())
     }
 
@@ -98,7 +83,7 @@ impl GpuEma {
         readback::start(
             &self.device,
             &self.queue,
-            &self.ranges(&self.shadow_buffers, which),
+            &self.ranges(self.shadow_buffers(), which),
         )
     }
 
@@ -111,21 +96,18 @@ impl GpuEma {
     pub fn ema_schedule(&self, k: usize) -> Option<Schedule> {
         match k {
             0 => Some(self.stepper.schedule),
-            _ => self.extra.get(k - 1).map(|(s, _)| *s),
+            _ => self.extra.get(k - 1).copied(),
         }
     }
 
     fn ema_buffers(&self, k: usize) -> Result<&[wgpu::Buffer]> {
-        match k {
-            0 => Ok(&self.shadow_buffers),
-            _ => self
-                .extra
-                .get(k - 1)
-                .map(|(_, b)| b.as_slice())
-                .ok_or_else(|| Error::UnknownName {
-                    name: format!("EMA number {k} (there are {})", self.ema_count()),
-                }),
-        }
+        self.store
+            .shadows
+            .get(k)
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::UnknownName {
+                name: format!("EMA number {k} (there are {})", self.ema_count()),
+            })
     }
 
     /// Reads every shadow of EMA `k` back, blocking (`k = 0` is
@@ -179,11 +161,11 @@ impl GpuEma {
     /// next submit on the queue, before that submit's commands.
     pub fn write_shadow(&mut self, name: &str, values: &[f32]) -> Result<()> {
         let i = self.index_with_len(name, values.len())?;
-        self.write_pieces(&self.shadow_buffers, i, values);
+        self.write_pieces(self.shadow_buffers(), i, values);
         // The old compensation term belongs to the old shadow.
-        if !self.comp_buffers.is_empty() {
+        if self.is_compensated() {
             let zeros = vec![0.0f32; values.len()];
-            self.write_pieces(&self.comp_buffers, i, &zeros);
+            self.write_pieces(&self.store.comp, i, &zeros);
         }
         Ok(())
     }
@@ -201,7 +183,7 @@ impl GpuEma {
     /// True when the shadows carry Kahan compensation terms
     /// ([`GpuEmaBuilder::compensated`]).
     pub fn is_compensated(&self) -> bool {
-        !self.comp_buffers.is_empty()
+        !self.store.comp.is_empty()
     }
 
     /// Overwrites the compensation term of `name` (restoring a checkpoint of a compensated
@@ -209,10 +191,10 @@ impl GpuEma {
     pub fn write_compensation(&mut self, name: &str, values: &[f32]) -> Result<()> {
         let i = self.index(name)?;
         let spec = &self.tensors[i].spec;
-        if values.len() as u64 != spec.numel() || self.comp_buffers.is_empty() {
+        if values.len() as u64 != spec.numel() || !self.is_compensated() {
             return Err(Error::LengthMismatch {
                 name: spec.name.clone(),
-                expected: if self.comp_buffers.is_empty() {
+                expected: if !self.is_compensated() {
                     0
                 } else {
                     spec.numel()
@@ -220,7 +202,7 @@ impl GpuEma {
                 got: values.len() as u64,
             });
         }
-        self.write_pieces(&self.comp_buffers, i, values);
+        self.write_pieces(&self.store.comp, i, values);
         Ok(())
     }
 
@@ -269,21 +251,13 @@ impl GpuEma {
                     got: values.len() as u64,
                 });
             }
-            if let Source::Buffer { dtype, .. } = &t.source {
-                if *dtype != ParamDtype::F32 {
-                    return Err(Error::HalfPrecision {
-                        name: spec.name.clone(),
-                        what: "write_params",
-                    });
-                }
+            if t.dtype != ParamDtype::F32 {
+                return Err(Error::HalfPrecision {
+                    name: spec.name.clone(),
+                    what: "write_params",
+                });
             }
-            let (buffer, offset) = match &t.source {
-                Source::Arena => {
-                    let arena = self.arena.as_ref().expect("arena tensors imply an arena");
-                    (arena.buffer(), t.pieces[0].offset)
-                }
-                Source::Buffer { buffer, offset, .. } => (buffer, *offset),
-            };
+            let (buffer, offset) = (&t.buffer, t.offset);
             if !buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
                 return Err(Error::MissingUsage {
                     name: spec.name.clone(),
@@ -303,9 +277,9 @@ impl GpuEma {
     }
 
     /// A binding of the shadow of `name`, for your own shaders (evaluating with the EMA
-    /// weights on the GPU without copying them). Available when the shadow is one contiguous
-    /// run: arena tensors, and user-buffer tensors whose element count is below 4 or a
-    /// multiple of 4 (others keep their last `n % 4` elements apart, for the vec4 kernel).
+    /// weights on the GPU without copying them). Every shadow is one contiguous run starting
+    /// at a storage-aligned offset, except those of tensors larger than one storage binding
+    /// ([`Error::NotContiguous`]).
     pub fn shadow_binding(&self, name: &str) -> Result<wgpu::BufferBinding<'_>> {
         let t = &self.tensors[self.index(name)?];
         match t.pieces.as_slice() {
@@ -315,7 +289,7 @@ impl GpuEma {
                 got: 0,
             }),
             [p] => Ok(wgpu::BufferBinding {
-                buffer: &self.shadow_buffers[p.buffer],
+                buffer: &self.shadow_buffers()[p.buffer],
                 offset: p.offset,
                 size: NonZeroU64::new(p.len * 4),
             }),

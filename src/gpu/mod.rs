@@ -6,7 +6,9 @@
 //! dispatches: no GPU resource is created and nothing waits for the host.
 
 mod arena;
+mod bindings;
 mod builder;
+mod dispatch;
 mod eval;
 mod io;
 mod pipelines;
@@ -17,49 +19,38 @@ pub use builder::GpuEmaBuilder;
 pub use pipelines::EMA_WGSL;
 pub use snapshot::Snapshot;
 
-use std::num::NonZeroU64;
+use std::collections::HashMap;
 
 use crate::cpu::Stepper;
 use crate::error::{Error, Result};
-use crate::layout::{self, Kind, Piece, PlanLimits, SegmentPlan};
+use crate::layout::{Piece, PlanLimits};
 use crate::readback;
 use crate::schedule::{Action, Numerics, Policy, Schedule};
 use crate::tensors::{HostTensors, ParamDtype, TensorSpec};
-use pipelines::{Op, Pipelines, MAX_EMAS, STEP_BYTES};
-
-/// How many (buffer, offset) bindings per tensor [`GpuEma::rebind`] keeps bind groups for.
-const REBIND_CACHE: usize = 8;
-
-/// A bind group and the workgroups it dispatches.
-#[derive(Debug)]
-struct Segment {
-    bind_group: wgpu::BindGroup,
-    kind: Kind,
-    groups: (u32, u32),
-}
-
-#[derive(Debug)]
-enum Source {
-    /// In the arena, at this byte offset.
-    Arena,
-    /// In a user buffer at a byte offset; segments are this tensor's own.
-    Buffer {
-        buffer: wgpu::Buffer,
-        offset: u64,
-        dtype: ParamDtype,
-        segments: Vec<Segment>,
-        /// Segments for bindings seen before, most recent last.
-        cache: Vec<(wgpu::Buffer, u64, Vec<Segment>)>,
-    },
-}
+use dispatch::{Dispatches, Store};
+use pipelines::{Op, Pipelines, MAX_EMAS};
 
 #[derive(Debug)]
 struct Tracked {
     spec: TensorSpec,
-    source: Source,
-    /// Where the shadow lives: one piece, or for user buffers a vec4 body and a tail of
-    /// `numel % 4` elements, each starting at a storage-aligned offset.
+    /// Where the parameters are now: a buffer (the arena's, or the caller's), a byte offset.
+    buffer: wgpu::Buffer,
+    offset: u64,
+    dtype: ParamDtype,
+    /// Arena tensors stay where the arena put them.
+    in_arena: bool,
+    /// Where the shadow lives: one piece, or several past one storage binding.
     pieces: Vec<Piece>,
+}
+
+impl Tracked {
+    fn binding(&self) -> dispatch::Binding<'_> {
+        dispatch::Binding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            dtype: self.dtype,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -81,27 +72,25 @@ enum StepValues {
 /// encoder after your optimizer's pass ([`record_update`](Self::record_update)), or let the
 /// EMA submit it ([`update`](Self::update)).
 ///
+/// A step is one dispatch per shadow buffer (one binding's worth of shadows: 128 MiB on
+/// Mesa) and group of up to [`param_slots`](Self::param_slots) distinct parameter buffers,
+/// whatever the number of tensors: a chunk table on the GPU says where each tensor is.
+///
 /// The device and queue are the caller's (clones of the handles are kept).
 #[derive(Debug)]
 pub struct GpuEma {
     device: wgpu::Device,
     queue: wgpu::Queue,
     stepper: Stepper,
-    lim: PlanLimits,
     pipes: Pipelines,
     step: StepValues,
     tensors: Vec<Tracked>,
-    shadow_buffers: Vec<wgpu::Buffer>,
-    /// Kahan compensation terms, laid out as `shadow_buffers`; empty when not compensated.
-    comp_buffers: Vec<wgpu::Buffer>,
-    /// Further EMAs updated in the same pass: schedule and shadows (laid out as
-    /// `shadow_buffers`).
-    extra: Vec<(Schedule, Vec<wgpu::Buffer>)>,
-    /// Bound to the shader's unused EMA slots.
-    placeholder: wgpu::Buffer,
+    names: HashMap<String, usize>,
+    /// Schedules of EMA 1, 2, ...; their shadows are `store.shadows[1..]`.
+    extra: Vec<Schedule>,
+    store: Store,
+    work: Dispatches,
     arena: Option<ParamArena>,
-    arena_segments: Vec<Segment>,
-    rw_segments: Option<Vec<Segment>>,
     swapped: bool,
 }
 
@@ -111,172 +100,41 @@ impl GpuEma {
         GpuEmaBuilder::new(schedule)
     }
 
-    fn make_segments(
-        &self,
-        params: &wgpu::Buffer,
-        shadow_index: usize,
-        plans: &[SegmentPlan],
-        rw: bool,
-    ) -> Vec<Segment> {
-        let shadows = &self.shadow_buffers[shadow_index];
-        let multi = !rw && !self.extra.is_empty();
-        // Updates and copies of a compensated EMA bind the compensation terms too.
-        let comp = if rw {
-            None
-        } else {
-            self.comp_buffers.get(shadow_index)
-        };
-        let layout = if rw {
-            &self.pipes.segment_layout_rw
-        } else {
-            &self.pipes.segment_layout
-        };
-        plans
-            .iter()
-            .map(|p| {
-                let bind_group = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("wgpu-ema segment"),
-                    layout,
-                    entries: &[
-                        wgpu::BindGroupEntry {
-                            binding: 0,
-                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: params,
-                                offset: p.param_offset,
-                                size: NonZeroU64::new(p.param_size),
-                            }),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 1,
-                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                buffer: shadows,
-                                offset: p.shadow_offset,
-                                size: NonZeroU64::new(p.count * 4),
-                            }),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 2,
-                            resource: self.slot_binding(comp, 0, shadow_index, p),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 3,
-                            resource: self.slot_binding(None, 1, shadow_index, p),
-                        },
-                        wgpu::BindGroupEntry {
-                            binding: 4,
-                            resource: self.slot_binding(None, 2, shadow_index, p),
-                        },
-                    ][..if multi {
-                        5
-                    } else if comp.is_some() {
-                        3
-                    } else {
-                        2
-                    }],
-                });
-                Segment {
-                    bind_group,
-                    kind: p.kind,
-                    groups: p.groups(),
-                }
-            })
-            .collect()
+    /// EMA 0's shadow buffers.
+    fn shadow_buffers(&self) -> &[wgpu::Buffer] {
+        &self.store.shadows[0]
     }
 
-    /// Binding 2 + `extra` of a segment: the compensation terms (`comp`), or the shadows of
-    /// further EMA number `extra`, or the placeholder where that EMA does not exist.
-    fn slot_binding<'s>(
-        &'s self,
-        comp: Option<&'s wgpu::Buffer>,
-        extra: usize,
-        shadow_index: usize,
-        p: &SegmentPlan,
-    ) -> wgpu::BindingResource<'s> {
-        let buffer = comp.or_else(|| self.extra.get(extra).map(|(_, b)| &b[shadow_index]));
-        match buffer {
-            Some(buffer) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer,
-                offset: p.shadow_offset,
-                size: NonZeroU64::new(p.count * 4),
-            }),
-            None => self.placeholder.as_entire_binding(),
-        }
+    /// Plans every dispatch again from the tensors' current bindings.
+    fn rebuild_dispatches(&mut self) {
+        let pieces: Vec<Vec<Piece>> = self.tensors.iter().map(|t| t.pieces.clone()).collect();
+        let bindings: Vec<dispatch::Binding<'_>> =
+            self.tensors.iter().map(Tracked::binding).collect();
+        self.work.rebuild(
+            &self.device,
+            &self.queue,
+            &self.pipes,
+            &self.store,
+            &pieces,
+            &bindings,
+        );
     }
 
-    fn tensor_segments(
-        &self,
-        pieces: &[Piece],
-        params: &wgpu::Buffer,
-        offset: u64,
-        dtype: ParamDtype,
-        rw: bool,
-    ) -> Vec<Segment> {
-        let mut out = Vec::new();
-        let mut done = 0;
-        for piece in pieces {
-            let at = offset + done * dtype.size();
-            let plans = match dtype {
-                ParamDtype::F32 => layout::plan_run(at, piece.offset, piece.len, true, &self.lim),
-                ParamDtype::F16 => {
-                    layout::plan_run_half(at, piece.offset, piece.len, Kind::F16, &self.lim)
-                }
-                ParamDtype::BF16 => {
-                    layout::plan_run_half(at, piece.offset, piece.len, Kind::BF16, &self.lim)
-                }
-            };
-            out.extend(self.make_segments(params, piece.buffer, &plans, rw));
-            done += piece.len;
-        }
-        out
-    }
-
-    /// The first tracked tensor with 16-bit parameters, which swaps and copies into the
-    /// parameters do not support.
+    /// The first tracked tensor with 16-bit parameters, which swaps do not support.
     fn half_tensor(&self) -> Option<&str> {
-        self.tensors.iter().find_map(|t| match &t.source {
-            Source::Buffer { dtype, .. } if *dtype != ParamDtype::F32 => Some(t.spec.name.as_str()),
-            _ => None,
-        })
-    }
-
-    /// Makes the segments with the parameters bound read-write, on the first swap or copy
-    /// into the parameters; they are kept until a rebind.
-    fn ensure_rw_segments(&mut self) {
-        if self.rw_segments.is_some() {
-            return;
-        }
-        let mut all = Vec::new();
-        if let Some(a) = &self.arena {
-            let plans = layout::plan_run(0, 0, a.size() / 4, true, &self.lim);
-            all.extend(self.make_segments(a.buffer(), 0, &plans, true));
-        }
-        for t in &self.tensors {
-            if let Source::Buffer {
-                buffer,
-                offset,
-                dtype,
-                ..
-            } = &t.source
-            {
-                all.extend(self.tensor_segments(&t.pieces, buffer, *offset, *dtype, true));
-            }
-        }
-        self.rw_segments = Some(all);
-    }
-
-    fn segments(&self) -> impl Iterator<Item = &Segment> {
-        self.arena_segments
+        self.tensors
             .iter()
-            .chain(self.tensors.iter().flat_map(|t| match &t.source {
-                Source::Arena => &[][..],
-                Source::Buffer { segments, .. } => segments.as_slice(),
-            }))
+            .find(|t| t.dtype != ParamDtype::F32)
+            .map(|t| t.spec.name.as_str())
     }
 
     /// Records one pass of `op`; `alphas` (one per EMA) are used by `Op::Update` only.
     fn record_pass(&mut self, encoder: &mut wgpu::CommandEncoder, op: Op, alphas: [f32; MAX_EMAS]) {
-        if op.writes_params() {
-            self.ensure_rw_segments();
+        self.work.flush(&self.queue);
+        let family = op.family();
+        if family == bindings::Family::Write {
+            self.work
+                .ensure_write(&self.device, &self.pipes, &self.store);
         }
         let bytes = pipelines::step_bytes(alphas);
         let ring_offset = match &mut self.step {
@@ -294,36 +152,23 @@ impl GpuEma {
                 Some(off as u32)
             }
         };
+        if self.work.len() == 0 {
+            return;
+        }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(match op {
-                Op::Update => "wgpu-ema update",
-                Op::Init => "wgpu-ema init",
-                Op::Swap => "wgpu-ema swap",
-                Op::ToParams => "wgpu-ema shadows to params",
-            }),
+            label: Some(op.label()),
             timestamp_writes: None,
         });
-        for kind in [Kind::Vec4, Kind::Scalar, Kind::F16, Kind::BF16] {
-            // Either the read-write segments or the update ones; chained so that a step
-            // allocates nothing on the host either.
-            let rw = op.writes_params();
-            let segs = (self.rw_segments.iter().flatten().filter(|_| rw))
-                .chain(self.segments().filter(|_| !rw));
-            let mut segs = segs.filter(|s| s.kind == kind).peekable();
-            if segs.peek().is_none() {
-                continue;
+        pass.set_pipeline(self.pipes.get(op));
+        match (&self.step, ring_offset) {
+            (StepValues::Ring { bind_group, .. }, Some(off)) => {
+                pass.set_bind_group(1, bind_group, &[off]);
             }
-            pass.set_pipeline(self.pipes.get(op, kind));
-            match (&self.step, ring_offset) {
-                (StepValues::Ring { bind_group, .. }, Some(off)) => {
-                    pass.set_bind_group(1, bind_group, &[off]);
-                }
-                _ => pass.set_immediates(0, &bytes),
-            }
-            for s in segs {
-                pass.set_bind_group(0, &s.bind_group, &[]);
-                pass.dispatch_workgroups(s.groups.0, s.groups.1, 1);
-            }
+            _ => pass.set_immediates(0, &bytes),
+        }
+        for (group, (x, y)) in self.work.each(family) {
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(x, y, 1);
         }
     }
 
@@ -350,7 +195,7 @@ impl GpuEma {
         // Every EMA's alpha first, so that an invalid schedule changes nothing.
         let k = n.saturating_sub(self.stepper.policy.update_after_step);
         let mut alphas = [1.0f32; MAX_EMAS];
-        for (slot, (schedule, _)) in alphas[1..].iter_mut().zip(&self.extra) {
+        for (slot, schedule) in alphas[1..].iter_mut().zip(&self.extra) {
             *slot = schedule.alpha(k, self.stepper.numerics)?;
         }
         match self.stepper.advance_to(n)? {
@@ -405,9 +250,9 @@ impl GpuEma {
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.tensors
-            .iter()
-            .position(|t| t.spec.name == name)
+        self.names
+            .get(name)
+            .copied()
             .ok_or_else(|| Error::UnknownName {
                 name: name.to_string(),
             })
@@ -453,9 +298,19 @@ impl GpuEma {
         self.arena.as_ref()
     }
 
-    /// Compute dispatches recorded per step (one per binding-sized segment).
+    /// Compute dispatches recorded per step: one per shadow buffer (a binding's worth of
+    /// shadows) and group of up to [`param_slots`](Self::param_slots) distinct parameter
+    /// buffers (windows of one binding, for buffers larger than that). Zero when every
+    /// tracked tensor is empty.
     pub fn dispatches_per_step(&self) -> usize {
-        self.segments().count()
+        self.work.len()
+    }
+
+    /// How many parameter buffers one dispatch reads: the device's
+    /// `max_storage_buffers_per_shader_stage` less the EMA's own bindings (chunk table,
+    /// shadows, compensation), at most 64.
+    pub fn param_slots(&self) -> usize {
+        self.work.slots()
     }
 
     /// The device this EMA records for.

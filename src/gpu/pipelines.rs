@@ -1,9 +1,10 @@
 //! Shader module, layouts and pipelines, made once per [`GpuEma`](crate::GpuEma).
 
-use crate::layout::Kind;
+use super::bindings::{self, Family, Shape};
 use crate::schedule::Numerics;
 
-/// The WGSL of the update, as shipped in `shaders/ema.wgsl`.
+/// The WGSL of the update, as shipped in `shaders/ema.wgsl` (the host appends the declarations
+/// of the parameter bindings and the `switch` that picks one; see `src/gpu/bindings.rs`).
 pub const EMA_WGSL: &str = include_str!("../../shaders/ema.wgsl");
 
 const IMMEDIATE_DECL: &str = "var<immediate> step: Step;";
@@ -36,79 +37,50 @@ pub(crate) enum Op {
 }
 
 impl Op {
-    /// True for the operations that write the parameters.
-    pub fn writes_params(self) -> bool {
-        matches!(self, Op::Swap | Op::ToParams)
+    /// The bindings this op's pass uses.
+    pub fn family(self) -> Family {
+        match self {
+            Op::Update | Op::Init => Family::Read,
+            Op::Swap | Op::ToParams => Family::Write,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Op::Update => "wgpu-ema update",
+            Op::Init => "wgpu-ema init",
+            Op::Swap => "wgpu-ema swap",
+            Op::ToParams => "wgpu-ema shadows to params",
+        }
     }
 }
 
 #[derive(Debug)]
 pub(crate) struct Pipelines {
-    /// Parameters read-only, shadows read-write.
-    pub segment_layout: wgpu::BindGroupLayout,
-    /// Both read-write (swap, copy into the parameters).
-    pub segment_layout_rw: wgpu::BindGroupLayout,
+    pub layout_read: wgpu::BindGroupLayout,
+    pub layout_write: wgpu::BindGroupLayout,
     pub ring_layout: Option<wgpu::BindGroupLayout>,
-    update: [wgpu::ComputePipeline; 2],
-    init: [wgpu::ComputePipeline; 2],
-    swap: [wgpu::ComputePipeline; 2],
-    to_params: [wgpu::ComputePipeline; 2],
-    /// f16 then bf16 parameters (plain updates and copies only).
-    update_half: [wgpu::ComputePipeline; 2],
-    init_half: [wgpu::ComputePipeline; 2],
-    to_params_half: [wgpu::ComputePipeline; 2],
-}
-
-fn storage_entry(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
-    wgpu::BindGroupLayoutEntry {
-        binding,
-        visibility: wgpu::ShaderStages::COMPUTE,
-        ty: wgpu::BindingType::Buffer {
-            ty: wgpu::BufferBindingType::Storage { read_only },
-            has_dynamic_offset: false,
-            min_binding_size: None,
-        },
-        count: None,
-    }
+    update: wgpu::ComputePipeline,
+    init: wgpu::ComputePipeline,
+    swap: wgpu::ComputePipeline,
+    to_params: wgpu::ComputePipeline,
 }
 
 impl Pipelines {
     /// Builds everything; `immediates` picks how `alpha` arrives (immediates or a ring).
-    /// `kahan`: updates and copies also bind the compensation terms (binding 2).
-    /// `emas` > 1: updates and copies bind that many shadows (bindings 1 to 4).
-    pub fn new(
-        device: &wgpu::Device,
-        immediates: bool,
-        numerics: Numerics,
-        kahan: bool,
-        emas: usize,
-    ) -> Self {
-        let multi = emas > 1;
-        let source = if immediates {
+    pub fn new(device: &wgpu::Device, immediates: bool, numerics: Numerics, shape: &Shape) -> Self {
+        let mut source = if immediates {
             EMA_WGSL.to_string()
         } else {
             EMA_WGSL.replace(IMMEDIATE_DECL, RING_DECL)
         };
+        source.push_str(&bindings::param_wgsl(shape.slots));
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("wgpu-ema shaders/ema.wgsl"),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
-        let segment_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("wgpu-ema segment"),
-            entries: &[
-                storage_entry(0, true),
-                storage_entry(1, false),
-                storage_entry(2, false),
-                storage_entry(3, false),
-                storage_entry(4, false),
-            ][..if multi {
-                5
-            } else if kahan {
-                3
-            } else {
-                2
-            }],
-        });
+        let layout_read = bindings::layout(device, Family::Read, shape);
+        let layout_write = bindings::layout(device, Family::Write, shape);
         let ring_layout = (!immediates).then(|| {
             device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some("wgpu-ema step ring"),
@@ -124,14 +96,10 @@ impl Pipelines {
                 }],
             })
         });
-        let segment_layout_rw = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some("wgpu-ema segment (params read-write)"),
-            entries: &[storage_entry(0, false), storage_entry(1, false)],
-        });
-        let pipeline_layout = |segments: &wgpu::BindGroupLayout| {
+        let pipeline_layout = |group0: &wgpu::BindGroupLayout| {
             let layouts: Vec<Option<&wgpu::BindGroupLayout>> = match &ring_layout {
-                Some(r) => vec![Some(segments), Some(r)],
-                None => vec![Some(segments)],
+                Some(r) => vec![Some(group0), Some(r)],
+                None => vec![Some(group0)],
             };
             device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                 label: Some("wgpu-ema"),
@@ -139,15 +107,18 @@ impl Pipelines {
                 immediate_size: if immediates { STEP_BYTES as u32 } else { 0 },
             })
         };
-        let layout = pipeline_layout(&segment_layout);
-        let layout_rw = pipeline_layout(&segment_layout_rw);
+        let read = pipeline_layout(&layout_read);
+        let write = pipeline_layout(&layout_write);
         let tf_form = if numerics == Numerics::TensorFlow {
             1.0
         } else {
             0.0
         };
-        let tf = [("TF_FORM", tf_form), ("K", emas.clamp(2, MAX_EMAS) as f64)];
-        let make_with = |entry: &str, layout: &wgpu::PipelineLayout| {
+        let constants = [
+            ("TF_FORM", tf_form),
+            ("K", shape.emas.clamp(2, MAX_EMAS) as f64),
+        ];
+        let make = |entry: &str, layout: &wgpu::PipelineLayout| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
                 layout: Some(layout),
@@ -155,59 +126,43 @@ impl Pipelines {
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     // Every entry point gets both overrides; those it does not use are ignored.
-                    constants: &tf,
+                    constants: &constants,
                     ..Default::default()
                 },
                 cache: None,
             })
         };
-        let make = |entry: &str| make_with(entry, &layout);
-        let make_rw = |entry: &str| make_with(entry, &layout_rw);
+        let (update, init) = if shape.emas > 1 {
+            ("update_multi", "init_multi")
+        } else if shape.compensated {
+            ("update_kahan", "init_kahan")
+        } else {
+            ("update", "init")
+        };
         Self {
-            update: if multi {
-                [make("update_multi_vec4"), make("update_multi_scalar")]
-            } else if kahan {
-                [make("update_kahan_vec4"), make("update_kahan_scalar")]
-            } else {
-                [make("update_vec4"), make("update_scalar")]
-            },
-            init: if multi {
-                [make("copy_multi_vec4"), make("copy_multi_scalar")]
-            } else if kahan {
-                [make("copy_kahan_vec4"), make("copy_kahan_scalar")]
-            } else {
-                [make("copy_vec4"), make("copy_scalar")]
-            },
-            update_half: [make("update_f16"), make("update_bf16")],
-            init_half: [make("copy_f16"), make("copy_bf16")],
-            to_params_half: [make_rw("to_params_f16"), make_rw("to_params_bf16")],
-            swap: [make_rw("swap_vec4"), make_rw("swap_scalar")],
-            to_params: [make_rw("to_params_vec4"), make_rw("to_params_scalar")],
-            segment_layout,
-            segment_layout_rw,
+            update: make(update, &read),
+            init: make(init, &read),
+            swap: make("swap", &write),
+            to_params: make("to_params", &write),
+            layout_read,
+            layout_write,
             ring_layout,
         }
     }
 
-    pub fn get(&self, op: Op, kind: Kind) -> &wgpu::ComputePipeline {
-        let i = match kind {
-            Kind::Vec4 => 0,
-            Kind::Scalar => 1,
-            Kind::F16 | Kind::BF16 => {
-                let h = usize::from(kind == Kind::BF16);
-                // Swaps refuse 16-bit tensors before recording anything.
-                return match op {
-                    Op::Update => &self.update_half[h],
-                    Op::ToParams => &self.to_params_half[h],
-                    Op::Init | Op::Swap => &self.init_half[h],
-                };
-            }
-        };
+    pub fn get(&self, op: Op) -> &wgpu::ComputePipeline {
         match op {
-            Op::Update => &self.update[i],
-            Op::Init => &self.init[i],
-            Op::Swap => &self.swap[i],
-            Op::ToParams => &self.to_params[i],
+            Op::Update => &self.update,
+            Op::Init => &self.init,
+            Op::Swap => &self.swap,
+            Op::ToParams => &self.to_params,
+        }
+    }
+
+    pub fn layout(&self, family: Family) -> &wgpu::BindGroupLayout {
+        match family {
+            Family::Read => &self.layout_read,
+            Family::Write => &self.layout_write,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! one tensor at a time: what feeds a checkpoint without stalling training or holding the
 //! whole model in host memory.
 
-use super::{GpuEma, Source};
+use super::GpuEma;
 use crate::checkpoint::EmaState;
 use crate::error::{Error, Result};
 use crate::readback;
@@ -71,14 +71,12 @@ impl GpuEma {
         }
         for t in &self.tensors {
             if with_params {
-                if let Source::Buffer { buffer, .. } = &t.source {
-                    if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
-                        return Err(Error::MissingUsage {
-                            name: t.spec.name.clone(),
-                            needed: wgpu::BufferUsages::COPY_SRC,
-                            have: buffer.usage(),
-                        });
-                    }
+                if !t.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+                    return Err(Error::MissingUsage {
+                        name: t.spec.name.clone(),
+                        needed: wgpu::BufferUsages::COPY_SRC,
+                        have: t.buffer.usage(),
+                    });
                 }
                 param_at.push(Some(at));
                 at += t.spec.numel() * 4;
@@ -107,15 +105,15 @@ impl GpuEma {
             });
         for (i, t) in self.tensors.iter().enumerate() {
             let sources = [
-                (&self.shadow_buffers, Some(shadow_at[i])),
-                (&self.comp_buffers, comp_at[i]),
+                (&self.store.shadows[0], Some(shadow_at[i])),
+                (&self.store.comp, comp_at[i]),
             ]
             .into_iter()
             .chain(
-                self.extra
+                self.store.shadows[1..]
                     .iter()
                     .zip(&extra_at)
-                    .map(|((_, b), at)| (b, Some(at[i]))),
+                    .map(|(b, at)| (b, Some(at[i]))),
             );
             for (buffers, start) in sources {
                 let Some(mut dst) = start else { continue };
@@ -132,14 +130,7 @@ impl GpuEma {
             }
             let n = t.spec.numel();
             if let (Some(dst), true) = (param_at[i], n > 0) {
-                let (src, off) = match &t.source {
-                    Source::Arena => {
-                        let arena = self.arena.as_ref().expect("arena tensors imply an arena");
-                        (arena.buffer(), t.pieces[0].offset)
-                    }
-                    Source::Buffer { buffer, offset, .. } => (buffer, *offset),
-                };
-                enc.copy_buffer_to_buffer(src, off, &buffer, dst, n * 4);
+                enc.copy_buffer_to_buffer(&t.buffer, t.offset, &buffer, dst, n * 4);
             }
         }
         self.queue.submit(Some(enc.finish()));
@@ -151,7 +142,7 @@ impl GpuEma {
             shadow_at,
             comp_at,
             extra_at,
-            extra_schedules: self.extra.iter().map(|(s, _)| *s).collect(),
+            extra_schedules: self.extra.clone(),
             param_at,
             num_updates: self.num_updates(),
             schedule: self.schedule(),

@@ -1,0 +1,436 @@
+//! The dispatches of a step: chunk-table rows, parameter slots and bind groups, built when
+//! tensors are tracked and patched when they are rebound.
+//!
+//! A rebind rewrites only the moved tensor's rows (O(changed tensors) host work, uploaded in
+//! one `write_buffer` per dispatch at the next record). A parameter window already bound in
+//! the dispatch, or a free slot for it, needs no new GPU resource; a new set of windows looks
+//! its bind group up in a small per-dispatch cache before creating one. Only when a dispatch
+//! has no free slot (or a tensor's segments change shape, past one binding) is everything
+//! planned again.
+
+use std::num::NonZeroU64;
+
+use super::bindings::{self, Family, Role, Shape};
+use super::pipelines::Pipelines;
+use crate::layout::{self, PlanLimits, SegPlan, Window, ROW_BYTES};
+use crate::tensors::ParamDtype;
+
+/// Bind groups kept per dispatch for sets of parameter windows seen before.
+const BIND_CACHE: usize = 16;
+
+/// A parameter slot's binding: a window of a buffer.
+type Slot = Option<(wgpu::Buffer, Window)>;
+
+/// The buffers a dispatch binds besides the parameters.
+#[derive(Debug)]
+pub(crate) struct Store {
+    /// `shadows[k][b]`: shadow buffer `b` of EMA `k`.
+    pub shadows: Vec<Vec<wgpu::Buffer>>,
+    /// Compensation terms, laid out as EMA 0's shadows; empty when not compensated.
+    pub comp: Vec<wgpu::Buffer>,
+    /// Bound to unused read-only and read-write bindings.
+    pub placeholder_read: wgpu::Buffer,
+    pub placeholder_write: wgpu::Buffer,
+}
+
+/// Where a tensor's parameters are now.
+pub(crate) struct Binding<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    pub offset: u64,
+    pub dtype: ParamDtype,
+}
+
+#[derive(Debug)]
+struct BindGroups {
+    read: wgpu::BindGroup,
+    write: Option<wgpu::BindGroup>,
+}
+
+#[derive(Debug)]
+struct Dispatch {
+    shadow_buffer: usize,
+    slots: Vec<Slot>,
+    /// Rows using each slot.
+    users: Vec<u32>,
+    rows: Vec<[u32; 8]>,
+    table_offset: u64,
+    /// Rows changed since the last upload.
+    dirty: Option<(usize, usize)>,
+    groups: (u32, u32),
+    bind: BindGroups,
+    cache: Vec<(Vec<Slot>, BindGroups)>,
+}
+
+/// Every dispatch of a step, and where each tensor's rows are.
+#[derive(Debug)]
+pub(crate) struct Dispatches {
+    shape: Shape,
+    lim: PlanLimits,
+    list: Vec<Dispatch>,
+    table: Option<wgpu::Buffer>,
+    /// `rows[t]`: (dispatch, row) of each segment of tensor `t`.
+    rows: Vec<Vec<(usize, usize)>>,
+}
+
+/// What a dispatch's bind group depends on.
+struct Place<'a> {
+    shadow_buffer: usize,
+    slots: &'a [Slot],
+    table_offset: u64,
+    rows: usize,
+}
+
+fn bind_group(
+    device: &wgpu::Device,
+    pipes: &Pipelines,
+    store: &Store,
+    shape: &Shape,
+    family: Family,
+    table: &wgpu::Buffer,
+    d: &Place<'_>,
+) -> wgpu::BindGroup {
+    let placeholder = match family {
+        Family::Read => &store.placeholder_read,
+        Family::Write => &store.placeholder_write,
+    };
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = bindings::roles(family, shape)
+        .iter()
+        .map(|b| {
+            let resource = match b.role {
+                Role::Table => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: table,
+                    offset: d.table_offset,
+                    size: NonZeroU64::new(d.rows as u64 * ROW_BYTES),
+                }),
+                Role::Shadow(k) => store
+                    .shadows
+                    .get(k)
+                    .map_or(&store.placeholder_write, |s| &s[d.shadow_buffer])
+                    .as_entire_binding(),
+                Role::Comp => store
+                    .comp
+                    .get(d.shadow_buffer)
+                    .unwrap_or(&store.placeholder_write)
+                    .as_entire_binding(),
+                Role::Param(i) => match d.slots.get(i).and_then(Option::as_ref) {
+                    Some((buffer, w)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: w.offset,
+                        size: NonZeroU64::new(w.size),
+                    }),
+                    None => placeholder.as_entire_binding(),
+                },
+            };
+            wgpu::BindGroupEntry {
+                binding: b.binding,
+                resource,
+            }
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("wgpu-ema dispatch"),
+        layout: pipes.layout(family),
+        entries: &entries,
+    })
+}
+
+impl Dispatches {
+    pub fn new(shape: Shape, lim: PlanLimits) -> Self {
+        Self {
+            shape,
+            lim,
+            list: Vec::new(),
+            table: None,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Plans every dispatch from scratch for tensors whose shadows are `pieces[t]` and whose
+    /// parameters are at `bindings[t]`, uploading the chunk table (lands at the next submit).
+    pub fn rebuild(
+        &mut self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        pipes: &Pipelines,
+        store: &Store,
+        pieces: &[Vec<layout::Piece>],
+        bindings: &[Binding<'_>],
+    ) {
+        let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
+        let mut segs: Vec<(usize, SegPlan)> = Vec::new();
+        let mut owner = Vec::new();
+        for (t, (pieces, b)) in pieces.iter().zip(bindings).enumerate() {
+            let id = match buffers.iter().position(|&x| x == b.buffer) {
+                Some(id) => id,
+                None => {
+                    buffers.push(b.buffer);
+                    buffers.len() - 1
+                }
+            };
+            for s in layout::plan_tensor(pieces, b.offset, b.dtype, b.buffer.size(), &self.lim) {
+                segs.push((id, s));
+                owner.push(t);
+            }
+        }
+        let plans = layout::group_segments(&segs, self.shape.slots);
+        self.rows = vec![Vec::new(); pieces.len()];
+        let mut at = 0u64;
+        let mut list = Vec::with_capacity(plans.len());
+        for (g, plan) in plans.iter().enumerate() {
+            let slots: Vec<Slot> = plan
+                .slots
+                .iter()
+                .map(|&(id, w)| Some((buffers[id].clone(), w)))
+                .collect();
+            let mut slots = slots;
+            // Every dispatch has all its slots; free ones (None, or no row using them) take
+            // the windows of later rebinds.
+            slots.resize(self.shape.slots, None);
+            let mut users = vec![0u32; slots.len()];
+            let mut rows = Vec::with_capacity(plan.segments.len());
+            let mut vstart = 0u64;
+            for &si in &plan.segments {
+                let (id, seg) = &segs[si];
+                let slot = plan
+                    .slots
+                    .iter()
+                    .position(|&k| k == (*id, seg.window))
+                    .unwrap_or_default();
+                users[slot] += 1;
+                self.rows[owner[si]].push((g, rows.len()));
+                rows.push(layout::row(vstart, seg, slot));
+                vstart += seg.items();
+            }
+            let table_offset = at;
+            at = layout::align_up(at + rows.len() as u64 * ROW_BYTES, self.lim.align);
+            list.push((plan.shadow_buffer, slots, users, rows, table_offset, vstart));
+        }
+        let need = at.max(ROW_BYTES);
+        if self.table.as_ref().is_none_or(|t| t.size() < need) {
+            self.table = Some(device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-ema chunk table"),
+                size: need,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        let Some(table) = &self.table else { return };
+        self.list = list
+            .into_iter()
+            .map(|(shadow_buffer, slots, users, rows, table_offset, items)| {
+                queue.write_buffer(table, table_offset, bytemuck::cast_slice(&rows));
+                let place = Place {
+                    shadow_buffer,
+                    slots: &slots,
+                    table_offset,
+                    rows: rows.len(),
+                };
+                let read = bind_group(
+                    device,
+                    pipes,
+                    store,
+                    &self.shape,
+                    Family::Read,
+                    table,
+                    &place,
+                );
+                Dispatch {
+                    shadow_buffer,
+                    slots,
+                    users,
+                    rows,
+                    table_offset,
+                    dirty: None,
+                    groups: layout::workgroups(items),
+                    bind: BindGroups { read, write: None },
+                    cache: Vec::new(),
+                }
+            })
+            .collect();
+    }
+
+    /// Points tensor `t`'s rows at its new parameter binding. Returns false when that needs a
+    /// new plan ([`rebuild`](Self::rebuild)): its segments changed shape, or a dispatch has no
+    /// free slot for a new window.
+    pub fn patch(
+        &mut self,
+        device: &wgpu::Device,
+        pipes: &Pipelines,
+        store: &Store,
+        t: usize,
+        pieces: &[layout::Piece],
+        b: &Binding<'_>,
+    ) -> bool {
+        let plans = layout::plan_tensor(pieces, b.offset, b.dtype, b.buffer.size(), &self.lim);
+        let Some(rows) = self.rows.get(t) else {
+            return false;
+        };
+        if rows.len() != plans.len() {
+            return false;
+        }
+        let Some(table) = &self.table else {
+            return false;
+        };
+        for (&(di, ri), seg) in rows.iter().zip(&plans) {
+            let d = &mut self.list[di];
+            let row = d.rows[ri];
+            if u64::from(row[1]) != seg.count || u64::from(row[3]) != seg.shadow {
+                return false;
+            }
+            // This row leaves its slot first, so that a window only it used can be reused.
+            let old = row[4] as usize;
+            d.users[old] = d.users[old].saturating_sub(1);
+            let key = Some((b.buffer.clone(), seg.window));
+            let slot = match d.slots.iter().position(|s| *s == key) {
+                Some(s) => s,
+                None => {
+                    // A slot no row uses any more, else a new one.
+                    let Some(s) = d.users.iter().position(|&u| u == 0) else {
+                        return false;
+                    };
+                    d.set_slot(s, key, device, pipes, store, &self.shape, table);
+                    s
+                }
+            };
+            d.users[slot] += 1;
+            let new = layout::row(u64::from(row[0]), seg, slot);
+            if new != row {
+                d.rows[ri] = new;
+                d.dirty = Some(match d.dirty {
+                    Some((lo, hi)) => (lo.min(ri), hi.max(ri + 1)),
+                    None => (ri, ri + 1),
+                });
+            }
+        }
+        true
+    }
+
+    /// Uploads the rows changed since the last call (lands at the next submit).
+    pub fn flush(&mut self, queue: &wgpu::Queue) {
+        let Some(table) = &self.table else { return };
+        for d in &mut self.list {
+            if let Some((lo, hi)) = d.dirty.take() {
+                queue.write_buffer(
+                    table,
+                    d.table_offset + lo as u64 * ROW_BYTES,
+                    bytemuck::cast_slice(&d.rows[lo..hi]),
+                );
+            }
+        }
+    }
+
+    /// Makes the bind groups with the parameters read-write, where missing.
+    pub fn ensure_write(&mut self, device: &wgpu::Device, pipes: &Pipelines, store: &Store) {
+        let Some(table) = &self.table else { return };
+        for i in 0..self.list.len() {
+            if self.list[i].bind.write.is_none() {
+                let g = bind_group(
+                    device,
+                    pipes,
+                    store,
+                    &self.shape,
+                    Family::Write,
+                    table,
+                    &self.list[i].place(),
+                );
+                self.list[i].bind.write = Some(g);
+            }
+        }
+    }
+
+    /// (bind group, workgroups) of every dispatch, for `family`.
+    pub fn each(&self, family: Family) -> impl Iterator<Item = (&wgpu::BindGroup, (u32, u32))> {
+        self.list.iter().filter_map(move |d| {
+            let g = match family {
+                Family::Read => Some(&d.bind.read),
+                Family::Write => d.bind.write.as_ref(),
+            };
+            g.map(|g| (g, d.groups))
+        })
+    }
+
+    /// True when the parameter windows in use would fit in fewer dispatches than there are
+    /// (tensors rebound out of a dispatch that has since been split): worth a
+    /// [`rebuild`](Self::rebuild). Costs O(dispatches x slots^2), nothing per tensor.
+    pub fn fragmented(&self) -> bool {
+        if self.list.len() < 2 {
+            return false;
+        }
+        let mut seen: Vec<(usize, usize, Vec<&Slot>)> = Vec::new();
+        for d in &self.list {
+            let live = d.slots.iter().zip(&d.users).filter(|(_, &u)| u > 0);
+            match seen.iter_mut().find(|(sb, ..)| *sb == d.shadow_buffer) {
+                Some((_, count, keys)) => {
+                    *count += 1;
+                    for (k, _) in live {
+                        if !keys.contains(&k) {
+                            keys.push(k);
+                        }
+                    }
+                }
+                None => seen.push((d.shadow_buffer, 1, live.map(|(k, _)| k).collect())),
+            }
+        }
+        seen.iter()
+            .any(|(_, count, keys)| keys.len().div_ceil(self.shape.slots).max(1) < *count)
+    }
+
+    /// Dispatches per step.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    /// Parameter bindings per dispatch.
+    pub fn slots(&self) -> usize {
+        self.shape.slots
+    }
+}
+
+impl Dispatch {
+    fn place(&self) -> Place<'_> {
+        Place {
+            shadow_buffer: self.shadow_buffer,
+            slots: &self.slots,
+            table_offset: self.table_offset,
+            rows: self.rows.len(),
+        }
+    }
+
+    /// Binds slot `s` to `key`: the bind groups of the new set of windows come from the cache
+    /// when it was seen before, else are made; the old ones are cached.
+    #[allow(clippy::too_many_arguments)]
+    fn set_slot(
+        &mut self,
+        s: usize,
+        key: Slot,
+        device: &wgpu::Device,
+        pipes: &Pipelines,
+        store: &Store,
+        shape: &Shape,
+        table: &wgpu::Buffer,
+    ) {
+        let old_key = std::mem::replace(&mut self.slots[s], key);
+        let mut old_slots = self.slots.clone();
+        old_slots[s] = old_key;
+        let fresh = match self.cache.iter().position(|(k, _)| *k == self.slots) {
+            Some(i) => self.cache.remove(i).1,
+            None => BindGroups {
+                read: bind_group(
+                    device,
+                    pipes,
+                    store,
+                    shape,
+                    Family::Read,
+                    table,
+                    &self.place(),
+                ),
+                write: None,
+            },
+        };
+        let old = std::mem::replace(&mut self.bind, fresh);
+        self.cache.push((old_slots, old));
+        if self.cache.len() > BIND_CACHE {
+            self.cache.remove(0);
+        }
+    }
+}
