@@ -28,3 +28,16 @@ fn naive_ema(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
         shadow[i] = shadow[i] + alpha.x * (param[i] - shadow[i]);
     }
 }
+
+// A plain copy with vec4 loads (8 bytes per element): the other bandwidth reference.
+@group(0) @binding(0) var<storage, read_write> dst4: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> src4: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn copy_vec4(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+             @builtin(local_invocation_id) lid: vec3<u32>) {
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid.x;
+    if i < arrayLength(&dst4) {
+        dst4[i] = src4[i];
+    }
+}

@@ -138,15 +138,32 @@ fn sizes(count: usize, seed: u64) -> Vec<usize> {
     v
 }
 
+/// The slot settings every test runs with: the device's default (one buffer per dispatch on
+/// software devices), and as many buffers per dispatch as the device binds.
+const SLOTS: [Option<usize>; 2] = [None, Some(usize::MAX)];
+
+fn builder(schedule: Schedule, slots: Option<usize>) -> wgpu_ema::GpuEmaBuilder<'static> {
+    match slots {
+        Some(n) => GpuEma::builder(schedule).param_slots(n),
+        None => GpuEma::builder(schedule),
+    }
+}
+
 #[test]
 fn five_hundred_tensors_in_seven_buffers_equal_each_tensor_alone() {
+    for slots in SLOTS {
+        five_hundred_tensors(slots);
+    }
+}
+
+fn five_hundred_tensors(slots: Option<usize>) {
     let Some(ctx) = gpu() else { return };
     let model = Model::new(ctx, &sizes(500, 1), 7, 2, true);
     let all: Vec<usize> = (0..500).collect();
     let schedule = Schedule::tf(0.99);
     let p0 = model.fill(ctx, 10);
     let mut ema = model
-        .track(GpuEma::builder(schedule), &all)
+        .track(builder(schedule, slots), &all)
         .build(&ctx.device, &ctx.queue)
         .unwrap();
     assert_eq!(
@@ -243,6 +260,12 @@ fn k_emas_and_compensated_over_mixed_dtypes() {
 
 #[test]
 fn rebinding_between_steps_moves_tensors_across_more_buffers_than_one_dispatch_binds() {
+    for slots in SLOTS {
+        rebinding(slots);
+    }
+}
+
+fn rebinding(slots: Option<usize>) {
     let Some(ctx) = gpu() else { return };
     // Two layouts of the same tensors: the second spreads them over more buffers than one
     // dispatch binds, so rebinding into it needs more dispatches, and back fewer again.
@@ -254,11 +277,10 @@ fn rebinding_between_steps_moves_tensors_across_more_buffers_than_one_dispatch_b
     let schedule = Schedule::constant(0.95);
     let p0 = a.fill(ctx, 30);
     let mut ema = a
-        .track(GpuEma::builder(schedule), &all)
+        .track(builder(schedule, slots), &all)
         .build(&ctx.device, &ctx.queue)
         .unwrap();
-    let one = ema.dispatches_per_step();
-    assert_eq!(one, 1);
+    assert_eq!(ema.dispatches_per_step(), 3usize.div_ceil(ema.param_slots()));
     let initial: Vec<&[f32]> = p0.iter().map(Vec::as_slice).collect();
     let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &initial).unwrap();
     for step in 1..=6u64 {
@@ -270,11 +292,8 @@ fn rebinding_between_steps_moves_tensors_across_more_buffers_than_one_dispatch_b
             ema.rebind(&format!("t{i}"), &m.buffers[t.buffer], t.offset)
                 .unwrap();
         }
-        let want = if step % 2 == 1 {
-            40usize.div_ceil(ema.param_slots())
-        } else {
-            1
-        };
+        let buffers: usize = if step % 2 == 1 { 40 } else { 3 };
+        let want = buffers.div_ceil(ema.param_slots());
         assert_eq!(ema.dispatches_per_step(), want, "step {step}");
         ema.update().unwrap();
         let slices: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
@@ -321,7 +340,10 @@ fn more_rows_than_one_dispatch_has_workgroups() {
         .track(GpuEma::builder(schedule), &all)
         .build(&ctx.device, &ctx.queue)
         .unwrap();
-    assert_eq!(ema.dispatches_per_step(), 1);
+    assert_eq!(
+        ema.dispatches_per_step(),
+        2usize.div_ceil(ema.param_slots())
+    );
     let initial: Vec<&[f32]> = p0.iter().map(Vec::as_slice).collect();
     let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &initial).unwrap();
     for step in 1..=3u64 {

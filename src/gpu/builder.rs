@@ -34,6 +34,7 @@ pub struct GpuEmaBuilder<'a> {
     extra_emas: Vec<Schedule>,
     num_updates: u64,
     ring_slots: usize,
+    param_slots: Option<usize>,
     prefer_immediates: bool,
     arena: Option<&'a ParamArena>,
     buffers: Vec<(TensorSpec, &'a wgpu::Buffer, u64, ParamDtype)>,
@@ -49,6 +50,7 @@ impl<'a> GpuEmaBuilder<'a> {
             extra_emas: Vec::new(),
             num_updates: 0,
             ring_slots: 1024,
+            param_slots: None,
             prefer_immediates: true,
             arena: None,
             buffers: Vec::new(),
@@ -100,6 +102,19 @@ impl<'a> GpuEmaBuilder<'a> {
     /// (default 1024): at most this many steps may be recorded between two submits.
     pub fn ring_slots(mut self, slots: usize) -> Self {
         self.ring_slots = slots.max(1);
+        self
+    }
+
+    /// At most this many distinct parameter buffers (or windows of buffers larger than one
+    /// binding) per dispatch: a step is one dispatch per shadow buffer and group of this many.
+    /// Clamped to what the device binds: `max_storage_buffers_per_shader_stage` less the EMA's
+    /// own bindings (chunk table, shadows, compensation), and 64.
+    ///
+    /// Default: that maximum on GPUs; 1 on software devices (`DeviceType::Cpu`: lavapipe,
+    /// llvmpipe), which run a divergent `switch` case by case, so that reading 29 buffers in
+    /// one dispatch costs them several times 29 dispatches.
+    pub fn param_slots(mut self, slots: usize) -> Self {
+        self.param_slots = Some(slots);
         self
     }
 
@@ -256,9 +271,15 @@ impl<'a> GpuEmaBuilder<'a> {
             slots: 0,
         };
         let storage = device.limits().max_storage_buffers_per_shader_stage as usize;
-        shape.slots = storage
+        let max = storage
             .saturating_sub(bindings::fixed_bindings(&shape))
             .clamp(1, MAX_SLOTS);
+        let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        shape.slots = match self.param_slots {
+            Some(n) => n.clamp(1, max),
+            None if software => 1,
+            None => max,
+        };
         let pipes = Pipelines::new(device, immediates, self.numerics, &shape);
         let step = match &pipes.ring_layout {
             None => StepValues::Immediates,

@@ -48,6 +48,8 @@ struct BindGroups {
 
 #[derive(Debug)]
 struct Dispatch {
+    /// Parameter bindings its pipelines have: enough for its highest bound slot.
+    tier: usize,
     shadow_buffer: usize,
     slots: Vec<Slot>,
     /// Rows using each slot.
@@ -58,7 +60,7 @@ struct Dispatch {
     dirty: Option<(usize, usize)>,
     groups: (u32, u32),
     bind: BindGroups,
-    cache: Vec<(Vec<Slot>, BindGroups)>,
+    cache: Vec<(Vec<Slot>, usize, BindGroups)>,
 }
 
 /// Every dispatch of a step, and where each tensor's rows are.
@@ -74,6 +76,8 @@ pub(crate) struct Dispatches {
 
 /// What a dispatch's bind group depends on.
 struct Place<'a> {
+    /// Parameter bindings of the layout (the pipelines' slot count).
+    tier: usize,
     shadow_buffer: usize,
     slots: &'a [Slot],
     table_offset: u64,
@@ -93,7 +97,11 @@ fn bind_group(
         Family::Read => &store.placeholder_read,
         Family::Write => &store.placeholder_write,
     };
-    let entries: Vec<wgpu::BindGroupEntry<'_>> = bindings::roles(family, shape)
+    let shape = Shape {
+        slots: d.tier,
+        ..*shape
+    };
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = bindings::roles(family, &shape)
         .iter()
         .map(|b| {
             let resource = match b.role {
@@ -129,7 +137,7 @@ fn bind_group(
         .collect();
     device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some("wgpu-ema dispatch"),
-        layout: pipes.layout(family),
+        layout: pipes.layout(family, d.tier),
         entries: &entries,
     })
 }
@@ -219,7 +227,10 @@ impl Dispatches {
             .into_iter()
             .map(|(shadow_buffer, slots, users, rows, table_offset, items)| {
                 queue.write_buffer(table, table_offset, bytemuck::cast_slice(&rows));
+                let tier =
+                    pipes.tier_for(slots.iter().rposition(Option::is_some).map_or(1, |i| i + 1));
                 let place = Place {
+                    tier,
                     shadow_buffer,
                     slots: &slots,
                     table_offset,
@@ -235,6 +246,7 @@ impl Dispatches {
                     &place,
                 );
                 Dispatch {
+                    tier,
                     shadow_buffer,
                     slots,
                     users,
@@ -338,14 +350,17 @@ impl Dispatches {
         }
     }
 
-    /// (bind group, workgroups) of every dispatch, for `family`.
-    pub fn each(&self, family: Family) -> impl Iterator<Item = (&wgpu::BindGroup, (u32, u32))> {
+    /// (bind group, slot count of its pipelines, workgroups) of every dispatch, for `family`.
+    pub fn each(
+        &self,
+        family: Family,
+    ) -> impl Iterator<Item = (&wgpu::BindGroup, usize, (u32, u32))> {
         self.list.iter().filter_map(move |d| {
             let g = match family {
                 Family::Read => Some(&d.bind.read),
                 Family::Write => d.bind.write.as_ref(),
             };
-            g.map(|g| (g, d.groups))
+            g.map(|g| (g, d.tier, d.groups))
         })
     }
 
@@ -389,6 +404,7 @@ impl Dispatches {
 impl Dispatch {
     fn place(&self) -> Place<'_> {
         Place {
+            tier: self.tier,
             shadow_buffer: self.shadow_buffer,
             slots: &self.slots,
             table_offset: self.table_offset,
@@ -412,8 +428,19 @@ impl Dispatch {
         let old_key = std::mem::replace(&mut self.slots[s], key);
         let mut old_slots = self.slots.clone();
         old_slots[s] = old_key;
-        let fresh = match self.cache.iter().position(|(k, _)| *k == self.slots) {
-            Some(i) => self.cache.remove(i).1,
+        let old_tier = self.tier;
+        let used = self
+            .slots
+            .iter()
+            .rposition(Option::is_some)
+            .map_or(1, |i| i + 1);
+        self.tier = pipes.tier_for(used);
+        let fresh = match self.cache.iter().position(|(k, ..)| *k == self.slots) {
+            Some(i) => {
+                let (_, tier, groups) = self.cache.remove(i);
+                self.tier = tier;
+                groups
+            }
             None => BindGroups {
                 read: bind_group(
                     device,
@@ -428,7 +455,7 @@ impl Dispatch {
             },
         };
         let old = std::mem::replace(&mut self.bind, fresh);
-        self.cache.push((old_slots, old));
+        self.cache.push((old_slots, old_tier, old));
         if self.cache.len() > BIND_CACHE {
             self.cache.remove(0);
         }

@@ -159,14 +159,20 @@ impl GpuEma {
             label: Some(op.label()),
             timestamp_writes: None,
         });
-        pass.set_pipeline(self.pipes.get(op));
-        match (&self.step, ring_offset) {
-            (StepValues::Ring { bind_group, .. }, Some(off)) => {
-                pass.set_bind_group(1, bind_group, &[off]);
+        let mut tier = None;
+        for (group, slots, (x, y)) in self.work.each(family) {
+            // Dispatches of different slot counts run different pipelines; immediates and
+            // the ring's bind group are set again after each pipeline change.
+            if tier != Some(slots) {
+                tier = Some(slots);
+                pass.set_pipeline(self.pipes.get(op, slots));
+                match (&self.step, ring_offset) {
+                    (StepValues::Ring { bind_group, .. }, Some(off)) => {
+                        pass.set_bind_group(1, bind_group, &[off]);
+                    }
+                    _ => pass.set_immediates(0, &bytes),
+                }
             }
-            _ => pass.set_immediates(0, &bytes),
-        }
-        for (group, (x, y)) in self.work.each(family) {
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(x, y, 1);
         }

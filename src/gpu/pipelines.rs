@@ -55,32 +55,34 @@ impl Op {
     }
 }
 
+/// The pipelines of one slot count: a dispatch reading few parameter buffers runs a shader
+/// whose `switch` has few cases (a software device runs every case of a divergent `switch`
+/// under a mask, so 29 cases cost 20 times one), many buffers the full one.
 #[derive(Debug)]
-pub(crate) struct Pipelines {
-    pub layout_read: wgpu::BindGroupLayout,
-    pub layout_write: wgpu::BindGroupLayout,
-    pub ring_layout: Option<wgpu::BindGroupLayout>,
+struct Tier {
+    layout_read: wgpu::BindGroupLayout,
+    layout_write: wgpu::BindGroupLayout,
     update: wgpu::ComputePipeline,
     init: wgpu::ComputePipeline,
     swap: wgpu::ComputePipeline,
     to_params: wgpu::ComputePipeline,
 }
 
+#[derive(Debug)]
+pub(crate) struct Pipelines {
+    device: wgpu::Device,
+    immediates: bool,
+    numerics: Numerics,
+    shape: Shape,
+    pub ring_layout: Option<wgpu::BindGroupLayout>,
+    /// (slots, pipelines made on first use).
+    tiers: Vec<(usize, std::sync::OnceLock<Tier>)>,
+}
+
 impl Pipelines {
-    /// Builds everything; `immediates` picks how `alpha` arrives (immediates or a ring).
+    /// Prepares the pipelines of `shape` (made on first use, per slot count); `immediates`
+    /// picks how `alpha` arrives (immediates or a ring).
     pub fn new(device: &wgpu::Device, immediates: bool, numerics: Numerics, shape: &Shape) -> Self {
-        let mut source = if immediates {
-            EMA_WGSL.to_string()
-        } else {
-            EMA_WGSL.replace(IMMEDIATE_DECL, RING_DECL)
-        };
-        source.push_str(&bindings::param_wgsl(shape.slots));
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("wgpu-ema shaders/ema.wgsl"),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let layout_read = bindings::layout(device, Family::Read, shape);
-        let layout_write = bindings::layout(device, Family::Write, shape);
         let ring_layout = (!immediates).then(|| {
             device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some("wgpu-ema step ring"),
@@ -96,20 +98,77 @@ impl Pipelines {
                 }],
             })
         });
+        let mut counts = vec![1, 4, shape.slots];
+        counts.retain(|&c| c <= shape.slots);
+        counts.dedup();
+        Self {
+            device: device.clone(),
+            immediates,
+            numerics,
+            shape: *shape,
+            ring_layout,
+            tiers: counts
+                .into_iter()
+                .map(|c| (c, std::sync::OnceLock::new()))
+                .collect(),
+        }
+    }
+
+    /// The smallest slot count with pipelines that binds `used` parameter slots.
+    pub fn tier_for(&self, used: usize) -> usize {
+        self.tiers
+            .iter()
+            .map(|(c, _)| *c)
+            .find(|&c| c >= used)
+            .unwrap_or(self.shape.slots)
+    }
+
+    fn tier(&self, slots: usize) -> &Tier {
+        let i = self
+            .tiers
+            .iter()
+            .position(|(c, _)| *c == slots)
+            .unwrap_or(self.tiers.len() - 1);
+        let (count, cell) = &self.tiers[i];
+        cell.get_or_init(|| self.make(*count))
+    }
+
+    fn make(&self, slots: usize) -> Tier {
+        let device = &self.device;
+        let shape = Shape {
+            slots,
+            ..self.shape
+        };
+        let mut source = if self.immediates {
+            EMA_WGSL.to_string()
+        } else {
+            EMA_WGSL.replace(IMMEDIATE_DECL, RING_DECL)
+        };
+        source.push_str(&bindings::param_wgsl(slots));
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("wgpu-ema shaders/ema.wgsl"),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let layout_read = bindings::layout(device, Family::Read, &shape);
+        let layout_write = bindings::layout(device, Family::Write, &shape);
         let pipeline_layout = |group0: &wgpu::BindGroupLayout| {
-            let layouts: Vec<Option<&wgpu::BindGroupLayout>> = match &ring_layout {
+            let layouts: Vec<Option<&wgpu::BindGroupLayout>> = match &self.ring_layout {
                 Some(r) => vec![Some(group0), Some(r)],
                 None => vec![Some(group0)],
             };
             device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
                 label: Some("wgpu-ema"),
                 bind_group_layouts: &layouts,
-                immediate_size: if immediates { STEP_BYTES as u32 } else { 0 },
+                immediate_size: if self.immediates {
+                    STEP_BYTES as u32
+                } else {
+                    0
+                },
             })
         };
         let read = pipeline_layout(&layout_read);
         let write = pipeline_layout(&layout_write);
-        let tf_form = if numerics == Numerics::TensorFlow {
+        let tf_form = if self.numerics == Numerics::TensorFlow {
             1.0
         } else {
             0.0
@@ -139,30 +198,33 @@ impl Pipelines {
         } else {
             ("update", "init")
         };
-        Self {
+        Tier {
             update: make(update, &read),
             init: make(init, &read),
             swap: make("swap", &write),
             to_params: make("to_params", &write),
             layout_read,
             layout_write,
-            ring_layout,
         }
     }
 
-    pub fn get(&self, op: Op) -> &wgpu::ComputePipeline {
+    /// The pipeline of `op` for dispatches of `slots` parameter bindings.
+    pub fn get(&self, op: Op, slots: usize) -> &wgpu::ComputePipeline {
+        let t = self.tier(slots);
         match op {
-            Op::Update => &self.update,
-            Op::Init => &self.init,
-            Op::Swap => &self.swap,
-            Op::ToParams => &self.to_params,
+            Op::Update => &t.update,
+            Op::Init => &t.init,
+            Op::Swap => &t.swap,
+            Op::ToParams => &t.to_params,
         }
     }
 
-    pub fn layout(&self, family: Family) -> &wgpu::BindGroupLayout {
+    /// The bind group layout of `family` for dispatches of `slots` parameter bindings.
+    pub fn layout(&self, family: Family, slots: usize) -> &wgpu::BindGroupLayout {
+        let t = self.tier(slots);
         match family {
-            Family::Read => &self.layout_read,
-            Family::Write => &self.layout_write,
+            Family::Read => &t.layout_read,
+            Family::Write => &t.layout_write,
         }
     }
 }
