@@ -13,7 +13,7 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{AdamConfig, GradientsParams};
 use burn::tensor::activation::relu;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use wgpu_ema::burn::BurnEma;
 use wgpu_ema::{checkpoint, Schedule};
 
@@ -22,6 +22,16 @@ const N_TRAIN: usize = 2048;
 const N_EVAL: usize = 512;
 const BATCH: usize = 64;
 const STEPS: usize = 300;
+
+#[path = "../benches/models.rs"]
+mod models;
+
+/// A module with ResNet-50's 161 parameter tensors (flattened): the EMA's cost on a real
+/// model's list, without training one.
+#[derive(Module, Debug)]
+struct Shapes {
+    params: Vec<Param<Tensor<1>>>,
+}
 
 #[derive(Module, Debug)]
 struct Mlp {
@@ -109,6 +119,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         setup.adapter.get_info().name,
         setup.backend
     );
+    let plain = device.clone();
     let device = device.autodiff();
     device.seed(2017); // burn's parameter initialisation, seeded
 
@@ -166,39 +177,74 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     checkpoint::export_ema(&path, &ema.snapshot()?)?;
     println!("EMA weights exported to {}", path.display());
 
-    // Per-step cost: our pass against the EMA written with burn's tensor ops.
-    let reps = 50;
-    let t = Instant::now();
-    for _ in 0..reps {
-        ema.update(&model)?;
-    }
-    setup
-        .device
-        .poll(wgpu_ema::wgpu::PollType::wait_indefinitely())?;
-    let ours = t.elapsed().as_secs_f64() / reps as f64;
-    let mut flat = Flatten(Vec::new());
-    burn::module::Module::visit(&model, &mut flat);
-    let mut shadow_model = model.clone().valid();
-    let t = Instant::now();
-    for _ in 0..reps {
-        let params: Vec<Tensor<1>> = flat.0.iter().map(|p| p.clone().inner()).collect();
-        shadow_model = shadow_model.map(&mut TensorOpEma {
-            params: &params,
-            at: 0,
-            decay: 0.99,
-        });
-    }
-    let _ = mse(
-        &shadow_model,
-        &x_eval.clone().inner(),
-        &y_eval.clone().inner(),
-    ); // sync
-    let theirs = t.elapsed().as_secs_f64() / reps as f64;
+    // Per-step cost: our pass against the EMA written with burn's tensor ops, on this MLP and
+    // on a module with ResNet-50's 161 parameter shapes.
+    let (ours, theirs) = per_step(&mut ema, &model.clone().valid(), &setup.device, 50)?;
     println!(
         "per-step EMA cost ({} tensors): wgpu-ema pass {:.3} ms, burn tensor ops {:.3} ms",
         ema.specs().len(),
         ours * 1e3,
         theirs * 1e3
     );
+    let big = Shapes {
+        params: models::resnet50()
+            .iter()
+            .map(|s| {
+                let n = s.numel() as usize;
+                Param::from_tensor(Tensor::<1>::random([n], Distribution::Default, &plain))
+            })
+            .collect(),
+    };
+    let mut big_ema = BurnEma::new(&big, &setup.device, &setup.queue, Schedule::tf(0.98))?;
+    let (ours, theirs) = per_step(&mut big_ema, &big, &setup.device, 20)?;
+    println!(
+        "per-step EMA cost (ResNet-50's {} tensors, {} dispatch(es)): wgpu-ema pass {:.3} ms, burn tensor ops {:.3} ms",
+        big_ema.specs().len(),
+        big_ema.ema().dispatches_per_step(),
+        ours * 1e3,
+        theirs * 1e3
+    );
     Ok(())
+}
+
+/// Reads one value of the module's first parameter: waits for the work that produced it.
+struct Sync(Option<f32>);
+impl burn::module::ModuleVisitor for Sync {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.0.is_none() {
+            self.0 = Some(param.val().sum().into_scalar::<f32>());
+        }
+    }
+}
+
+/// Seconds per step, waiting for the device at the end of `reps` steps: our pass
+/// (`BurnEma::update`), then burn's tensor ops (a `ModuleMapper`).
+fn per_step<M: Module>(
+    ema: &mut BurnEma,
+    module: &M,
+    device: &wgpu_ema::wgpu::Device,
+    reps: usize,
+) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    ema.update(module)?;
+    device.poll(wgpu_ema::wgpu::PollType::wait_indefinitely())?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        ema.update(module)?;
+    }
+    device.poll(wgpu_ema::wgpu::PollType::wait_indefinitely())?;
+    let ours = t.elapsed().as_secs_f64() / reps as f64;
+    let mut flat = Flatten(Vec::new());
+    module.visit(&mut flat);
+    let mut shadow = module.clone();
+    let t = Instant::now();
+    for _ in 0..reps {
+        shadow = shadow.map(&mut TensorOpEma {
+            params: &flat.0,
+            at: 0,
+            decay: 0.99,
+        });
+    }
+    shadow.visit(&mut Sync(None));
+    let theirs = t.elapsed().as_secs_f64() / reps as f64;
+    Ok((ours, theirs))
 }

@@ -152,13 +152,41 @@ pub enum Error {
         what: &'static str,
     },
 
-    /// The parameters hold the EMA weights (after a swap): training steps, resets, copies and
-    /// rebinds are refused until the second swap.
+    /// The parameters hold the EMA weights (after a swap): training steps, resets, copies,
+    /// rebinds, snapshots, restores and writes of shadows or parameters are refused until the
+    /// second swap (they would save or land in exchanged buffers).
     #[error(
         "parameters and shadows are swapped (evaluating with the EMA weights): swap back \
-         before recording updates"
+         first (updates, snapshots, restores and writes would use exchanged buffers)"
     )]
     Swapped,
+
+    /// Two tracked tensors share bytes of one buffer: updating or swapping one would change
+    /// the other.
+    #[error(
+        "tensors `{first}` and `{second}` overlap in the same buffer \
+         (bytes {first_range:?} and {second_range:?})"
+    )]
+    Overlap {
+        /// One tensor.
+        first: String,
+        /// The other.
+        second: String,
+        /// The first one's byte range.
+        first_range: std::ops::Range<u64>,
+        /// The second one's byte range.
+        second_range: std::ops::Range<u64>,
+    },
+
+    /// A name would collide with one the checkpoint derives (`<x>/ExponentialMovingAverage`,
+    /// `..._k`, `.../Compensation`) or reserves (`__metadata__`).
+    #[error("name `{name}` collides with {with}: rename the tensor")]
+    NameCollision {
+        /// The name refused.
+        name: String,
+        /// What it collides with.
+        with: String,
+    },
 
     /// A burn parameter cannot be tracked (feature `burn`): another backend, a dtype other
     /// than f32, non-contiguous storage, or a module whose parameters changed.

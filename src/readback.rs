@@ -13,6 +13,8 @@ pub(crate) struct Range<'a> {
 /// A submitted copy whose staging buffer is being mapped.
 pub(crate) struct Pending {
     staging: wgpu::Buffer,
+    /// Bytes asked for (the staging buffer is at least 4).
+    total: u64,
     index: wgpu::SubmissionIndex,
     receiver: futures_intrusive::channel::shared::OneshotReceiver<
         std::result::Result<(), wgpu::BufferAsyncError>,
@@ -47,6 +49,7 @@ pub(crate) fn start(device: &wgpu::Device, queue: &wgpu::Queue, ranges: &[Range<
     });
     Pending {
         staging,
+        total,
         index,
         receiver,
     }
@@ -78,7 +81,7 @@ impl Pending {
                 .staging
                 .get_mapped_range(..)
                 .map_err(|e| Error::Readback(e.to_string()))?;
-            bytemuck::pod_collect_to_vec::<u8, f32>(&view)
+            bytemuck::pod_collect_to_vec::<u8, f32>(&view[..self.total as usize])
         };
         self.staging.unmap();
         Ok(out)

@@ -52,15 +52,72 @@ impl TensorSpec {
         }
     }
 
-    /// The number of elements (1 for a scalar).
+    /// The number of elements (1 for a scalar). Saturates at `u64::MAX` when the shape's
+    /// product overflows, which every size check then refuses ([`try_numel`](Self::try_numel)
+    /// says so).
     pub fn numel(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+        self.try_numel().unwrap_or(u64::MAX)
+    }
+
+    /// The number of elements, or `None` when the shape's product overflows a `u64`.
+    pub fn try_numel(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
     }
 
     /// The shadow's name as TensorFlow saves it: `<name>/ExponentialMovingAverage`.
     pub fn shadow_name(&self) -> String {
         format!("{}{EMA_SUFFIX}", self.name)
     }
+}
+
+/// The name safetensors reserves for the metadata.
+pub(crate) const RESERVED_NAME: &str = "__metadata__";
+
+/// Every name a checkpoint derives from tracked tensor `name` with `emas` EMAs (compensated or
+/// not): the parameter, each EMA's shadow, and the compensation term.
+pub(crate) fn derived_names(name: &str, emas: usize, compensated: bool) -> Vec<String> {
+    let mut v = vec![name.to_string()];
+    v.extend((0..emas.max(1)).map(|k| crate::checkpoint::ema_shadow_name(name, k)));
+    if compensated {
+        v.push(format!(
+            "{}{}",
+            crate::checkpoint::ema_shadow_name(name, 0),
+            crate::checkpoint::COMPENSATION_SUFFIX
+        ));
+    }
+    v
+}
+
+/// Refuses tracked names whose derived names collide with each other's, or with the reserved
+/// `__metadata__`: such a set could be tracked but not saved and loaded back.
+pub(crate) fn check_names<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    emas: usize,
+    compensated: bool,
+) -> Result<()> {
+    let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    for name in names {
+        for derived in derived_names(name, emas, compensated) {
+            if derived == RESERVED_NAME {
+                return Err(Error::NameCollision {
+                    name: name.to_string(),
+                    with: "safetensors' reserved `__metadata__`".into(),
+                });
+            }
+            if let Some(other) = seen.insert(derived.clone(), name) {
+                if other == name {
+                    return Err(Error::DuplicateName { name: name.into() });
+                }
+                return Err(Error::NameCollision {
+                    name: name.to_string(),
+                    with: format!("`{derived}`, derived from tracked tensor `{other}`"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Tensors on the host, by name, in a fixed order (the tracking order).

@@ -280,7 +280,10 @@ fn rebinding(slots: Option<usize>) {
         .track(builder(schedule, slots), &all)
         .build(&ctx.device, &ctx.queue)
         .unwrap();
-    assert_eq!(ema.dispatches_per_step(), 3usize.div_ceil(ema.param_slots()));
+    assert_eq!(
+        ema.dispatches_per_step(),
+        3usize.div_ceil(ema.param_slots())
+    );
     let initial: Vec<&[f32]> = p0.iter().map(Vec::as_slice).collect();
     let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &initial).unwrap();
     for step in 1..=6u64 {

@@ -5,7 +5,12 @@ use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 
-use super::{ema_shadow_name, COMPENSATION_SUFFIX, META_NUMERICS, META_NUM_UPDATES};
+use super::checksum;
+use super::write::META_GENERATION;
+use super::{
+    describe_policy, ema_shadow_name, Config, RestoreOptions, COMPENSATION_SUFFIX,
+    META_EXTRA_SCHEDULES, META_NUMERICS, META_NUM_UPDATES, META_POLICY, META_SCHEDULE,
+};
 use crate::error::{Error, Result};
 use crate::schedule::Numerics;
 use crate::tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
@@ -16,7 +21,11 @@ pub struct Checkpoint {
     path: PathBuf,
     metadata: HashMap<String, String>,
     tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    verified: bool,
 }
+
+/// The largest safetensors header we read (safetensors' own limit).
+const MAX_HEADER: u64 = 100_000_000;
 
 fn bad(path: &Path, message: impl Into<String>) -> Error {
     Error::Checkpoint {
@@ -40,10 +49,32 @@ impl Checkpoint {
     }
 
     fn load_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        let io = |source| Error::Io {
             path: path.to_path_buf(),
             source,
+        };
+        // The header's size first: a file cannot make us read or parse more than it holds.
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut head = [0u8; 8];
+        std::io::Read::read_exact(&mut file, &mut head).map_err(|_| {
+            bad(
+                path,
+                format!("not a valid safetensors file: {len} bytes, too short for a header"),
+            )
         })?;
+        let n = u64::from_le_bytes(head);
+        if n > len - 8 || n > MAX_HEADER {
+            return Err(bad(
+                path,
+                format!(
+                    "not a valid safetensors file: header of {n} bytes in a file of {len} \
+                     (at most {MAX_HEADER})"
+                ),
+            ));
+        }
+        drop(file);
+        let bytes = std::fs::read(path).map_err(io)?;
         let st = SafeTensors::deserialize(&bytes)
             .map_err(|e| bad(path, format!("not a valid safetensors file: {e}")))?;
         let (_, meta) = SafeTensors::read_metadata(&bytes)
@@ -66,10 +97,56 @@ impl Checkpoint {
                 .collect();
             tensors.insert(name.to_string(), (view.shape().to_vec(), values));
         }
+        let metadata = meta.metadata().clone().unwrap_or_default();
+        let verified = match metadata.get(checksum::META_CHECKSUMS) {
+            None if checksum::required(&metadata) => {
+                return Err(bad(
+                    path,
+                    "written by wgpu-ema 0.2 or later but without checksums: the file was changed or damaged",
+                ))
+            }
+            None => false,
+            Some(v) => {
+                let (meta_crc, crcs) = checksum::parse(v)
+                    .ok_or_else(|| bad(path, "malformed checksums in the metadata"))?;
+                if checksum::metadata_crc(&metadata) != meta_crc {
+                    return Err(bad(
+                        path,
+                        "metadata checksum mismatch: the file was changed or damaged",
+                    ));
+                }
+                if crcs.len() != tensors.len() {
+                    return Err(bad(
+                        path,
+                        format!(
+                            "{} checksums for {} tensors: the file was changed or damaged",
+                            crcs.len(),
+                            tensors.len()
+                        ),
+                    ));
+                }
+                // Our writer stores tensors in name order, and so lists their checksums.
+                for ((name, (shape, _)), want) in tensors.iter().zip(crcs) {
+                    let view = st
+                        .tensor(name)
+                        .map_err(|e| bad(path, format!("tensor `{name}`: {e}")))?;
+                    let got =
+                        crc32c::crc32c_append(checksum::tensor_start(name, shape), view.data());
+                    if got != want {
+                        return Err(bad(
+                            path,
+                            format!("tensor `{name}`: checksum mismatch (crc32c {got:08x}, written {want:08x}): the file was changed or damaged"),
+                        ));
+                    }
+                }
+                true
+            }
+        };
         Ok(Self {
             path: path.to_path_buf(),
-            metadata: meta.metadata().clone().unwrap_or_default(),
+            metadata,
             tensors,
+            verified,
         })
     }
 
@@ -98,10 +175,15 @@ impl Checkpoint {
             }
             by_file.entry(file).or_default().push(name);
         }
+        let generation = index
+            .get("metadata")
+            .and_then(|m| m.get(META_GENERATION))
+            .and_then(|g| g.as_str());
         let mut out = Self {
             path: path.to_path_buf(),
             metadata: HashMap::new(),
             tensors: BTreeMap::new(),
+            verified: true,
         };
         for (file, names) in by_file {
             let shard_path = dir.join(file);
@@ -120,6 +202,19 @@ impl Checkpoint {
                     ));
                 }
             }
+            // Every shard must come from the save that wrote the index.
+            let shard_gen = shard.metadata.get(META_GENERATION).map(String::as_str);
+            if generation.is_some() && shard_gen != generation {
+                return Err(bad(
+                    &shard_path,
+                    format!(
+                        "shard of save {:?}, but the index is of save {:?}: a torn sharded checkpoint",
+                        shard_gen.unwrap_or("(none)"),
+                        generation.unwrap_or_default()
+                    ),
+                ));
+            }
+            out.verified &= shard.verified;
             if out.metadata.is_empty() {
                 out.metadata = shard.metadata;
             }
@@ -138,6 +233,12 @@ impl Checkpoint {
     /// The file it was loaded from (the index for a sharded checkpoint).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// True when every file carried wgpu-ema's checksums and every tensor matched them; false
+    /// for files written by other tools (loaded unverified).
+    pub fn verified(&self) -> bool {
+        self.verified
     }
 
     /// `__metadata__`.
@@ -169,6 +270,60 @@ impl Checkpoint {
                 format!("metadata `num_updates` = {v:?} is not a count"),
             )
         })
+    }
+
+    /// Checks what a restore is about to take: the EMA's configuration against the metadata
+    /// (keys the file lacks are skipped), and `values` finite, unless `opts` allow otherwise.
+    pub(crate) fn check_restore(
+        &self,
+        config: &Config<'_>,
+        opts: RestoreOptions,
+        values: &[&HostTensors],
+    ) -> Result<()> {
+        if !opts.allow_config_mismatch {
+            let extra: Vec<String> = config.extra.iter().map(|s| s.describe()).collect();
+            let ours = [
+                (META_SCHEDULE, config.schedule.describe()),
+                (META_NUMERICS, config.numerics.as_str().to_string()),
+                (META_POLICY, describe_policy(config.policy)),
+                (META_EXTRA_SCHEDULES, extra.join("; ")),
+            ];
+            for (key, mine) in ours {
+                let theirs = match (self.metadata.get(key), key) {
+                    (Some(v), _) => v.clone(),
+                    // A file of one EMA has no such key; others must have one.
+                    (None, META_EXTRA_SCHEDULES) if self.metadata.contains_key(META_SCHEDULE) => {
+                        String::new()
+                    }
+                    (None, _) => continue,
+                };
+                if theirs != mine {
+                    return Err(bad(
+                        &self.path,
+                        format!(
+                            "{key} differs: the checkpoint's is {theirs:?}, this EMA's {mine:?} \
+                             (RestoreOptions::allow_config_mismatch restores it anyway)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if !opts.allow_non_finite {
+            for set in values {
+                for (spec, v) in set.iter() {
+                    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+                        return Err(bad(
+                            &self.path,
+                            format!(
+                                "tensor `{}`: element {i} is {} (RestoreOptions::allow_non_finite restores it anyway)",
+                                spec.name, v[i]
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The numerics stored in the metadata, if any.

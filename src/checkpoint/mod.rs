@@ -15,6 +15,7 @@
 //! Saves are atomic (temporary file, fsync, rename, fsync of the directory): a failed or
 //! interrupted save leaves the previous checkpoint intact.
 
+mod checksum;
 mod load;
 mod write;
 
@@ -23,7 +24,8 @@ pub use load::Checkpoint;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-pub use write::{write_safetensors, write_sharded, Entry, INDEX_FILE};
+pub use checksum::META_CHECKSUMS;
+pub use write::{write_safetensors, write_sharded, Entry, INDEX_FILE, META_GENERATION};
 
 use crate::error::{Error, Result};
 use crate::schedule::{Numerics, Policy, Schedule};
@@ -58,6 +60,33 @@ pub const META_NUMERICS: &str = "numerics";
 pub const META_VERSION: &str = "wgpu_ema_version";
 /// Metadata key: `training` or `ema_export`.
 pub const META_KIND: &str = "format";
+
+/// The policy as the metadata stores it: `update_after_step=M,update_every=K`.
+pub fn describe_policy(p: Policy) -> String {
+    format!(
+        "update_after_step={},update_every={}",
+        p.update_after_step, p.update_every
+    )
+}
+
+/// What a restore accepts beyond a checkpoint of the same configuration with finite values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreOptions {
+    /// Accept NaN and infinite shadows (refused by default: a diverged run's checkpoint).
+    pub allow_non_finite: bool,
+    /// Accept a checkpoint whose schedule, numerics, policy or further EMAs differ from the
+    /// EMA's own (refused by default, naming both). Keys a file lacks (files written by other
+    /// tools) are never compared.
+    pub allow_config_mismatch: bool,
+}
+
+/// The configuration a restore compares with a checkpoint's metadata.
+pub(crate) struct Config<'a> {
+    pub schedule: Schedule,
+    pub numerics: Numerics,
+    pub policy: Policy,
+    pub extra: &'a [Schedule],
+}
 
 /// What a checkpoint is written from: an EMA's tracked tensors, counter, schedule, and a way
 /// to read each shadow (and parameter) one at a time.
@@ -123,6 +152,7 @@ fn base_metadata(state: &dyn EmaState, kind: &str) -> HashMap<String, String> {
             state.num_updates().to_string(),
         ),
         (META_SCHEDULE.to_string(), state.schedule().describe()),
+        (META_POLICY.to_string(), describe_policy(state.policy())),
         (
             META_NUMERICS.to_string(),
             state.numerics().as_str().to_string(),
@@ -201,13 +231,24 @@ fn training_entries<'a>(
         entries.push(param);
     }
     for (spec, values) in extra.iter() {
-        if names.contains(&spec.name) {
-            return Err(Error::DuplicateName {
-                name: spec.name.clone(),
-            });
-        }
         names.push(spec.name.clone());
         entries.push(Entry::from_slice(spec.name.clone(), &spec.shape, values));
+    }
+    // Every name once, none reserved: checked before anything is written.
+    let mut seen = std::collections::HashSet::with_capacity(names.len());
+    for name in &names {
+        if name == crate::tensors::RESERVED_NAME {
+            return Err(Error::NameCollision {
+                name: name.clone(),
+                with: "safetensors' reserved `__metadata__`".into(),
+            });
+        }
+        if !seen.insert(name.as_str()) {
+            return Err(Error::NameCollision {
+                name: name.clone(),
+                with: "another tensor of the checkpoint (a tracked tensor, a name derived from one, or an extra tensor)".into(),
+            });
+        }
     }
     Ok(entries)
 }

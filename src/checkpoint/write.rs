@@ -2,13 +2,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
+use super::checksum;
 use crate::error::{Error, Result};
+use crate::tensors::RESERVED_NAME;
 
 /// A tensor to write: its name, shape, and a function producing its values when the writer
 /// reaches it (so only one tensor is in host memory at a time).
@@ -40,8 +42,11 @@ impl<'a> Entry<'a> {
         }
     }
 
-    fn bytes(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product::<u64>() * 4
+    /// Bytes of data, or `None` when the shape's size overflows.
+    fn bytes(&self) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(4u64, |acc, &d| acc.checked_mul(d as u64))
     }
 }
 
@@ -59,11 +64,47 @@ fn ckpt_err(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, flushed and
-/// fsynced, renamed over `path`, then the directory fsynced.
+/// Temporary files of saves into `dir` that a crashed process left (`.<name>.tmp-<pid>-<n>`
+/// whose process is gone): removed by the next save into the same directory. Where processes
+/// cannot be looked up (no `/proc`), only those over an hour old are removed.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let me = std::process::id();
+    let proc_fs = Path::new("/proc/self").exists();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else {
+            continue;
+        };
+        let Some((pid, n)) = rest.1.split_once('-') else {
+            continue;
+        };
+        let (Ok(pid), true) = (pid.parse::<u32>(), n.chars().all(|c| c.is_ascii_digit())) else {
+            continue;
+        };
+        let gone = if proc_fs {
+            pid != me && !Path::new(&format!("/proc/{pid}")).exists()
+        } else {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age.as_secs() > 3600)
+        };
+        if gone {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Writes to `path` atomically: a temporary file in the same directory, flushed and fsynced,
+/// renamed over `path`, then the directory fsynced. Temporaries of crashed saves in the same
+/// directory are removed first.
 pub(crate) fn atomic_write(
     path: &Path,
-    fill: impl FnOnce(&mut dyn Write) -> Result<()>,
+    fill: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
 ) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
@@ -74,6 +115,7 @@ pub(crate) fn atomic_write(
         .ok_or_else(|| ckpt_err(path, "not a file path"))?
         .to_string_lossy()
         .into_owned();
+    remove_stale_temporaries(&dir);
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{file_name}.tmp-{}-{unique}", std::process::id()));
@@ -98,7 +140,9 @@ pub(crate) fn atomic_write(
 }
 
 /// Writes one safetensors file of f32 tensors, atomically; returns the bytes of tensor data.
-/// Tensors are stored in name order; `metadata` becomes `__metadata__`.
+/// Tensors are stored in name order; `metadata` becomes `__metadata__`, with the checksums
+/// added (see `checksum`). Names must be unique and none may be `__metadata__`: checked before
+/// anything is written.
 pub fn write_safetensors(
     path: &Path,
     mut entries: Vec<Entry<'_>>,
@@ -107,31 +151,61 @@ pub fn write_safetensors(
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     let mut infos = Vec::with_capacity(entries.len());
     let mut offset = 0usize;
-    for e in &entries {
-        let n = e.bytes() as usize;
+    for (i, e) in entries.iter().enumerate() {
+        if e.name == RESERVED_NAME || (i > 0 && entries[i - 1].name == e.name) {
+            return Err(Error::NameCollision {
+                name: e.name.clone(),
+                with: if e.name == RESERVED_NAME {
+                    "safetensors' reserved `__metadata__`".into()
+                } else {
+                    "another tensor of the same file".into()
+                },
+            });
+        }
+        let n = e
+            .bytes()
+            .and_then(|n| usize::try_from(n).ok())
+            .and_then(|n| offset.checked_add(n).map(|end| (n, end)))
+            .ok_or_else(|| {
+                ckpt_err(
+                    path,
+                    format!("tensor `{}`: shape {:?} is too large", e.name, e.shape),
+                )
+            })?;
         infos.push((
             e.name.clone(),
             TensorInfo {
                 dtype: Dtype::F32,
                 shape: e.shape.clone(),
-                data_offsets: (offset, offset + n),
+                data_offsets: (offset, n.1),
             },
         ));
-        offset += n;
+        offset = n.1;
     }
-    let header = Metadata::new(Some(metadata.clone()), infos)
+    let mut metadata = metadata.clone();
+    metadata.remove(checksum::META_CHECKSUMS);
+    let placeholder = checksum::placeholder(checksum::metadata_crc(&metadata), entries.len());
+    metadata.insert(checksum::META_CHECKSUMS.to_string(), placeholder.clone());
+    let header = Metadata::new(Some(metadata), infos)
         .map_err(|e| ckpt_err(path, format!("cannot describe the tensors: {e}")))?;
     let mut header = serde_json::to_string(&header)
         .map_err(|e| ckpt_err(path, format!("cannot encode the header: {e}")))?
         .into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');
+    // Where the tensors' checksums go once they are known (the placeholder needs no escaping).
+    let patch_at = header
+        .windows(placeholder.len())
+        .position(|w| w == placeholder.as_bytes())
+        .map(|p| 8 + (p + checksum::tensors_at()) as u64)
+        .ok_or_else(|| ckpt_err(path, "cannot place the checksums in the header"))?;
     atomic_write(path, |w| {
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io(path))?;
         w.write_all(&header).map_err(io(path))?;
+        let mut crcs = Vec::with_capacity(entries.len());
         for e in &mut entries {
             let values = (e.produce)()?;
-            if (values.len() as u64) * 4 != e.bytes() {
+            if Some((values.len() as u64) * 4) != e.bytes() {
                 return Err(ckpt_err(
                     path,
                     format!(
@@ -142,31 +216,71 @@ pub fn write_safetensors(
                     ),
                 ));
             }
-            write_f32_le(w, &values).map_err(io(path))?;
+            crcs.push(
+                write_f32_le(w, &values, checksum::tensor_start(&e.name, &e.shape))
+                    .map_err(io(path))?,
+            );
         }
+        w.seek(SeekFrom::Start(patch_at)).map_err(io(path))?;
+        w.write_all(checksum::tensor_list(&crcs).as_bytes())
+            .map_err(io(path))?;
         Ok(())
     })?;
     Ok(offset as u64)
 }
 
-fn write_f32_le(w: &mut dyn Write, values: &[f32]) -> std::io::Result<()> {
+/// Writes `values` little-endian; returns the CRC32C of the bytes appended to `crc`.
+fn write_f32_le(w: &mut dyn Write, values: &[f32], crc: u32) -> std::io::Result<u32> {
     if cfg!(target_endian = "little") {
-        w.write_all(bytemuck::cast_slice(values))
+        let bytes: &[u8] = bytemuck::cast_slice(values);
+        w.write_all(bytes)?;
+        Ok(crc32c::crc32c_append(crc, bytes))
     } else {
-        values
-            .iter()
-            .try_for_each(|v| w.write_all(&v.to_le_bytes()))
+        values.iter().try_fold(crc, |crc, v| {
+            let b = v.to_le_bytes();
+            w.write_all(&b)?;
+            Ok(crc32c::crc32c_append(crc, &b))
+        })
     }
 }
 
 /// The index file of a sharded checkpoint, in Hugging Face's layout.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+/// Metadata key of every shard and of the index of a sharded checkpoint: the save it belongs
+/// to.
+pub const META_GENERATION: &str = "wgpu_ema_generation";
+
+/// A token no other save of this process or machine uses: time, process and a counter.
+fn generation() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "{:x}{:x}{n:x}",
+        nanos & 0xffff_ffff_ffff,
+        std::process::id()
+    )
+}
+
+/// True for a shard name this writer makes: `model-<generation>-<i>-of-<n>.safetensors`.
+fn is_our_shard(name: &str) -> bool {
+    name.starts_with("model-") && name.ends_with(".safetensors") && name.contains("-of-")
+}
+
 /// Writes `entries` into shards of at most `max_shard_bytes` of tensor data each (a larger
-/// tensor gets a shard of its own) named `model-00001-of-0000N.safetensors`, and the index
-/// `model.safetensors.index.json` with `{"metadata": {"total_size": BYTES}, "weight_map":
-/// {name: file}}`, in `dir`. Each file is written atomically; the index last, so a crash leaves
-/// the previous index pointing at complete shards. Returns the index's path.
+/// tensor gets a shard of its own) and the index `model.safetensors.index.json` with
+/// `{"metadata": {"total_size": BYTES, ...}, "weight_map": {name: file}}`, in `dir`.
+///
+/// Atomic as a set: the shards of each save get names of their own
+/// (`model-<generation>-00001-of-0000N.safetensors`, the generation also in every shard's and
+/// the index's metadata), so a new save never overwrites a file the current index references;
+/// the index, written atomically last, is the commit point; only then are the previous saves'
+/// shards removed. A save interrupted at any point leaves the previous index and all its shards
+/// intact, and [`Checkpoint::load`](super::Checkpoint::load) refuses a shard of another
+/// generation. Returns the index's path.
 pub fn write_sharded(
     dir: &Path,
     mut entries: Vec<Entry<'_>>,
@@ -178,35 +292,66 @@ pub fn write_sharded(
     let mut shards: Vec<Vec<Entry<'_>>> = Vec::new();
     let mut used = 0u64;
     for e in entries {
-        let b = e.bytes();
-        if shards.is_empty() || (used + b > max_shard_bytes && used > 0) {
+        let b = e
+            .bytes()
+            .ok_or_else(|| ckpt_err(dir, format!("tensor `{}` is too large", e.name)))?;
+        if shards.is_empty() || (used.saturating_add(b) > max_shard_bytes && used > 0) {
             shards.push(Vec::new());
             used = 0;
         }
-        used += b;
+        used = used.saturating_add(b);
         if let Some(last) = shards.last_mut() {
             last.push(e);
         }
     }
+    let gen = generation();
+    let mut metadata = metadata.clone();
+    metadata.insert(META_GENERATION.to_string(), gen.clone());
     let count = shards.len().max(1);
     let mut weight_map = BTreeMap::new();
+    let mut files = Vec::new();
     let mut total = 0u64;
     for (i, shard) in shards.into_iter().enumerate() {
-        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+        let file = format!("model-{gen}-{:05}-of-{:05}.safetensors", i + 1, count);
         for e in &shard {
             weight_map.insert(e.name.clone(), file.clone());
         }
-        total += write_safetensors(&dir.join(&file), shard, metadata)?;
+        let written = write_safetensors(&dir.join(&file), shard, &metadata);
+        files.push(file);
+        match written {
+            Ok(bytes) => total += bytes,
+            Err(e) => {
+                // This save's shards are nobody's: the index still names the previous ones.
+                for f in &files {
+                    let _ = fs::remove_file(dir.join(f));
+                }
+                return Err(e);
+            }
+        }
     }
     let mut meta = serde_json::Map::new();
     meta.insert("total_size".into(), total.into());
-    for (k, v) in metadata {
+    for (k, v) in &metadata {
         meta.insert(k.clone(), v.clone().into());
     }
     let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
     let path = dir.join(INDEX_FILE);
     let text = serde_json::to_string_pretty(&index)
         .map_err(|e| ckpt_err(&path, format!("cannot encode the index: {e}")))?;
-    atomic_write(&path, |w| w.write_all(text.as_bytes()).map_err(io(&path)))?;
+    if let Err(e) = atomic_write(&path, |w| w.write_all(text.as_bytes()).map_err(io(&path))) {
+        for f in &files {
+            let _ = fs::remove_file(dir.join(f));
+        }
+        return Err(e);
+    }
+    // Committed: earlier saves' shards are unreferenced now.
+    if let Ok(list) = fs::read_dir(dir) {
+        for e in list.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_our_shard(&name) && !files.contains(&name) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
     Ok(path)
 }

@@ -6,7 +6,7 @@
 //! (`f32::mul_add` without an FMA target feature becomes a libm call per element.)
 
 use crate::error::{Error, Result};
-use crate::schedule::{Action, Numerics, Policy, Schedule};
+use crate::schedule::{Action, Numerics, Policy, Schedule, Stepper};
 use crate::tensors::{HostTensors, TensorSpec};
 
 mod reference;
@@ -131,36 +131,6 @@ pub fn ema_step_f64(shadow: &mut [f64], param: &[f32], alpha: f64) -> Result<()>
         *s += alpha * (p as f64 - *s);
     }
     Ok(())
-}
-
-/// A step counter with the schedule and numerics: what turns "one more update" into an
-/// `alpha`. Shared by the CPU and GPU paths, so both see the same `n`.
-#[derive(Clone, Debug)]
-pub(crate) struct Stepper {
-    pub schedule: Schedule,
-    pub numerics: Numerics,
-    pub policy: Policy,
-    /// Updates applied so far; the next update is number `num_updates + 1`.
-    pub num_updates: u64,
-}
-
-impl Stepper {
-    pub fn new(schedule: Schedule, numerics: Numerics) -> Result<Self> {
-        schedule.validate()?;
-        Ok(Self {
-            schedule,
-            numerics,
-            policy: Policy::default(),
-            num_updates: 0,
-        })
-    }
-
-    /// What call `n` does, then the counter set to `n`. An error leaves the counter alone.
-    pub fn advance_to(&mut self, n: u64) -> Result<Action> {
-        let a = self.policy.action(&self.schedule, n, self.numerics)?;
-        self.num_updates = n;
-        Ok(a)
-    }
 }
 
 /// Shadows kept on the host: the CPU twin of [`GpuEma`](crate::GpuEma), with the same
@@ -346,6 +316,15 @@ impl CpuEma {
     /// Restores shadows and the step counter from a training checkpoint (all checked before
     /// anything changes).
     pub fn restore(&mut self, checkpoint: &crate::checkpoint::Checkpoint) -> Result<()> {
+        self.restore_with(checkpoint, crate::checkpoint::RestoreOptions::default())
+    }
+
+    /// [`restore`](Self::restore) with options: non-finite values, another configuration.
+    pub fn restore_with(
+        &mut self,
+        checkpoint: &crate::checkpoint::Checkpoint,
+        opts: crate::checkpoint::RestoreOptions,
+    ) -> Result<()> {
         let shadows = checkpoint.shadows_for(&self.specs)?;
         let n = checkpoint.num_updates()?;
         let comps = if self.compensated {
@@ -353,6 +332,15 @@ impl CpuEma {
         } else {
             None
         };
+        let mut all: Vec<&HostTensors> = vec![&shadows];
+        all.extend(comps.iter());
+        let config = crate::checkpoint::Config {
+            schedule: self.stepper.schedule,
+            numerics: self.stepper.numerics,
+            policy: self.stepper.policy,
+            extra: &[],
+        };
+        checkpoint.check_restore(&config, opts, &all)?;
         for (spec, values) in shadows.iter() {
             self.set_shadow(&spec.name, values)?;
         }

@@ -1,7 +1,8 @@
 //! The f64 reference the tests compare every path with.
 
-use super::{ema_step_f64, Stepper};
+use super::ema_step_f64;
 use crate::error::{Error, Result};
+use crate::schedule::Stepper;
 use crate::schedule::{Action, Numerics, Policy, Schedule};
 
 /// The f64 reference EMA: f64 shadows fed the same f32 alphas as the f32 paths.

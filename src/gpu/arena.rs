@@ -46,7 +46,17 @@ impl ParamArena {
                 });
             }
             offsets.push(at);
-            at = align_up(at + s.numel() * 4, lim.align);
+            let end = s
+                .numel()
+                .checked_mul(4)
+                .and_then(|b| b.checked_add(at))
+                .filter(|&e| e <= lim.max_buffer)
+                .ok_or_else(|| Error::TooLarge {
+                    what: format!("parameter arena (at tensor `{}`)", s.name),
+                    bytes: u64::MAX,
+                    limit: lim.max_buffer,
+                })?;
+            at = align_up(end, lim.align);
         }
         let size = at.max(lim.align);
         if size > lim.max_buffer {

@@ -10,7 +10,7 @@ use crate::layout;
 
 /// The most parameter bindings one dispatch selects between (the `switch` in the shader
 /// grows with it).
-const MAX_SLOTS: usize = 64;
+const MAX_SLOTS: usize = 256;
 
 /// Configures a [`GpuEma`]: schedule, numerics, and the tensors to track.
 ///
@@ -108,7 +108,7 @@ impl<'a> GpuEmaBuilder<'a> {
     /// At most this many distinct parameter buffers (or windows of buffers larger than one
     /// binding) per dispatch: a step is one dispatch per shadow buffer and group of this many.
     /// Clamped to what the device binds: `max_storage_buffers_per_shader_stage` less the EMA's
-    /// own bindings (chunk table, shadows, compensation), and 64.
+    /// own bindings (chunk table, shadows, compensation), and 256.
     ///
     /// Default: that maximum on GPUs; 1 on software devices (`DeviceType::Cpu`: lavapipe,
     /// llvmpipe), which run a divergent `switch` case by case, so that reading 29 buffers in
@@ -213,6 +213,15 @@ impl<'a> GpuEmaBuilder<'a> {
                 });
             }
         }
+        crate::tensors::check_names(
+            all.iter().map(|(s, ..)| s.name.as_str()),
+            emas,
+            self.compensated,
+        )?;
+        super::overlaps::check(
+            all.iter()
+                .map(|(spec, buffer, offset, dtype, _)| (spec, *buffer, *offset, *dtype)),
+        )?;
 
         // Shadows: each tensor's one run (pieces only past one binding), packed into buffers
         // of one binding each; compensation terms and further EMAs mirror that layout.
@@ -343,13 +352,14 @@ impl<'a> GpuEmaBuilder<'a> {
             work: Dispatches::new(shape, lim),
             arena: self.arena.cloned(),
             swapped: false,
+            moved: false,
         };
         ema.rebuild_dispatches();
         // shadows := params, on the GPU.
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("wgpu-ema init"),
         });
-        ema.record_pass(&mut encoder, Op::Init, [1.0; MAX_EMAS]);
+        ema.record_pass(&mut encoder, Op::Init, [1.0; MAX_EMAS])?;
         queue.submit(Some(encoder.finish()));
         Ok(ema)
     }
@@ -377,8 +387,8 @@ pub(super) fn validate_binding(
     }
     // 16-bit parameters are read as whole u32 words: the last word must be in the buffer.
     let end = spec
-        .numel()
-        .checked_mul(dtype.size())
+        .try_numel()
+        .and_then(|n| n.checked_mul(dtype.size()))
         .map(|b| b.next_multiple_of(4))
         .and_then(|b| b.checked_add(offset))
         .unwrap_or(u64::MAX);

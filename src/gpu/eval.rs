@@ -16,7 +16,7 @@ impl GpuEma {
                 what: "swaps",
             });
         }
-        self.record_pass(encoder, Op::Swap, [1.0; MAX_EMAS]);
+        self.record_pass(encoder, Op::Swap, [1.0; MAX_EMAS])?;
         self.swapped = !self.swapped;
         Ok(())
     }
@@ -46,7 +46,6 @@ impl GpuEma {
         if self.swapped {
             return Err(Error::Swapped);
         }
-        self.record_pass(encoder, Op::ToParams, [1.0; MAX_EMAS]);
-        Ok(())
+        self.record_pass(encoder, Op::ToParams, [1.0; MAX_EMAS])
     }
 }

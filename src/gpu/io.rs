@@ -29,6 +29,8 @@ impl GpuEma {
     /// bind groups. The rows reach the GPU with `queue.write_buffer`, that is at the next
     /// submit on the queue: every step of one submit reads the bindings current at that
     /// submit, so rebind between submits, not between two steps recorded for the same one.
+    /// Overlaps with other tracked tensors are checked when the next pass is recorded
+    /// ([`Error::Overlap`]), not here: a framework moving every tensor may pass through one.
     pub fn rebind(&mut self, name: &str, buffer: &wgpu::Buffer, byte_offset: u64) -> Result<()> {
         if self.swapped {
             return Err(Error::Swapped);
@@ -47,6 +49,7 @@ impl GpuEma {
         let t = &mut self.tensors[i];
         t.buffer = buffer.clone();
         t.offset = byte_offset;
+        self.moved = true;
         let t = &self.tensors[i];
         let patched = self.work.patch(
             &self.device,
@@ -121,6 +124,7 @@ impl GpuEma {
 
     /// Overwrites the shadow of `name` in EMA `k` (restoring a checkpoint).
     pub fn write_ema_shadow(&mut self, k: usize, name: &str, values: &[f32]) -> Result<()> {
+        self.not_swapped()?;
         if k == 0 {
             return self.write_shadow(name, values);
         }
@@ -160,6 +164,7 @@ impl GpuEma {
     /// Overwrites the shadow of `name` from the host (restoring a checkpoint); lands at the
     /// next submit on the queue, before that submit's commands.
     pub fn write_shadow(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        self.not_swapped()?;
         let i = self.index_with_len(name, values.len())?;
         self.write_pieces(self.shadow_buffers(), i, values);
         // The old compensation term belongs to the old shadow.
@@ -189,6 +194,7 @@ impl GpuEma {
     /// Overwrites the compensation term of `name` (restoring a checkpoint of a compensated
     /// EMA; call after [`write_shadow`](Self::write_shadow), which zeroes it).
     pub fn write_compensation(&mut self, name: &str, values: &[f32]) -> Result<()> {
+        self.not_swapped()?;
         let i = self.index(name)?;
         let spec = &self.tensors[i].spec;
         if values.len() as u64 != spec.numel() || !self.is_compensated() {
@@ -208,20 +214,43 @@ impl GpuEma {
 
     /// Restores shadows and the step counter from a training checkpoint, so the next updates
     /// continue exactly as if training had never stopped. Every tracked tensor's shadow must be
-    /// present with its shape, and no shadow of an untracked tensor may be; all is checked
-    /// before anything is written. Parameters are restored with
-    /// [`write_params`](Self::write_params) (`checkpoint.params_for(&ema.specs())`).
+    /// present with its shape, and no shadow of an untracked tensor may be; the checkpoint's
+    /// schedule, numerics, policy and further EMAs must be this EMA's, and its values finite
+    /// ([`restore_with`](Self::restore_with) relaxes the last two). All is checked before
+    /// anything is written. Parameters are restored with [`write_params`](Self::write_params)
+    /// (`checkpoint.params_for(&ema.specs())`).
     pub fn restore(&mut self, checkpoint: &crate::checkpoint::Checkpoint) -> Result<()> {
-        let shadows = checkpoint.shadows_for(&self.specs())?;
+        self.restore_with(checkpoint, crate::checkpoint::RestoreOptions::default())
+    }
+
+    /// [`restore`](Self::restore) with options: non-finite values, another configuration.
+    pub fn restore_with(
+        &mut self,
+        checkpoint: &crate::checkpoint::Checkpoint,
+        opts: crate::checkpoint::RestoreOptions,
+    ) -> Result<()> {
+        self.not_swapped()?;
+        let specs = self.specs();
+        let shadows = checkpoint.shadows_for(&specs)?;
         let n = checkpoint.num_updates()?;
         let comps = if self.is_compensated() {
-            checkpoint.compensation_for(&self.specs())?
+            checkpoint.compensation_for(&specs)?
         } else {
             None
         };
         let extras = (1..self.ema_count())
-            .map(|k| checkpoint.ema_shadows_for(k, &self.specs()))
+            .map(|k| checkpoint.ema_shadows_for(k, &specs))
             .collect::<Result<Vec<_>>>()?;
+        let mut all: Vec<&HostTensors> = vec![&shadows];
+        all.extend(comps.iter());
+        all.extend(extras.iter());
+        let config = crate::checkpoint::Config {
+            schedule: self.stepper.schedule,
+            numerics: self.stepper.numerics,
+            policy: self.stepper.policy,
+            extra: &self.extra,
+        };
+        checkpoint.check_restore(&config, opts, &all)?;
         for (spec, values) in shadows.iter() {
             self.write_shadow(&spec.name, values)?;
         }
@@ -241,6 +270,7 @@ impl GpuEma {
     /// buffers, which then need `BufferUsages::COPY_DST`). Every name and length is checked
     /// before anything is written. Lands at the next submit on the queue.
     pub fn write_params(&self, params: &HostTensors) -> Result<()> {
+        self.not_swapped()?;
         let mut writes = Vec::new();
         for (spec, values) in params.iter() {
             let t = &self.tensors[self.index(&spec.name)?];

@@ -11,6 +11,7 @@ mod builder;
 mod dispatch;
 mod eval;
 mod io;
+mod overlaps;
 mod pipelines;
 mod snapshot;
 
@@ -21,10 +22,10 @@ pub use snapshot::Snapshot;
 
 use std::collections::HashMap;
 
-use crate::cpu::Stepper;
 use crate::error::{Error, Result};
 use crate::layout::{Piece, PlanLimits};
 use crate::readback;
+use crate::schedule::Stepper;
 use crate::schedule::{Action, Numerics, Policy, Schedule};
 use crate::tensors::{HostTensors, ParamDtype, TensorSpec};
 use dispatch::{Dispatches, Store};
@@ -92,12 +93,23 @@ pub struct GpuEma {
     work: Dispatches,
     arena: Option<ParamArena>,
     swapped: bool,
+    /// A tensor was rebound since the last check for overlaps (checked when a pass is
+    /// recorded: a framework moving every tensor may pass through overlaps on the way).
+    moved: bool,
 }
 
 impl GpuEma {
     /// Starts configuring an EMA with this schedule.
     pub fn builder<'a>(schedule: Schedule) -> GpuEmaBuilder<'a> {
         GpuEmaBuilder::new(schedule)
+    }
+
+    /// [`Error::Swapped`] while the parameters hold the EMA weights.
+    fn not_swapped(&self) -> Result<()> {
+        if self.swapped {
+            return Err(Error::Swapped);
+        }
+        Ok(())
     }
 
     /// EMA 0's shadow buffers.
@@ -129,7 +141,20 @@ impl GpuEma {
     }
 
     /// Records one pass of `op`; `alphas` (one per EMA) are used by `Op::Update` only.
-    fn record_pass(&mut self, encoder: &mut wgpu::CommandEncoder, op: Op, alphas: [f32; MAX_EMAS]) {
+    fn record_pass(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        op: Op,
+        alphas: [f32; MAX_EMAS],
+    ) -> Result<()> {
+        if self.moved {
+            overlaps::check(
+                self.tensors
+                    .iter()
+                    .map(|t| (&t.spec, &t.buffer, t.offset, t.dtype)),
+            )?;
+            self.moved = false;
+        }
         self.work.flush(&self.queue);
         let family = op.family();
         if family == bindings::Family::Write {
@@ -153,7 +178,7 @@ impl GpuEma {
             }
         };
         if self.work.len() == 0 {
-            return;
+            return Ok(());
         }
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(op.label()),
@@ -176,6 +201,7 @@ impl GpuEma {
             pass.set_bind_group(0, group, &[]);
             pass.dispatch_workgroups(x, y, 1);
         }
+        Ok(())
     }
 
     /// Records one update into the caller's encoder, as update number `num_updates() + 1`.
@@ -198,18 +224,13 @@ impl GpuEma {
         if self.swapped {
             return Err(Error::Swapped);
         }
-        // Every EMA's alpha first, so that an invalid schedule changes nothing.
-        let k = n.saturating_sub(self.stepper.policy.update_after_step);
-        let mut alphas = [1.0f32; MAX_EMAS];
-        for (slot, schedule) in alphas[1..].iter_mut().zip(&self.extra) {
-            *slot = schedule.alpha(k, self.stepper.numerics)?;
-        }
-        match self.stepper.advance_to(n)? {
+        let (action, mut alphas) = self.stepper.advance_all::<MAX_EMAS>(n, &self.extra)?;
+        match action {
             Action::Skip => {}
-            Action::Copy => self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS]),
+            Action::Copy => self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS])?,
             Action::Update(alpha) => {
                 alphas[0] = alpha;
-                self.record_pass(encoder, Op::Update, alphas)
+                self.record_pass(encoder, Op::Update, alphas)?
             }
         }
         Ok(())
@@ -251,8 +272,7 @@ impl GpuEma {
         if self.swapped {
             return Err(Error::Swapped);
         }
-        self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS]);
-        Ok(())
+        self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS])
     }
 
     fn index(&self, name: &str) -> Result<usize> {
@@ -314,7 +334,7 @@ impl GpuEma {
 
     /// How many parameter buffers one dispatch reads: the device's
     /// `max_storage_buffers_per_shader_stage` less the EMA's own bindings (chunk table,
-    /// shadows, compensation), at most 64.
+    /// shadows, compensation), at most 256.
     pub fn param_slots(&self) -> usize {
         self.work.slots()
     }

@@ -55,9 +55,9 @@ impl Op {
     }
 }
 
-/// The pipelines of one slot count: a dispatch reading few parameter buffers runs a shader
-/// whose `switch` has few cases (a software device runs every case of a divergent `switch`
-/// under a mask, so 29 cases cost 20 times one), many buffers the full one.
+/// The pipelines of one slot count (1, 4, 16, 64, the most): a dispatch reading few parameter
+/// buffers runs a shader whose `switch` has few cases (a software device runs every case of a
+/// divergent `switch` under a mask: 29 cases cost it 20 times one), many buffers a larger one.
 #[derive(Debug)]
 struct Tier {
     layout_read: wgpu::BindGroupLayout,
@@ -98,9 +98,11 @@ impl Pipelines {
                 }],
             })
         });
-        let mut counts = vec![1, 4, shape.slots];
-        counts.retain(|&c| c <= shape.slots);
-        counts.dedup();
+        let mut counts: Vec<usize> = [1, 4, 16, 64]
+            .into_iter()
+            .filter(|&c| c < shape.slots)
+            .collect();
+        counts.push(shape.slots);
         Self {
             device: device.clone(),
             immediates,

@@ -38,6 +38,7 @@ impl GpuEma {
     /// one submit. Parameters in user buffers need `BufferUsages::COPY_SRC` for that
     /// ([`Error::MissingUsage`] otherwise; the arena has it).
     pub fn snapshot(&self, with_params: bool) -> Result<Snapshot> {
+        self.not_swapped()?;
         if let (true, Some(name)) = (with_params, self.half_tensor()) {
             return Err(Error::HalfPrecision {
                 name: name.to_string(),

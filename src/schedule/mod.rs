@@ -5,6 +5,7 @@
 
 mod policy;
 
+pub(crate) use policy::Stepper;
 pub use policy::{Action, Policy};
 
 use crate::error::{Error, Result};
@@ -198,6 +199,11 @@ impl Schedule {
             if step.abs() < 1e-14 * g.abs().max(1.0) {
                 break;
             }
+        }
+        if !(g.is_finite() && g > 0.0) {
+            return Err(Error::InvalidSchedule(format!(
+                "sigma_rel {sigma_rel} is too small: its gamma does not fit an f64"
+            )));
         }
         Ok(Schedule::Power { gamma: g })
     }

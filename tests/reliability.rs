@@ -1,0 +1,367 @@
+//! Nothing lost, nothing silently wrong: checksummed checkpoints under random bit flips,
+//! sharded and single-file saves killed at random points, refusals of what would corrupt the
+//! GPU state, names that cannot break a file, sizes that overflow.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{buffer_with, gpu, random};
+use wgpu_ema::checkpoint::{self, Checkpoint, RestoreOptions};
+use wgpu_ema::cpu::CpuEma;
+use wgpu_ema::{Error, GpuEma, HostTensors, Numerics, ParamArena, Schedule, TensorSpec};
+
+fn cpu_state(step: u64, schedule: Schedule) -> CpuEma {
+    let mut ema = CpuEma::new(schedule, Numerics::Exact).unwrap();
+    for (i, (name, n)) in [("w", 37usize), ("b", 5), ("e", 64)].iter().enumerate() {
+        ema.track(
+            TensorSpec::new(*name, [*n]),
+            &random(step * 3 + i as u64, *n),
+        )
+        .unwrap();
+    }
+    ema.set_num_updates(step);
+    ema
+}
+
+fn params(ema: &CpuEma) -> HostTensors {
+    ema.shadows()
+}
+
+#[test]
+fn bit_flips_in_a_saved_checkpoint_are_refused_or_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let ema = cpu_state(7, Schedule::tf(0.99));
+    checkpoint::save_training(&path, &ema, Some(&params(&ema)), &HostTensors::new()).unwrap();
+    let good = Checkpoint::load(&path).unwrap();
+    assert!(good.verified());
+    let bytes = std::fs::read(&path).unwrap();
+    let mut rng = fastrand::Rng::with_seed(99);
+    let (mut refused, mut same) = (0, 0);
+    for _ in 0..3000 {
+        let mut b = bytes.clone();
+        let at = rng.usize(..b.len());
+        b[at] ^= 1 << rng.u8(0..8);
+        let bad = dir.path().join("flipped.safetensors");
+        std::fs::write(&bad, &b).unwrap();
+        match Checkpoint::load(&bad) {
+            Err(e) => {
+                assert!(e.to_string().contains("flipped.safetensors"), "{e}");
+                refused += 1;
+            }
+            Ok(c) => {
+                // Only a flip that changes nothing that is read may load (header padding).
+                assert_eq!(c.metadata(), good.metadata(), "flip at byte {at}");
+                for name in good.names() {
+                    assert_eq!(c.get(name), good.get(name), "flip at byte {at}: `{name}`");
+                }
+                same += 1;
+            }
+        }
+    }
+    assert!(refused > 2900, "{refused} refused, {same} unchanged");
+}
+
+#[test]
+fn files_without_checksums_still_load_unverified() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("other.safetensors");
+    let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data).unwrap();
+    safetensors::serialize_to_file([("x", view)], None, &path).unwrap();
+    let c = Checkpoint::load(&path).unwrap();
+    assert!(!c.verified());
+    assert_eq!(c.get("x").unwrap().1, &[1.0, 2.0]);
+}
+
+#[test]
+fn restore_refuses_another_configuration_and_non_finite_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let mut saved = cpu_state(3, Schedule::tf(0.99));
+    checkpoint::save_training(&path, &saved, Some(&params(&saved)), &HostTensors::new()).unwrap();
+    let c = Checkpoint::load(&path).unwrap();
+    let mut other = cpu_state(0, Schedule::tf(0.999));
+    let e = other.restore(&c).unwrap_err();
+    assert!(e.to_string().contains("schedule differs"), "{e}");
+    let opts = RestoreOptions {
+        allow_config_mismatch: true,
+        ..Default::default()
+    };
+    other.restore_with(&c, opts).unwrap();
+    assert_eq!(other.num_updates(), 3);
+
+    let mut nan = saved.shadow("b").unwrap().to_vec();
+    nan[2] = f32::NAN;
+    saved.set_shadow("b", &nan).unwrap();
+    checkpoint::save_training(&path, &saved, Some(&params(&saved)), &HostTensors::new()).unwrap();
+    let c = Checkpoint::load(&path).unwrap();
+    let mut same = cpu_state(0, Schedule::tf(0.99));
+    let e = same.restore(&c).unwrap_err();
+    assert!(e.to_string().contains("element 2 is NaN"), "{e}");
+    let opts = RestoreOptions {
+        allow_non_finite: true,
+        ..Default::default()
+    };
+    same.restore_with(&c, opts).unwrap();
+    assert!(same.shadow("b").unwrap()[2].is_nan());
+}
+
+#[test]
+fn names_that_would_break_a_file_are_refused_before_writing() {
+    let Some(ctx) = gpu() else { return };
+    let buf = buffer_with(ctx, &random(1, 64), 0);
+    let build = |names: &[&str], k: usize| {
+        let mut b = GpuEma::builder(Schedule::constant(0.9));
+        for _ in 1..k {
+            b = b.extra_ema(Schedule::constant(0.5));
+        }
+        for (i, n) in names.iter().enumerate() {
+            b = b.track_buffer(TensorSpec::new(*n, [4]), &buf, 16 * i as u64);
+        }
+        b.build(&ctx.device, &ctx.queue)
+    };
+    for (names, k) in [
+        (&["a", "a/ExponentialMovingAverage"][..], 1),
+        (&["a/ExponentialMovingAverage", "a"][..], 1),
+        (&["x", "x/ExponentialMovingAverage_1"][..], 2),
+        (&["__metadata__"][..], 1),
+    ] {
+        let e = build(names, k).unwrap_err();
+        assert!(matches!(e, Error::NameCollision { .. }), "{names:?}: {e}");
+    }
+    // The CPU path and extra tensors: refused by the save, which writes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("n.safetensors");
+    let ema = cpu_state(1, Schedule::tf(0.9));
+    let mut extra = HostTensors::new();
+    extra
+        .insert(
+            TensorSpec::new("w/ExponentialMovingAverage", [37]),
+            random(5, 37),
+        )
+        .unwrap();
+    let e = checkpoint::save_training(&path, &ema, Some(&params(&ema)), &extra).unwrap_err();
+    assert!(matches!(e, Error::NameCollision { .. }), "{e}");
+    let mut extra = HostTensors::new();
+    extra
+        .insert(TensorSpec::new("__metadata__", [1]), vec![1.0])
+        .unwrap();
+    assert!(checkpoint::save_training(&path, &ema, Some(&params(&ema)), &extra).is_err());
+    assert!(!path.exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no temporary left"
+    );
+}
+
+#[test]
+fn swapped_state_refuses_what_would_land_in_exchanged_buffers() {
+    let Some(ctx) = gpu() else { return };
+    let arena = ParamArena::new(&ctx.device, [TensorSpec::new("w", [10])]).unwrap();
+    arena.write(&ctx.queue, "w", &random(2, 10)).unwrap();
+    let mut ema = GpuEma::builder(Schedule::constant(0.9))
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    ema.update().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.safetensors");
+    checkpoint::save_training(
+        &path,
+        &ema.snapshot(true).unwrap(),
+        None,
+        &HostTensors::new(),
+    )
+    .unwrap();
+    let c = Checkpoint::load(&path).unwrap();
+    ema.swap().unwrap();
+    let mut p = HostTensors::new();
+    p.insert(TensorSpec::new("w", [10]), random(3, 10)).unwrap();
+    assert!(matches!(ema.snapshot(false), Err(Error::Swapped)));
+    assert!(matches!(ema.restore(&c), Err(Error::Swapped)));
+    assert!(matches!(
+        ema.write_shadow("w", &[0.0; 10]),
+        Err(Error::Swapped)
+    ));
+    assert!(matches!(ema.write_params(&p), Err(Error::Swapped)));
+    assert!(matches!(ema.update(), Err(Error::Swapped)));
+    ema.swap().unwrap();
+    ema.restore(&c).unwrap();
+    ema.write_params(&p).unwrap();
+}
+
+#[test]
+fn overlapping_tensors_are_refused_at_build_and_after_a_rebind() {
+    let Some(ctx) = gpu() else { return };
+    let buf = buffer_with(ctx, &random(4, 64), 0);
+    let e = GpuEma::builder(Schedule::constant(0.9))
+        .track_buffer(TensorSpec::new("a", [8]), &buf, 0)
+        .track_buffer(TensorSpec::new("b", [8]), &buf, 28)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap_err();
+    assert!(matches!(e, Error::Overlap { .. }), "{e}");
+    let mut ema = GpuEma::builder(Schedule::constant(0.9))
+        .track_buffer(TensorSpec::new("a", [8]), &buf, 0)
+        .track_buffer(TensorSpec::new("b", [8]), &buf, 32)
+        .track_buffer(TensorSpec::new("empty", [0]), &buf, 4)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    ema.update().unwrap();
+    // A framework may pass through an overlap while moving tensors: refused at the next step.
+    ema.rebind("b", &buf, 16).unwrap();
+    assert!(matches!(ema.update(), Err(Error::Overlap { .. })));
+    ema.rebind("a", &buf, 128).unwrap();
+    ema.update().unwrap();
+}
+
+#[test]
+fn zero_element_tensors_and_overflowing_shapes() {
+    let Some(ctx) = gpu() else { return };
+    let buf = buffer_with(ctx, &random(6, 16), 0);
+    let mut ema = GpuEma::builder(Schedule::constant(0.9))
+        .track_buffer(TensorSpec::new("empty", [3, 0]), &buf, 0)
+        .track_buffer(TensorSpec::new("x", [16]), &buf, 0)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    ema.update().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("z.safetensors");
+    checkpoint::save_training(
+        &path,
+        &ema.snapshot(true).unwrap(),
+        None,
+        &HostTensors::new(),
+    )
+    .unwrap();
+    let c = Checkpoint::load(&path).unwrap();
+    assert_eq!(c.get("empty/ExponentialMovingAverage").unwrap().0, &[3, 0]);
+    ema.restore(&c).unwrap();
+
+    let huge = TensorSpec::new("huge", [usize::MAX, 4]);
+    assert_eq!(huge.try_numel(), None);
+    let e = GpuEma::builder(Schedule::constant(0.9))
+        .track_buffer(huge.clone(), &buf, 0)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap_err();
+    assert!(matches!(e, Error::OutOfBounds { .. }), "{e}");
+    assert!(ParamArena::new(&ctx.device, [huge]).is_err());
+    assert!(Schedule::power_sigma_rel(1e-200).is_err());
+}
+
+/// The child of the kill tests: saves checkpoints in a loop (every tensor of step `s` filled
+/// with `s`) until killed. Runs only when the parent sets `WGPU_EMA_SAVE_LOOP`.
+#[test]
+fn save_loop_child() {
+    let Ok(dir) = std::env::var("WGPU_EMA_SAVE_LOOP") else {
+        return;
+    };
+    let sharded = std::env::var("WGPU_EMA_SAVE_SHARDED").is_ok();
+    let start: u64 = std::env::var("WGPU_EMA_SAVE_START").map_or(1, |s| s.parse().unwrap_or(1));
+    for step in start.. {
+        let mut ema = CpuEma::new(Schedule::constant(0.9), Numerics::Exact).unwrap();
+        for (i, n) in [3000usize, 2000, 1000, 500].iter().enumerate() {
+            ema.track(
+                TensorSpec::new(format!("t{i}"), [*n]),
+                &vec![step as f32; *n],
+            )
+            .unwrap();
+        }
+        ema.set_num_updates(step);
+        let p = params(&ema);
+        if sharded {
+            checkpoint::save_training_sharded(&dir, &ema, Some(&p), &HostTensors::new(), 9000)
+                .unwrap();
+        } else {
+            let path = Path::new(&dir).join("c.safetensors");
+            checkpoint::save_training(&path, &ema, Some(&p), &HostTensors::new()).unwrap();
+        }
+    }
+}
+
+/// Loads what the killed child left: a whole checkpoint of one step, never a mix.
+fn check_consistent(path: &Path) {
+    let c = Checkpoint::load(path).unwrap_or_else(|e| panic!("after a kill: {e}"));
+    let n = c.num_updates().unwrap() as f32;
+    for name in c.names() {
+        let (_, v) = c.get(name).unwrap();
+        assert!(
+            v.iter().all(|&x| x == n),
+            "`{name}` is not from step {n}: torn checkpoint"
+        );
+    }
+}
+
+fn kill_during_saves(sharded: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let target = if sharded {
+        dir.path().join(checkpoint::INDEX_FILE)
+    } else {
+        dir.path().join("c.safetensors")
+    };
+    let mut rng = fastrand::Rng::with_seed(if sharded { 1 } else { 2 });
+    let mut start = 1u64;
+    for round in 0..100 {
+        let mut child = Command::new(&exe)
+            .args([
+                "--exact",
+                "save_loop_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("WGPU_EMA_SAVE_LOOP", dir.path())
+            .env("WGPU_EMA_SAVE_START", start.to_string())
+            .envs(sharded.then_some(("WGPU_EMA_SAVE_SHARDED", "1")))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(5..40)));
+        let _ = child.kill();
+        let _ = child.wait();
+        start += 1000;
+        if target.exists() {
+            check_consistent(&target);
+        } else {
+            assert!(round < 5, "no checkpoint after {round} rounds");
+        }
+    }
+    // The next save removes what the killed saves left behind.
+    let mut ema = CpuEma::new(Schedule::constant(0.9), Numerics::Exact).unwrap();
+    ema.track(TensorSpec::new("t0", [4]), &[1.0; 4]).unwrap();
+    ema.set_num_updates(1);
+    let p = params(&ema);
+    if sharded {
+        checkpoint::save_training_sharded(dir.path(), &ema, Some(&p), &HostTensors::new(), 9000)
+            .unwrap();
+    } else {
+        checkpoint::save_training(&target, &ema, Some(&p), &HostTensors::new()).unwrap();
+    }
+    check_consistent(&target);
+    let left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.contains(".tmp-")
+                || (sharded && n.starts_with("model-") && !n.contains("-00001-of-00001"))
+        })
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn sharded_saves_killed_at_random_points_never_load_torn() {
+    kill_during_saves(true);
+}
+
+#[test]
+fn single_file_saves_killed_at_random_points_never_load_torn() {
+    kill_during_saves(false);
+}
