@@ -126,7 +126,8 @@ pub enum Error {
         limit: u64,
     },
 
-    /// More steps were recorded between two submits than the uniform ring holds.
+    /// More steps were recorded between two submits than the uniform ring holds. (No longer
+    /// returned: a used-up ring is replaced by a fresh one.)
     #[error(
         "{steps} steps recorded in one batch, but the uniform ring holds {slots} \
          (the device lacks Features::IMMEDIATES): raise `ring_slots` on the builder, \

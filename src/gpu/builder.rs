@@ -99,7 +99,9 @@ impl<'a> GpuEmaBuilder<'a> {
     }
 
     /// Slots of the uniform ring used where the device lacks `Features::IMMEDIATES`
-    /// (default 1024): at most this many steps may be recorded between two submits.
+    /// (default 1024). Each step takes the next slot; a used-up ring is replaced by a fresh one
+    /// (one small buffer per `slots` steps), never rewritten, so any number of steps may be
+    /// recorded between submits.
     pub fn ring_slots(mut self, slots: usize) -> Self {
         self.ring_slots = slots.max(1);
         self
@@ -297,24 +299,7 @@ impl<'a> GpuEmaBuilder<'a> {
                     STEP_BYTES,
                     u64::from(device.limits().min_uniform_buffer_offset_alignment),
                 );
-                let buffer = device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("wgpu-ema step ring"),
-                    size: stride * self.ring_slots as u64,
-                    usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
-                let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some("wgpu-ema step ring"),
-                    layout: ring_layout,
-                    entries: &[wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: &buffer,
-                            offset: 0,
-                            size: NonZeroU64::new(STEP_BYTES),
-                        }),
-                    }],
-                });
+                let (buffer, bind_group) = new_ring(device, ring_layout, stride, self.ring_slots);
                 StepValues::Ring {
                     buffer,
                     bind_group,
@@ -363,6 +348,34 @@ impl<'a> GpuEmaBuilder<'a> {
         queue.submit(Some(encoder.finish()));
         Ok(ema)
     }
+}
+
+/// A uniform ring of `slots` per-step values, `stride` bytes apart, and its bind group.
+pub(super) fn new_ring(
+    device: &wgpu::Device,
+    layout: &wgpu::BindGroupLayout,
+    stride: u64,
+    slots: usize,
+) -> (wgpu::Buffer, wgpu::BindGroup) {
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-ema step ring"),
+        size: stride * slots as u64,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("wgpu-ema step ring"),
+        layout,
+        entries: &[wgpu::BindGroupEntry {
+            binding: 0,
+            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer: &buffer,
+                offset: 0,
+                size: NonZeroU64::new(STEP_BYTES),
+            }),
+        }],
+    });
+    (buffer, bind_group)
 }
 
 pub(super) fn validate_binding(

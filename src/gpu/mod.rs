@@ -166,13 +166,24 @@ impl GpuEma {
             StepValues::Immediates => None,
             StepValues::Ring {
                 buffer,
+                bind_group,
                 stride,
                 slots,
                 next,
-                ..
             } => {
-                let off = (*next % *slots) as u64 * *stride;
-                *next = (*next + 1) % *slots;
+                // A slot is written once: `write_buffer` lands at the next submit, before that
+                // submit's commands, so rewriting a slot could change a step recorded but not
+                // yet submitted. A used-up ring is replaced; the old one lives on while
+                // recorded commands use it.
+                if *next >= *slots {
+                    if let Some(layout) = &self.pipes.ring_layout {
+                        (*buffer, *bind_group) =
+                            builder::new_ring(&self.device, layout, *stride, *slots);
+                    }
+                    *next = 0;
+                }
+                let off = *next as u64 * *stride;
+                *next += 1;
                 self.queue.write_buffer(buffer, off, &bytes);
                 Some(off as u32)
             }
@@ -208,8 +219,7 @@ impl GpuEma {
     ///
     /// Several steps may be recorded into one encoder before one submit: each gets its own
     /// `alpha` (an immediate recorded in the pass, or on devices without
-    /// `Features::IMMEDIATES` its own uniform ring slot; at most
-    /// [`ring_slots`](GpuEmaBuilder::ring_slots) steps between two submits then).
+    /// `Features::IMMEDIATES` a uniform ring slot of its own, never rewritten).
     pub fn record_update(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
         let n = self.stepper.num_updates.saturating_add(1);
         self.record_update_at(encoder, n)
@@ -237,18 +247,12 @@ impl GpuEma {
     }
 
     /// Records `steps` updates (numbers `num_updates() + 1 ..= num_updates() + steps`) into
-    /// one encoder. On the uniform-ring path, more steps than ring slots is
-    /// [`Error::RingFull`].
+    /// one encoder.
     pub fn record_updates(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         steps: usize,
     ) -> Result<()> {
-        if let StepValues::Ring { slots, .. } = self.step {
-            if steps > slots {
-                return Err(Error::RingFull { steps, slots });
-            }
-        }
         for _ in 0..steps {
             self.record_update(encoder)?;
         }
