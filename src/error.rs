@@ -219,6 +219,11 @@ pub enum Error {
         message: String,
     },
 
+    /// The device refused work the crate submitted: it was lost or destroyed, or is out of
+    /// memory. wgpu's own error, as text.
+    #[error("the GPU device refused the work: {0} (was it lost or destroyed?)")]
+    Device(String),
+
     /// Mapping a readback buffer failed, or the device was lost while waiting.
     #[error("reading shadows back from the GPU failed: {0}")]
     Readback(String),

@@ -21,9 +21,35 @@ pub(crate) struct Pending {
     >,
 }
 
+/// Runs `f`, which creates or submits GPU work, catching the errors the device reports for it
+/// (a lost or destroyed device, no memory) as [`Error::Device`] instead of wgpu's default
+/// handler, which panics.
+pub(crate) fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<T> {
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let out = f();
+    // On native targets the scopes resolve at once.
+    let errors = [
+        pollster::block_on(memory.pop()),
+        pollster::block_on(validation.pop()),
+    ];
+    match errors.into_iter().flatten().next() {
+        Some(e) => Err(Error::Device(e.to_string())),
+        None => Ok(out),
+    }
+}
+
 /// Records the copies into a fresh encoder, submits it and starts mapping. Steps recorded
 /// afterwards do not delay the mapping, and the copy sees exactly the steps submitted before.
-pub(crate) fn start(device: &wgpu::Device, queue: &wgpu::Queue, ranges: &[Range<'_>]) -> Pending {
+pub(crate) fn start(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    ranges: &[Range<'_>],
+) -> Result<Pending> {
+    scoped(device, || start_unchecked(device, queue, ranges))
+}
+
+fn start_unchecked(device: &wgpu::Device, queue: &wgpu::Queue, ranges: &[Range<'_>]) -> Pending {
     let total: u64 = ranges.iter().map(|r| r.len * 4).sum();
     let staging = device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("wgpu-ema readback"),

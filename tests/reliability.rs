@@ -365,3 +365,46 @@ fn sharded_saves_killed_at_random_points_never_load_torn() {
 fn single_file_saves_killed_at_random_points_never_load_torn() {
     kill_during_saves(false);
 }
+
+#[test]
+fn a_destroyed_device_is_an_error_not_a_panic() {
+    // A device of its own: the shared one serves the other tests.
+    let Some(_) = gpu() else { return };
+    let ctx = wgpu_ema::GpuContext::new().unwrap();
+    let arena = ParamArena::new(&ctx.device, [TensorSpec::new("w", [10])]).unwrap();
+    let mut ema = GpuEma::builder(Schedule::constant(0.9))
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    ema.update().unwrap();
+    ctx.device.destroy();
+    // Work submitted to a destroyed device may be dropped without a word (wgpu's choice); what
+    // reads results back must fail, and nothing may panic.
+    assert!(matches!(
+        ema.read_shadows_blocking(),
+        Err(Error::Device(_) | Error::Readback(_))
+    ));
+    let _ = ema.update();
+    let _ = ema.swap();
+    if let Ok(s) = ema.snapshot(false) {
+        use wgpu_ema::checkpoint::EmaState;
+        assert!(s.read_shadow(0).is_err());
+    }
+    assert!(ema.read_shadow_blocking("w").is_err());
+}
+
+#[test]
+fn state_accessors_return_errors_for_a_bad_index() {
+    use wgpu_ema::checkpoint::EmaState;
+    let ema = cpu_state(1, Schedule::tf(0.9));
+    assert!(ema.read_shadow(3).is_err());
+    let Some(ctx) = gpu() else { return };
+    let arena = ParamArena::new(&ctx.device, [TensorSpec::new("w", [10])]).unwrap();
+    let g = GpuEma::builder(Schedule::constant(0.9))
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    let s = g.snapshot(true).unwrap();
+    assert!(s.read_shadow(1).is_err() && s.read_param(1).is_err());
+    assert!(s.read_compensation(7).is_err() && s.read_ema_shadow(1, 0).is_err());
+}

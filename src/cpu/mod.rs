@@ -379,7 +379,12 @@ impl crate::checkpoint::EmaState for CpuEma {
         self.stepper.policy
     }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
-        Ok(self.shadows[i].clone())
+        self.shadows
+            .get(i)
+            .cloned()
+            .ok_or_else(|| Error::UnknownName {
+                name: format!("tensor number {i} (the EMA tracks {})", self.shadows.len()),
+            })
     }
     fn compensated(&self) -> bool {
         self.compensated

@@ -156,7 +156,7 @@ impl ParamArena {
                 len: s.numel(),
             })
             .collect();
-        let flat = readback::start(device, queue, &ranges).wait(device)?;
+        let flat = readback::start(device, queue, &ranges)?.wait(device)?;
         Ok(split(&self.specs, &flat))
     }
 }

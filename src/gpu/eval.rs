@@ -23,13 +23,14 @@ impl GpuEma {
 
     /// [`record_swap`](Self::record_swap), submitted on the queue.
     pub fn swap(&mut self) -> Result<wgpu::SubmissionIndex> {
-        let mut encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        let device = self.device.clone();
+        crate::readback::scoped(&device, || {
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("wgpu-ema swap"),
             });
-        self.record_swap(&mut encoder)?;
-        Ok(self.queue.submit(Some(encoder.finish())))
+            self.record_swap(&mut encoder)?;
+            Ok(self.queue.submit(Some(encoder.finish())))
+        })?
     }
 
     /// True between two swaps: the parameters hold the EMA weights.

@@ -82,7 +82,7 @@ impl GpuEma {
             .collect()
     }
 
-    fn start_read(&self, which: &[usize]) -> readback::Pending {
+    fn start_read(&self, which: &[usize]) -> Result<readback::Pending> {
         readback::start(
             &self.device,
             &self.queue,
@@ -118,7 +118,7 @@ impl GpuEma {
     pub fn read_ema_blocking(&self, k: usize) -> Result<HostTensors> {
         let all: Vec<usize> = (0..self.tensors.len()).collect();
         let ranges = self.ranges(self.ema_buffers(k)?, &all);
-        let flat = readback::start(&self.device, &self.queue, &ranges).wait(&self.device)?;
+        let flat = readback::start(&self.device, &self.queue, &ranges)?.wait(&self.device)?;
         Ok(arena::split(&self.specs(), &flat))
     }
 
@@ -137,14 +137,14 @@ impl GpuEma {
     /// those submitted later). Names are the parameters' names.
     pub fn read_shadows_blocking(&self) -> Result<HostTensors> {
         let all: Vec<usize> = (0..self.tensors.len()).collect();
-        let flat = self.start_read(&all).wait(&self.device)?;
+        let flat = self.start_read(&all)?.wait(&self.device)?;
         Ok(arena::split(&self.specs(), &flat))
     }
 
     /// Reads the shadow of `name` back, blocking.
     pub fn read_shadow_blocking(&self, name: &str) -> Result<Vec<f32>> {
         let i = self.index(name)?;
-        self.start_read(&[i]).wait(&self.device)
+        self.start_read(&[i])?.wait(&self.device)
     }
 
     /// Reads every shadow back, asynchronously: the copy is submitted at once and the future
@@ -156,7 +156,7 @@ impl GpuEma {
         let pending = self.start_read(&all);
         let specs = self.specs();
         async move {
-            let flat = pending.finish().await?;
+            let flat = pending?.finish().await?;
             Ok(arena::split(&specs, &flat))
         }
     }

@@ -260,14 +260,16 @@ impl GpuEma {
     }
 
     /// Records one update and submits it on the queue.
+    /// A lost or destroyed device is [`Error::Device`].
     pub fn update(&mut self) -> Result<wgpu::SubmissionIndex> {
-        let mut encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        let device = self.device.clone();
+        readback::scoped(&device, || {
+            let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("wgpu-ema update"),
             });
-        self.record_update(&mut encoder)?;
-        Ok(self.queue.submit(Some(encoder.finish())))
+            self.record_update(&mut encoder)?;
+            Ok(self.queue.submit(Some(encoder.finish())))
+        })?
     }
 
     /// Records `shadow = param` for every tensor (restarts the averages from the current

@@ -93,48 +93,52 @@ impl GpuEma {
                 limit: max,
             });
         }
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-ema snapshot"),
-            size: at.max(4),
-            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        // A lost or destroyed device is an error, not wgpu's panicking default handler.
+        let buffer = crate::readback::scoped(&self.device, || {
+            let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("wgpu-ema snapshot"),
+                size: at.max(4),
+                usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
             });
-        for (i, t) in self.tensors.iter().enumerate() {
-            let sources = [
-                (&self.store.shadows[0], Some(shadow_at[i])),
-                (&self.store.comp, comp_at[i]),
-            ]
-            .into_iter()
-            .chain(
-                self.store.shadows[1..]
-                    .iter()
-                    .zip(&extra_at)
-                    .map(|(b, at)| (b, Some(at[i]))),
-            );
-            for (buffers, start) in sources {
-                let Some(mut dst) = start else { continue };
-                for p in &t.pieces {
-                    enc.copy_buffer_to_buffer(
-                        &buffers[p.buffer],
-                        p.offset,
-                        &buffer,
-                        dst,
-                        p.len * 4,
-                    );
-                    dst += p.len * 4;
+            let mut enc = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("wgpu-ema snapshot"),
+                });
+            for (i, t) in self.tensors.iter().enumerate() {
+                let sources = [
+                    (&self.store.shadows[0], Some(shadow_at[i])),
+                    (&self.store.comp, comp_at[i]),
+                ]
+                .into_iter()
+                .chain(
+                    self.store.shadows[1..]
+                        .iter()
+                        .zip(&extra_at)
+                        .map(|(b, at)| (b, Some(at[i]))),
+                );
+                for (buffers, start) in sources {
+                    let Some(mut dst) = start else { continue };
+                    for p in &t.pieces {
+                        enc.copy_buffer_to_buffer(
+                            &buffers[p.buffer],
+                            p.offset,
+                            &buffer,
+                            dst,
+                            p.len * 4,
+                        );
+                        dst += p.len * 4;
+                    }
+                }
+                let n = t.spec.numel();
+                if let (Some(dst), true) = (param_at[i], n > 0) {
+                    enc.copy_buffer_to_buffer(&t.buffer, t.offset, &buffer, dst, n * 4);
                 }
             }
-            let n = t.spec.numel();
-            if let (Some(dst), true) = (param_at[i], n > 0) {
-                enc.copy_buffer_to_buffer(&t.buffer, t.offset, &buffer, dst, n * 4);
-            }
-        }
-        self.queue.submit(Some(enc.finish()));
+            self.queue.submit(Some(enc.finish()));
+            buffer
+        })?;
         Ok(Snapshot {
             device: self.device.clone(),
             queue: self.queue.clone(),
@@ -154,13 +158,26 @@ impl GpuEma {
 }
 
 impl Snapshot {
+    /// Tensor `i`'s element count, or an error for an index past the tensors.
+    fn numel(&self, i: usize) -> Result<u64> {
+        self.specs
+            .get(i)
+            .map(TensorSpec::numel)
+            .ok_or_else(|| Error::UnknownName {
+                name: format!(
+                    "tensor number {i} (the snapshot holds {})",
+                    self.specs.len()
+                ),
+            })
+    }
+
     fn read(&self, offset: u64, len: u64) -> Result<Vec<f32>> {
         let range = readback::Range {
             buffer: &self.buffer,
             offset,
             len,
         };
-        readback::start(&self.device, &self.queue, &[range]).wait(&self.device)
+        readback::start(&self.device, &self.queue, &[range])?.wait(&self.device)
     }
 }
 
@@ -181,7 +198,8 @@ impl EmaState for Snapshot {
         self.policy
     }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
-        self.read(self.shadow_at[i], self.specs[i].numel())
+        let n = self.numel(i)?;
+        self.read(self.shadow_at[i], n)
     }
     fn ema_count(&self) -> usize {
         1 + self.extra_at.len()
@@ -198,21 +216,24 @@ impl EmaState for Snapshot {
             .get(k.wrapping_sub(1))
             .ok_or_else(|| Error::UnknownName {
                 name: format!("EMA number {k}"),
-            })?[i];
-        self.read(at, self.specs[i].numel())
+            })?;
+        let n = self.numel(i)?;
+        self.read(at[i], n)
     }
     fn compensated(&self) -> bool {
         self.comp_at.iter().any(Option::is_some)
     }
     fn read_compensation(&self, i: usize) -> Result<Option<Vec<f32>>> {
+        let n = self.numel(i)?;
         match self.comp_at[i] {
-            Some(at) => self.read(at, self.specs[i].numel()).map(Some),
+            Some(at) => self.read(at, n).map(Some),
             None => Ok(None),
         }
     }
     fn read_param(&self, i: usize) -> Result<Option<Vec<f32>>> {
+        let n = self.numel(i)?;
         match self.param_at[i] {
-            Some(at) => self.read(at, self.specs[i].numel()).map(Some),
+            Some(at) => self.read(at, n).map(Some),
             None => Ok(None),
         }
     }
