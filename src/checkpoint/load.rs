@@ -2,32 +2,58 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use safetensors::SafeTensors;
 
 use super::checksum;
 use super::write::META_GENERATION;
-use super::{
-    describe_policy, ema_shadow_name, Config, RestoreOptions, COMPENSATION_SUFFIX,
-    META_EXTRA_SCHEDULES, META_NUMERICS, META_NUM_UPDATES, META_POLICY, META_SCHEDULE,
-};
+
 use crate::error::{Error, Result};
-use crate::schedule::Numerics;
-use crate::tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
+
+/// A tensor's values: borrowed from the memory-mapped file where they are aligned f32 on a
+/// little-endian machine (always, for files we write), else copied.
+#[derive(Clone, Debug)]
+enum Values {
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned(Vec<f32>),
+}
+
+impl Values {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            // Checked to cast when the tensor was loaded.
+            Values::Mapped { map, start, len } => {
+                bytemuck::try_cast_slice(&map[*start..*start + *len]).unwrap_or_default()
+            }
+            Values::Owned(v) => v,
+        }
+    }
+}
 
 /// A loaded and validated checkpoint: f32 tensors by name, and the metadata.
+///
+/// The files are memory-mapped, not read: a tensor's values are borrowed from the file when
+/// asked for, so loading takes host memory for the header alone, and a restore writes one
+/// tensor at a time. Our saves never change a file in place (they rename a new one over it),
+/// so a checkpoint stays valid while loaded; a file truncated in place by another program
+/// while mapped would fault on access, as any memory-mapped reader would.
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
     path: PathBuf,
     metadata: HashMap<String, String>,
-    tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    tensors: BTreeMap<String, (Vec<usize>, Values)>,
     verified: bool,
 }
 
 /// The largest safetensors header we read (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
-fn bad(path: &Path, message: impl Into<String>) -> Error {
+pub(super) fn bad(path: &Path, message: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_path_buf(),
         message: message.into(),
@@ -64,7 +90,8 @@ impl Checkpoint {
             )
         })?;
         let n = u64::from_le_bytes(head);
-        if n > len - 8 || n > MAX_HEADER {
+        // A header larger than the data it describes (and than a megabyte) is no model's.
+        if n > len - 8 || n > MAX_HEADER || (n > 1 << 20 && n > len - 8 - n) {
             return Err(bad(
                 path,
                 format!(
@@ -73,11 +100,15 @@ impl Checkpoint {
                 ),
             ));
         }
+        // SAFETY: the map is read-only and lives in an Arc as long as a tensor borrows from
+        // it. Our writers replace files by rename, never in place; another program truncating
+        // the file while it is mapped is outside what a memory-mapped reader can guard.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
         drop(file);
-        let bytes = std::fs::read(path).map_err(io)?;
-        let st = SafeTensors::deserialize(&bytes)
+        let bytes: &[u8] = &map;
+        let st = SafeTensors::deserialize(bytes)
             .map_err(|e| bad(path, format!("not a valid safetensors file: {e}")))?;
-        let (_, meta) = SafeTensors::read_metadata(&bytes)
+        let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| bad(path, format!("not a valid safetensors file: {e}")))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.iter() {
@@ -90,11 +121,23 @@ impl Checkpoint {
                     ),
                 ));
             }
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let data = view.data();
+            let start = data.as_ptr() as usize - bytes.as_ptr() as usize;
+            let values = if cfg!(target_endian = "little")
+                && bytemuck::try_cast_slice::<u8, f32>(data).is_ok()
+            {
+                Values::Mapped {
+                    map: map.clone(),
+                    start,
+                    len: data.len(),
+                }
+            } else {
+                Values::Owned(
+                    data.chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                )
+            };
             tensors.insert(name.to_string(), (view.shape().to_vec(), values));
         }
         let metadata = meta.metadata().clone().unwrap_or_default();
@@ -256,158 +299,5 @@ impl Checkpoint {
         self.tensors
             .get(name)
             .map(|(s, v)| (s.as_slice(), v.as_slice()))
-    }
-
-    /// The step counter stored in the metadata.
-    pub fn num_updates(&self) -> Result<u64> {
-        let v = self
-            .metadata
-            .get(META_NUM_UPDATES)
-            .ok_or_else(|| bad(&self.path, "metadata has no `num_updates`"))?;
-        v.parse().map_err(|_| {
-            bad(
-                &self.path,
-                format!("metadata `num_updates` = {v:?} is not a count"),
-            )
-        })
-    }
-
-    /// Checks what a restore is about to take: the EMA's configuration against the metadata
-    /// (keys the file lacks are skipped), and `values` finite, unless `opts` allow otherwise.
-    pub(crate) fn check_restore(
-        &self,
-        config: &Config<'_>,
-        opts: RestoreOptions,
-        values: &[&HostTensors],
-    ) -> Result<()> {
-        if !opts.allow_config_mismatch {
-            let extra: Vec<String> = config.extra.iter().map(|s| s.describe()).collect();
-            let ours = [
-                (META_SCHEDULE, config.schedule.describe()),
-                (META_NUMERICS, config.numerics.as_str().to_string()),
-                (META_POLICY, describe_policy(config.policy)),
-                (META_EXTRA_SCHEDULES, extra.join("; ")),
-            ];
-            for (key, mine) in ours {
-                let theirs = match (self.metadata.get(key), key) {
-                    (Some(v), _) => v.clone(),
-                    // A file of one EMA has no such key; others must have one.
-                    (None, META_EXTRA_SCHEDULES) if self.metadata.contains_key(META_SCHEDULE) => {
-                        String::new()
-                    }
-                    (None, _) => continue,
-                };
-                if theirs != mine {
-                    return Err(bad(
-                        &self.path,
-                        format!(
-                            "{key} differs: the checkpoint's is {theirs:?}, this EMA's {mine:?} \
-                             (RestoreOptions::allow_config_mismatch restores it anyway)"
-                        ),
-                    ));
-                }
-            }
-        }
-        if !opts.allow_non_finite {
-            for set in values {
-                for (spec, v) in set.iter() {
-                    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                        return Err(bad(
-                            &self.path,
-                            format!(
-                                "tensor `{}`: element {i} is {} (RestoreOptions::allow_non_finite restores it anyway)",
-                                spec.name, v[i]
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The numerics stored in the metadata, if any.
-    pub fn numerics(&self) -> Option<Numerics> {
-        self.metadata
-            .get(META_NUMERICS)
-            .and_then(|s| Numerics::parse(s))
-    }
-
-    /// `name` with the shape of `spec`, or an error naming the file and the tensor.
-    pub fn tensor_as(&self, name: &str, spec: &TensorSpec) -> Result<&[f32]> {
-        let (shape, values) = self
-            .get(name)
-            .ok_or_else(|| bad(&self.path, format!("tensor `{name}` is missing")))?;
-        if shape != spec.shape.as_slice() {
-            return Err(bad(
-                &self.path,
-                format!(
-                    "tensor `{name}` has shape {shape:?}, expected {:?}",
-                    spec.shape
-                ),
-            ));
-        }
-        Ok(values)
-    }
-
-    fn collect(
-        &self,
-        specs: &[TensorSpec],
-        name_of: impl Fn(&TensorSpec) -> String,
-    ) -> Result<HostTensors> {
-        let mut out = HostTensors::new();
-        for spec in specs {
-            let values = self.tensor_as(&name_of(spec), spec)?;
-            out.insert(spec.clone(), values.to_vec())?;
-        }
-        Ok(out)
-    }
-
-    /// The shadows of `specs` (`<name>/ExponentialMovingAverage`), keyed by parameter name:
-    /// what evaluation with the moving averages loads into the parameters (TensorFlow's
-    /// `variables_to_restore`). A shadow in the file for a tensor not in `specs` is an
-    /// "unexpected name" error.
-    pub fn shadows_for(&self, specs: &[TensorSpec]) -> Result<HostTensors> {
-        for name in self.names() {
-            if let Some(base) = name.strip_suffix(EMA_SUFFIX) {
-                if !specs.iter().any(|s| s.name == base) {
-                    return Err(bad(
-                        &self.path,
-                        format!("unexpected tensor `{name}`: `{base}` is not tracked"),
-                    ));
-                }
-            }
-        }
-        self.collect(specs, TensorSpec::shadow_name)
-    }
-
-    /// The Kahan compensation terms of `specs`
-    /// (`<name>/ExponentialMovingAverage/Compensation`), or `None` when the file has none (a
-    /// checkpoint of an uncompensated EMA: resuming starts the terms at zero). Some but not
-    /// all present is an error.
-    pub fn compensation_for(&self, specs: &[TensorSpec]) -> Result<Option<HostTensors>> {
-        let name = |s: &TensorSpec| format!("{}{COMPENSATION_SUFFIX}", s.shadow_name());
-        if !specs.iter().any(|s| self.get(&name(s)).is_some()) {
-            return Ok(None);
-        }
-        self.collect(specs, name).map(Some)
-    }
-
-    /// The shadows of EMA `k` (see [`ema_shadow_name`]) of `specs`, by parameter name.
-    pub fn ema_shadows_for(&self, k: usize, specs: &[TensorSpec]) -> Result<HostTensors> {
-        if k == 0 {
-            return self.shadows_for(specs);
-        }
-        self.collect(specs, |s| ema_shadow_name(&s.name, k))
-    }
-
-    /// The raw parameters of `specs` (plain names), for resuming training.
-    pub fn params_for(&self, specs: &[TensorSpec]) -> Result<HostTensors> {
-        self.collect(specs, |s| s.name.clone())
-    }
-
-    /// The weights of an inference export (plain names) for `specs`.
-    pub fn weights_for(&self, specs: &[TensorSpec]) -> Result<HostTensors> {
-        self.params_for(specs)
     }
 }

@@ -15,6 +15,7 @@
 //! Saves are atomic (temporary file, fsync, rename, fsync of the directory): a failed or
 //! interrupted save leaves the previous checkpoint intact.
 
+mod access;
 mod checksum;
 mod load;
 mod write;

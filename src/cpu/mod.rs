@@ -325,15 +325,22 @@ impl CpuEma {
         checkpoint: &crate::checkpoint::Checkpoint,
         opts: crate::checkpoint::RestoreOptions,
     ) -> Result<()> {
-        let shadows = checkpoint.shadows_for(&self.specs)?;
+        let shadows = checkpoint.shadow_slices(&self.specs)?;
         let n = checkpoint.num_updates()?;
         let comps = if self.compensated {
-            checkpoint.compensation_for(&self.specs)?
+            checkpoint.compensation_slices(&self.specs)?
         } else {
             None
         };
-        let mut all: Vec<&HostTensors> = vec![&shadows];
-        all.extend(comps.iter());
+        let mut all: Vec<(&str, &[f32])> = Vec::new();
+        for set in std::iter::once(&shadows).chain(comps.iter()) {
+            all.extend(
+                self.specs
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .zip(set.iter().copied()),
+            );
+        }
         let config = crate::checkpoint::Config {
             schedule: self.stepper.schedule,
             numerics: self.stepper.numerics,
@@ -341,11 +348,14 @@ impl CpuEma {
             extra: &[],
         };
         checkpoint.check_restore(&config, opts, &all)?;
-        for (spec, values) in shadows.iter() {
-            self.set_shadow(&spec.name, values)?;
+        for (i, values) in shadows.iter().enumerate() {
+            self.shadows[i].copy_from_slice(values);
+            // The old compensation term belongs to the old shadow.
+            if let Some(c) = self.comps.get_mut(i) {
+                c.fill(0.0);
+            }
         }
-        for (spec, values) in comps.iter().flat_map(|c| c.iter()) {
-            let i = self.index(&spec.name)?;
+        for (i, values) in comps.iter().flatten().enumerate() {
             self.comps[i].copy_from_slice(values);
         }
         self.stepper.num_updates = n;

@@ -231,19 +231,31 @@ impl GpuEma {
     ) -> Result<()> {
         self.not_swapped()?;
         let specs = self.specs();
-        let shadows = checkpoint.shadows_for(&specs)?;
+        // Everything borrowed from the (memory-mapped) file and checked first; then written
+        // one tensor at a time, flushing the queue's staging every 64 MiB, so host memory
+        // stays near one tensor whatever the model's size.
+        let shadows = checkpoint.shadow_slices(&specs)?;
         let n = checkpoint.num_updates()?;
         let comps = if self.is_compensated() {
-            checkpoint.compensation_for(&specs)?
+            checkpoint.compensation_slices(&specs)?
         } else {
             None
         };
         let extras = (1..self.ema_count())
-            .map(|k| checkpoint.ema_shadows_for(k, &specs))
+            .map(|k| checkpoint.slices(&specs, |s| crate::checkpoint::ema_shadow_name(&s.name, k)))
             .collect::<Result<Vec<_>>>()?;
-        let mut all: Vec<&HostTensors> = vec![&shadows];
-        all.extend(comps.iter());
-        all.extend(extras.iter());
+        let mut all: Vec<(&str, &[f32])> = Vec::new();
+        for set in std::iter::once(&shadows)
+            .chain(comps.iter())
+            .chain(extras.iter())
+        {
+            all.extend(
+                specs
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .zip(set.iter().copied()),
+            );
+        }
         let config = crate::checkpoint::Config {
             schedule: self.stepper.schedule,
             numerics: self.stepper.numerics,
@@ -251,15 +263,26 @@ impl GpuEma {
             extra: &self.extra,
         };
         checkpoint.check_restore(&config, opts, &all)?;
-        for (spec, values) in shadows.iter() {
+        let mut staged = 0usize;
+        let mut flush = |ema: &Self, bytes: usize| {
+            staged += bytes;
+            if staged >= 64 << 20 {
+                ema.queue.submit(None);
+                staged = 0;
+            }
+        };
+        for (spec, values) in specs.iter().zip(&shadows) {
             self.write_shadow(&spec.name, values)?;
+            flush(self, values.len() * 4);
         }
-        for (spec, values) in comps.iter().flat_map(|c| c.iter()) {
+        for (spec, values) in specs.iter().zip(comps.iter().flatten()) {
             self.write_compensation(&spec.name, values)?;
+            flush(self, values.len() * 4);
         }
-        for (k, shadows) in extras.iter().enumerate() {
-            for (spec, values) in shadows.iter() {
+        for (k, set) in extras.iter().enumerate() {
+            for (spec, values) in specs.iter().zip(set) {
                 self.write_ema_shadow(k + 1, &spec.name, values)?;
+                flush(self, values.len() * 4);
             }
         }
         self.stepper.num_updates = n;
