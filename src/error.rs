@@ -220,7 +220,8 @@ pub enum Error {
     },
 
     /// The device refused work the crate submitted: it was lost or destroyed, or is out of
-    /// memory. wgpu's own error, as text.
+    /// memory. wgpu's own error, as text (wgpu's error type is not `Sync`, and this one is, so
+    /// that it fits `anyhow` and friends).
     #[error("the GPU device refused the work: {0} (was it lost or destroyed?)")]
     Device(String),
 
@@ -245,6 +246,9 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong, naming the tensor where there is one.
         message: String,
+        /// The parser's own error, where one caused it (safetensors', serde_json's).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 }
 

@@ -408,3 +408,20 @@ fn state_accessors_return_errors_for_a_bad_index() {
     assert!(s.read_shadow(1).is_err() && s.read_param(1).is_err());
     assert!(s.read_compensation(7).is_err() && s.read_ema_shadow(1, 0).is_err());
 }
+
+#[test]
+fn parser_errors_are_kept_as_sources() {
+    use std::error::Error as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.safetensors");
+    let mut bytes = 16u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{not json at all");
+    bytes.extend_from_slice(&[0u8; 16]);
+    std::fs::write(&path, &bytes).unwrap();
+    let e = Checkpoint::load(&path).unwrap_err();
+    assert!(e.source().is_some(), "{e}");
+    assert!(
+        e.to_string().contains("not a valid safetensors file"),
+        "{e}"
+    );
+}

@@ -57,6 +57,21 @@ pub(super) fn bad(path: &Path, message: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_path_buf(),
         message: message.into(),
+        source: None,
+    }
+}
+
+/// A checkpoint error caused by a parser's error, kept as its source.
+pub(super) fn bad_from(
+    path: &Path,
+    message: impl Into<String>,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    let message = format!("{}: {source}", message.into());
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+        source: Some(Box::new(source)),
     }
 }
 
@@ -107,9 +122,9 @@ impl Checkpoint {
         drop(file);
         let bytes: &[u8] = &map;
         let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| bad_from(path, "not a valid safetensors file", e))?;
         let (_, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad(path, format!("not a valid safetensors file: {e}")))?;
+            .map_err(|e| bad_from(path, "not a valid safetensors file", e))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.iter() {
             if view.dtype() != safetensors::Dtype::F32 {
@@ -172,7 +187,7 @@ impl Checkpoint {
                 for ((name, (shape, _)), want) in tensors.iter().zip(crcs) {
                     let view = st
                         .tensor(name)
-                        .map_err(|e| bad(path, format!("tensor `{name}`: {e}")))?;
+                        .map_err(|e| bad_from(path, format!("tensor `{name}`"), e))?;
                     let got =
                         crc32c::crc32c_append(checksum::tensor_start(name, shape), view.data());
                     if got != want {
@@ -198,8 +213,8 @@ impl Checkpoint {
             path: path.to_path_buf(),
             source,
         })?;
-        let index: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| bad(path, format!("index is not JSON: {e}")))?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad_from(path, "index is not JSON", e))?;
         let map = index
             .get("weight_map")
             .and_then(|m| m.as_object())

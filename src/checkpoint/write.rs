@@ -61,6 +61,21 @@ fn ckpt_err(path: &Path, message: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_path_buf(),
         message: message.into(),
+        source: None,
+    }
+}
+
+/// A checkpoint error caused by a parser's error, kept as its source.
+pub(super) fn ckpt_err_from(
+    path: &Path,
+    message: impl Into<String>,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
+    let message = format!("{}: {source}", message.into());
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+        source: Some(Box::new(source)),
     }
 }
 
@@ -187,9 +202,9 @@ pub fn write_safetensors(
     let placeholder = checksum::placeholder(checksum::metadata_crc(&metadata), entries.len());
     metadata.insert(checksum::META_CHECKSUMS.to_string(), placeholder.clone());
     let header = Metadata::new(Some(metadata), infos)
-        .map_err(|e| ckpt_err(path, format!("cannot describe the tensors: {e}")))?;
+        .map_err(|e| ckpt_err_from(path, "cannot describe the tensors", e))?;
     let mut header = serde_json::to_string(&header)
-        .map_err(|e| ckpt_err(path, format!("cannot encode the header: {e}")))?
+        .map_err(|e| ckpt_err_from(path, "cannot encode the header", e))?
         .into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');
     // Where the tensors' checksums go once they are known (the placeholder needs no escaping).
@@ -337,7 +352,7 @@ pub fn write_sharded(
     let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
     let path = dir.join(INDEX_FILE);
     let text = serde_json::to_string_pretty(&index)
-        .map_err(|e| ckpt_err(&path, format!("cannot encode the index: {e}")))?;
+        .map_err(|e| ckpt_err_from(&path, "cannot encode the index", e))?;
     if let Err(e) = atomic_write(&path, |w| w.write_all(text.as_bytes()).map_err(io(&path))) {
         for f in &files {
             let _ = fs::remove_file(dir.join(f));
