@@ -38,6 +38,8 @@ struct Args {
     out: PathBuf,
     resume: Option<PathBuf>,
     cpu: bool,
+    /// Checkpoints in TensorFlow's format (`--format tf`) instead of safetensors.
+    tf: bool,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -47,6 +49,7 @@ fn parse_args() -> Result<Args, Error> {
         out: PathBuf::from("target/ema-demo"),
         resume: None,
         cpu: false,
+        tf: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,9 +60,16 @@ fn parse_args() -> Result<Args, Error> {
             "--out" => a.out = value()?.into(),
             "--resume" => a.resume = Some(value()?.into()),
             "--cpu" => a.cpu = true,
+            "--format" => {
+                a.tf = match value()?.as_str() {
+                    "tf" | "tensorflow" => true,
+                    "safetensors" => false,
+                    other => return Err(format!("--format {other:?}: tf or safetensors").into()),
+                }
+            }
             "-h" | "--help" => {
                 println!(
-                    "train_linear [--steps N] [--every N] [--out DIR] [--resume PATH] [--cpu]"
+                    "train_linear [--steps N] [--every N] [--out DIR] [--resume PATH] [--format tf|safetensors] [--cpu]"
                 );
                 std::process::exit(0);
             }
@@ -150,8 +160,30 @@ fn start(resume: Option<&Path>) -> Result<Start, Error> {
     })
 }
 
-fn checkpoint_path(out: &Path, step: u64) -> PathBuf {
-    out.join(format!("ckpt-{step:08}.safetensors"))
+/// `ckpt-<step>.safetensors`, or with `--format tf` the TensorFlow prefix `ckpt-<step>`
+/// (`.index`, `.data-00000-of-00001` and the directory's `checkpoint` file).
+fn checkpoint_path(out: &Path, step: u64, tf: bool) -> PathBuf {
+    if tf {
+        out.join(format!("ckpt-{step:08}"))
+    } else {
+        out.join(format!("ckpt-{step:08}.safetensors"))
+    }
+}
+
+/// Saves a training checkpoint in the format asked for.
+fn save(
+    path: &Path,
+    tf: bool,
+    state: &dyn checkpoint::EmaState,
+    params: Option<&HostTensors>,
+    momentum: &HostTensors,
+) -> Result<(), Error> {
+    if tf {
+        checkpoint::save_tf(path, state, params, momentum)?;
+    } else {
+        checkpoint::save_training(path, state, params, momentum)?;
+    }
+    Ok(())
 }
 
 fn progress(total: u64) -> ProgressBar {
@@ -278,10 +310,10 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
         bar.inc(until - global);
         global = until;
         if global.is_multiple_of(args.every) || global == args.steps {
-            let path = checkpoint_path(&args.out, global);
+            let path = checkpoint_path(&args.out, global, args.tf);
             let snapshot = ema.snapshot(true)?;
             let mom = momentum.read_blocking(device, queue)?;
-            checkpoint::save_training(&path, &snapshot, None, &mom)?;
+            save(&path, args.tf, &snapshot, None, &mom)?;
             bar.suspend(|| println!("checkpoint: {}", path.display()));
             last_checkpoint = Some(path);
         }
@@ -297,6 +329,7 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
         Some(p) => p,
         None => save_resumed(
             &args.out,
+            args.tf,
             &ema.snapshot(true)?,
             &momentum.read_blocking(device, queue)?,
         )?,
@@ -311,12 +344,13 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
 /// A resume with nothing left to train still leaves a checkpoint to report on.
 fn save_resumed(
     out: &Path,
+    tf: bool,
     state: &dyn checkpoint::EmaState,
     momentum: &HostTensors,
 ) -> Result<PathBuf, Error> {
     std::fs::create_dir_all(out)?;
-    let path = checkpoint_path(out, state.num_updates());
-    checkpoint::save_training(&path, state, None, momentum)?;
+    let path = checkpoint_path(out, state.num_updates(), tf);
+    save(&path, tf, state, None, momentum)?;
     Ok(path)
 }
 
@@ -394,9 +428,9 @@ fn run_cpu(args: &Args, data: &[f32], st: Start) -> Result<Run, Error> {
         ema.update_at(g, &[&w, &[b]])?;
         bar.inc(1);
         if g.is_multiple_of(args.every) || g == args.steps {
-            let path = checkpoint_path(&args.out, g);
+            let path = checkpoint_path(&args.out, g, args.tf);
             let (p, m) = state_now(&w, b, &mw, mb)?;
-            checkpoint::save_training(&path, &ema, Some(&p), &m)?;
+            save(&path, args.tf, &ema, Some(&p), &m)?;
             bar.suspend(|| println!("checkpoint: {}", path.display()));
             last_checkpoint = Some(path);
         }
@@ -407,8 +441,8 @@ fn run_cpu(args: &Args, data: &[f32], st: Start) -> Result<Run, Error> {
         None => {
             let (p, m) = state_now(&w, b, &mw, mb)?;
             std::fs::create_dir_all(&args.out)?;
-            let path = checkpoint_path(&args.out, ema.num_updates());
-            checkpoint::save_training(&path, &ema, Some(&p), &m)?;
+            let path = checkpoint_path(&args.out, ema.num_updates(), args.tf);
+            save(&path, args.tf, &ema, Some(&p), &m)?;
             path
         }
     };

@@ -18,6 +18,7 @@
 mod access;
 mod checksum;
 mod load;
+mod tf;
 mod write;
 
 pub use load::Checkpoint;
@@ -26,6 +27,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use checksum::META_CHECKSUMS;
+pub use tf::{save_tf, GLOBAL_STEP, STATE_FILE};
 pub use write::{write_safetensors, write_sharded, Entry, INDEX_FILE, META_GENERATION};
 
 use crate::error::{Error, Result};
