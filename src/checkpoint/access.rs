@@ -1,7 +1,8 @@
 //! What restores take from a loaded checkpoint: tensors by the names TensorFlow gives them,
 //! checked against what is tracked, borrowed from the file rather than copied.
 
-use super::load::{bad, Checkpoint};
+use super::errors::bad;
+use super::load::Checkpoint;
 use super::{
     describe_policy, ema_shadow_name, Config, RestoreOptions, COMPENSATION_SUFFIX,
     META_EXTRA_SCHEDULES, META_NUMERICS, META_NUM_UPDATES, META_POLICY, META_SCHEDULE,
@@ -10,7 +11,57 @@ use crate::error::Result;
 use crate::schedule::Numerics;
 use crate::tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
 
+/// Everything a restore takes from a checkpoint, borrowed from the file and checked.
+pub(crate) struct RestoreSet<'a> {
+    pub num_updates: u64,
+    pub shadows: Vec<&'a [f32]>,
+    pub comps: Option<Vec<&'a [f32]>>,
+    /// EMA 1, 2, ...
+    pub extras: Vec<Vec<&'a [f32]>>,
+}
+
 impl Checkpoint {
+    /// What a restore of `specs` into an EMA of `config` takes: every shadow (of each EMA), the
+    /// compensation terms when `compensated`, the counter; names, shapes, configuration and
+    /// finiteness all checked before the caller writes anything.
+    pub(crate) fn restore_set(
+        &self,
+        specs: &[TensorSpec],
+        compensated: bool,
+        config: &Config<'_>,
+        opts: RestoreOptions,
+    ) -> Result<RestoreSet<'_>> {
+        let shadows = self.shadow_slices(specs)?;
+        let num_updates = self.num_updates()?;
+        let comps = if compensated {
+            self.compensation_slices(specs)?
+        } else {
+            None
+        };
+        let extras = (1..=config.extra.len())
+            .map(|k| self.slices(specs, |s| ema_shadow_name(&s.name, k)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut all: Vec<(&str, &[f32])> = Vec::new();
+        for set in std::iter::once(&shadows)
+            .chain(comps.iter())
+            .chain(extras.iter())
+        {
+            all.extend(
+                specs
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .zip(set.iter().copied()),
+            );
+        }
+        self.check_restore(config, opts, &all)?;
+        Ok(RestoreSet {
+            num_updates,
+            shadows,
+            comps,
+            extras,
+        })
+    }
+
     /// The step counter stored in the metadata.
     pub fn num_updates(&self) -> Result<u64> {
         let v = self

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use safetensors::SafeTensors;
 
 use super::checksum;
+use super::errors::{bad, bad_from};
 use super::write::META_GENERATION;
 
 use crate::error::{Error, Result};
@@ -52,28 +53,6 @@ pub struct Checkpoint {
 
 /// The largest safetensors header we read (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
-
-pub(super) fn bad(path: &Path, message: impl Into<String>) -> Error {
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        message: message.into(),
-        source: None,
-    }
-}
-
-/// A checkpoint error caused by a parser's error, kept as its source.
-pub(super) fn bad_from(
-    path: &Path,
-    message: impl Into<String>,
-    source: impl std::error::Error + Send + Sync + 'static,
-) -> Error {
-    let message = format!("{}: {source}", message.into());
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        message,
-        source: Some(Box::new(source)),
-    }
-}
 
 impl Checkpoint {
     /// Loads a `.safetensors` file, a sharded checkpoint through its

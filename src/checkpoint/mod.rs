@@ -17,6 +17,7 @@
 
 mod access;
 mod checksum;
+mod errors;
 mod load;
 mod tf;
 mod write;

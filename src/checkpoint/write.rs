@@ -9,6 +9,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
 use super::checksum;
+use super::errors::{bad, bad_from, io};
 use crate::error::{Error, Result};
 use crate::tensors::RESERVED_NAME;
 
@@ -47,35 +48,6 @@ impl<'a> Entry<'a> {
         self.shape
             .iter()
             .try_fold(4u64, |acc, &d| acc.checked_mul(d as u64))
-    }
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
-fn ckpt_err(path: &Path, message: impl Into<String>) -> Error {
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        message: message.into(),
-        source: None,
-    }
-}
-
-/// A checkpoint error caused by a parser's error, kept as its source.
-pub(super) fn ckpt_err_from(
-    path: &Path,
-    message: impl Into<String>,
-    source: impl std::error::Error + Send + Sync + 'static,
-) -> Error {
-    let message = format!("{}: {source}", message.into());
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        message,
-        source: Some(Box::new(source)),
     }
 }
 
@@ -127,7 +99,7 @@ pub(crate) fn atomic_write(
     };
     let file_name = path
         .file_name()
-        .ok_or_else(|| ckpt_err(path, "not a file path"))?
+        .ok_or_else(|| bad(path, "not a file path"))?
         .to_string_lossy()
         .into_owned();
     remove_stale_temporaries(&dir);
@@ -182,7 +154,7 @@ pub fn write_safetensors(
             .and_then(|n| usize::try_from(n).ok())
             .and_then(|n| offset.checked_add(n).map(|end| (n, end)))
             .ok_or_else(|| {
-                ckpt_err(
+                bad(
                     path,
                     format!("tensor `{}`: shape {:?} is too large", e.name, e.shape),
                 )
@@ -202,9 +174,9 @@ pub fn write_safetensors(
     let placeholder = checksum::placeholder(checksum::metadata_crc(&metadata), entries.len());
     metadata.insert(checksum::META_CHECKSUMS.to_string(), placeholder.clone());
     let header = Metadata::new(Some(metadata), infos)
-        .map_err(|e| ckpt_err_from(path, "cannot describe the tensors", e))?;
+        .map_err(|e| bad_from(path, "cannot describe the tensors", e))?;
     let mut header = serde_json::to_string(&header)
-        .map_err(|e| ckpt_err_from(path, "cannot encode the header", e))?
+        .map_err(|e| bad_from(path, "cannot encode the header", e))?
         .into_bytes();
     header.resize(header.len().next_multiple_of(8), b' ');
     // Where the tensors' checksums go once they are known (the placeholder needs no escaping).
@@ -212,7 +184,7 @@ pub fn write_safetensors(
         .windows(placeholder.len())
         .position(|w| w == placeholder.as_bytes())
         .map(|p| 8 + (p + checksum::tensors_at()) as u64)
-        .ok_or_else(|| ckpt_err(path, "cannot place the checksums in the header"))?;
+        .ok_or_else(|| bad(path, "cannot place the checksums in the header"))?;
     atomic_write(path, |w| {
         w.write_all(&(header.len() as u64).to_le_bytes())
             .map_err(io(path))?;
@@ -221,7 +193,7 @@ pub fn write_safetensors(
         for e in &mut entries {
             let values = (e.produce)()?;
             if Some((values.len() as u64) * 4) != e.bytes() {
-                return Err(ckpt_err(
+                return Err(bad(
                     path,
                     format!(
                         "tensor `{}`: {} values for shape {:?}",
@@ -309,7 +281,7 @@ pub fn write_sharded(
     for e in entries {
         let b = e
             .bytes()
-            .ok_or_else(|| ckpt_err(dir, format!("tensor `{}` is too large", e.name)))?;
+            .ok_or_else(|| bad(dir, format!("tensor `{}` is too large", e.name)))?;
         if shards.is_empty() || (used.saturating_add(b) > max_shard_bytes && used > 0) {
             shards.push(Vec::new());
             used = 0;
@@ -352,7 +324,7 @@ pub fn write_sharded(
     let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
     let path = dir.join(INDEX_FILE);
     let text = serde_json::to_string_pretty(&index)
-        .map_err(|e| ckpt_err_from(&path, "cannot encode the index", e))?;
+        .map_err(|e| bad_from(&path, "cannot encode the index", e))?;
     if let Err(e) = atomic_write(&path, |w| w.write_all(text.as_bytes()).map_err(io(&path))) {
         for f in &files {
             let _ = fs::remove_file(dir.join(f));

@@ -325,40 +325,24 @@ impl CpuEma {
         checkpoint: &crate::checkpoint::Checkpoint,
         opts: crate::checkpoint::RestoreOptions,
     ) -> Result<()> {
-        let shadows = checkpoint.shadow_slices(&self.specs)?;
-        let n = checkpoint.num_updates()?;
-        let comps = if self.compensated {
-            checkpoint.compensation_slices(&self.specs)?
-        } else {
-            None
-        };
-        let mut all: Vec<(&str, &[f32])> = Vec::new();
-        for set in std::iter::once(&shadows).chain(comps.iter()) {
-            all.extend(
-                self.specs
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .zip(set.iter().copied()),
-            );
-        }
         let config = crate::checkpoint::Config {
             schedule: self.stepper.schedule,
             numerics: self.stepper.numerics,
             policy: self.stepper.policy,
             extra: &[],
         };
-        checkpoint.check_restore(&config, opts, &all)?;
-        for (i, values) in shadows.iter().enumerate() {
+        let set = checkpoint.restore_set(&self.specs, self.compensated, &config, opts)?;
+        for (i, values) in set.shadows.iter().enumerate() {
             self.shadows[i].copy_from_slice(values);
             // The old compensation term belongs to the old shadow.
             if let Some(c) = self.comps.get_mut(i) {
                 c.fill(0.0);
             }
         }
-        for (i, values) in comps.iter().flatten().enumerate() {
+        for (i, values) in set.comps.iter().flatten().enumerate() {
             self.comps[i].copy_from_slice(values);
         }
-        self.stepper.num_updates = n;
+        self.stepper.num_updates = set.num_updates;
         Ok(())
     }
 

@@ -234,35 +234,13 @@ impl GpuEma {
         // Everything borrowed from the (memory-mapped) file and checked first; then written
         // one tensor at a time, flushing the queue's staging every 64 MiB, so host memory
         // stays near one tensor whatever the model's size.
-        let shadows = checkpoint.shadow_slices(&specs)?;
-        let n = checkpoint.num_updates()?;
-        let comps = if self.is_compensated() {
-            checkpoint.compensation_slices(&specs)?
-        } else {
-            None
-        };
-        let extras = (1..self.ema_count())
-            .map(|k| checkpoint.slices(&specs, |s| crate::checkpoint::ema_shadow_name(&s.name, k)))
-            .collect::<Result<Vec<_>>>()?;
-        let mut all: Vec<(&str, &[f32])> = Vec::new();
-        for set in std::iter::once(&shadows)
-            .chain(comps.iter())
-            .chain(extras.iter())
-        {
-            all.extend(
-                specs
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .zip(set.iter().copied()),
-            );
-        }
         let config = crate::checkpoint::Config {
             schedule: self.stepper.schedule,
             numerics: self.stepper.numerics,
             policy: self.stepper.policy,
             extra: &self.extra,
         };
-        checkpoint.check_restore(&config, opts, &all)?;
+        let set = checkpoint.restore_set(&specs, self.is_compensated(), &config, opts)?;
         let mut staged = 0usize;
         let mut flush = |ema: &Self, bytes: usize| {
             staged += bytes;
@@ -271,21 +249,21 @@ impl GpuEma {
                 staged = 0;
             }
         };
-        for (spec, values) in specs.iter().zip(&shadows) {
+        for (spec, values) in specs.iter().zip(&set.shadows) {
             self.write_shadow(&spec.name, values)?;
             flush(self, values.len() * 4);
         }
-        for (spec, values) in specs.iter().zip(comps.iter().flatten()) {
+        for (spec, values) in specs.iter().zip(set.comps.iter().flatten()) {
             self.write_compensation(&spec.name, values)?;
             flush(self, values.len() * 4);
         }
-        for (k, set) in extras.iter().enumerate() {
-            for (spec, values) in specs.iter().zip(set) {
+        for (k, ema) in set.extras.iter().enumerate() {
+            for (spec, values) in specs.iter().zip(ema) {
                 self.write_ema_shadow(k + 1, &spec.name, values)?;
                 flush(self, values.len() * 4);
             }
         }
-        self.stepper.num_updates = n;
+        self.stepper.num_updates = set.num_updates;
         Ok(())
     }
 

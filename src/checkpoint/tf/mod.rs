@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
+use super::errors::{bad, io};
 use super::write::atomic_write;
 use super::{training_entries, EmaState, META_NUM_UPDATES};
 use crate::error::{Error, Result};
@@ -30,21 +31,6 @@ pub const GLOBAL_STEP: &str = "global_step";
 
 /// The directory's checkpoint state file, read by `tf.train.latest_checkpoint`.
 pub const STATE_FILE: &str = "checkpoint";
-
-fn bad(path: &Path, message: impl Into<String>) -> Error {
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        message: message.into(),
-        source: None,
-    }
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
     let mut s = prefix.as_os_str().to_os_string();
