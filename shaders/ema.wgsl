@@ -104,6 +104,17 @@ fn find_row(v: u32, start: u32) -> u32 {
     return lo;
 }
 
+// Item number `j` of this invocation, its row searched from `*row` (and left there for the
+// next); `n` = 0 past the last item.
+fn next_item(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, j: u32, total: u32, row: ptr<function, u32>) -> Item {
+    let v = item_index(wid, nwg, lid, j);
+    if v >= total {
+        return Item(Seg(), 0u, 0u, 0u);
+    }
+    *row = find_row(v, *row);
+    return locate(v, *row);
+}
+
 fn locate(v: u32, row: u32) -> Item {
     let seg = segs[row];
     let q = v - seg.vstart;
@@ -145,12 +156,10 @@ fn update(
     let total = total_items();
     var row = 0u;
     for (var j = 0u; j < PER_THREAD; j++) {
-        let v = item_index(wid, nwg, lid, j);
-        if v >= total {
+        let it = next_item(wid, nwg, lid, j, total, &row);
+        if it.n == 0u {
             return;
         }
-        row = find_row(v, row);
-        let it = locate(v, row);
         shadow[it.sh] = ema4(shadow[it.sh], load_params(it), step.alpha);
     }
 }
@@ -164,12 +173,10 @@ fn init(
     let total = total_items();
     var row = 0u;
     for (var j = 0u; j < PER_THREAD; j++) {
-        let v = item_index(wid, nwg, lid, j);
-        if v >= total {
+        let it = next_item(wid, nwg, lid, j, total, &row);
+        if it.n == 0u {
             return;
         }
-        row = find_row(v, row);
-        let it = locate(v, row);
         shadow[it.sh] = load_params(it);
     }
 }
@@ -191,12 +198,10 @@ fn update_kahan(
     let total = total_items();
     var row = 0u;
     for (var j = 0u; j < PER_THREAD; j++) {
-        let v = item_index(wid, nwg, lid, j);
-        if v >= total {
+        let it = next_item(wid, nwg, lid, j, total, &row);
+        if it.n == 0u {
             return;
         }
-        row = find_row(v, row);
-        let it = locate(v, row);
         let s = shadow[it.sh];
         let y = step.alpha * (load_params(it) - s) - comp[it.sh];
         let t = s + y;
@@ -214,12 +219,10 @@ fn init_kahan(
     let total = total_items();
     var row = 0u;
     for (var j = 0u; j < PER_THREAD; j++) {
-        let v = item_index(wid, nwg, lid, j);
-        if v >= total {
+        let it = next_item(wid, nwg, lid, j, total, &row);
+        if it.n == 0u {
             return;
         }
-        row = find_row(v, row);
-        let it = locate(v, row);
         shadow[it.sh] = load_params(it);
         comp[it.sh] = vec4<f32>(0.0);
     }
@@ -239,12 +242,10 @@ fn update_multi(
     var row = 0u;
     let a = step.alphas;
     for (var j = 0u; j < PER_THREAD; j++) {
-        let v = item_index(wid, nwg, lid, j);
-        if v >= total {
+        let it = next_item(wid, nwg, lid, j, total, &row);
+        if it.n == 0u {
             return;
         }
-        row = find_row(v, row);
-        let it = locate(v, row);
         let p = load_params(it);
         let i = it.sh;
         shadow[i] = ema4(shadow[i], p, a.x);
@@ -267,12 +268,10 @@ fn init_multi(
     let total = total_items();
     var row = 0u;
     for (var j = 0u; j < PER_THREAD; j++) {
-        let v = item_index(wid, nwg, lid, j);
-        if v >= total {
+        let it = next_item(wid, nwg, lid, j, total, &row);
+        if it.n == 0u {
             return;
         }
-        row = find_row(v, row);
-        let it = locate(v, row);
         let p = load_params(it);
         let i = it.sh;
         shadow[i] = p;
@@ -305,12 +304,10 @@ fn swap(
     let total = total_items();
     var row = 0u;
     for (var j = 0u; j < PER_THREAD; j++) {
-        let v = item_index(wid, nwg, lid, j);
-        if v >= total {
+        let it = next_item(wid, nwg, lid, j, total, &row);
+        if it.n == 0u {
             return;
         }
-        row = find_row(v, row);
-        let it = locate(v, row);
         let i = it.seg.param + it.e;
         let p = load4_rw(it.seg.slot, i);
         store_n(it.seg.slot, i, bitcast<vec4<u32>>(shadow[it.sh]), it.n);
@@ -331,12 +328,10 @@ fn to_params(
     let total = total_items();
     var row = 0u;
     for (var j = 0u; j < PER_THREAD; j++) {
-        let v = item_index(wid, nwg, lid, j);
-        if v >= total {
+        let it = next_item(wid, nwg, lid, j, total, &row);
+        if it.n == 0u {
             return;
         }
-        row = find_row(v, row);
-        let it = locate(v, row);
         let s = shadow[it.sh];
         let i = it.seg.param + it.e;
         if it.seg.dtype == 0u {
