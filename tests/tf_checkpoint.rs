@@ -189,7 +189,56 @@ fn a_tensorflow_tensor_of_another_dtype_is_an_error() {
     let crc = crc32c(&bytes[..block_len]);
     bytes[block_len + 1..block_len + 5].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&index, &bytes).unwrap();
-    expect_error(&prefix, &["ckpt.index", "`bias`", "dtype 2"]);
+    // The file loads (other tensors are fine); asking for `bias` is the error.
+    let c = Checkpoint::load(&prefix).unwrap();
+    assert!(c.get("bias").is_none() && c.unsupported("bias").is_some());
+    let mut back = CpuEma::new(Schedule::tf(0.9999), Numerics::TensorFlow).unwrap();
+    back.track(TensorSpec::new("bias", []), &[0.0]).unwrap();
+    let e = c
+        .params_for(&back.specs().to_vec())
+        .unwrap_err()
+        .to_string();
+    for n in ["ckpt.index", "`bias`", "dtype 2"] {
+        assert!(e.contains(n), "`{n}` not in: {e}");
+    }
+}
+
+#[test]
+fn a_tensorflow_checkpoint_in_two_data_shards_loads() {
+    // TF2's tf.train.Checkpoint with MaxShardSizePolicy: object paths as names, the step an
+    // int64 under its path, the object graph a string tensor (listed, not read), `w2` cut into
+    // slices across the two shards (a partitioned variable: listed, an error when asked for).
+    let c = Checkpoint::load(fixture().with_file_name("tf_sharded").join("ckpt")).unwrap();
+    let names: Vec<&str> = c.names().collect();
+    assert_eq!(
+        names,
+        [
+            "w0/.ATTRIBUTES/VARIABLE_VALUE",
+            "w1/.ATTRIBUTES/VARIABLE_VALUE",
+            "w3/.ATTRIBUTES/VARIABLE_VALUE"
+        ]
+    );
+    let why = c.unsupported("w2/.ATTRIBUTES/VARIABLE_VALUE").unwrap();
+    assert!(why.contains("partitioned"), "{why}");
+    for i in [0, 1, 3] {
+        let (shape, v) = c.get(&format!("w{i}/.ATTRIBUTES/VARIABLE_VALUE")).unwrap();
+        assert_eq!(shape, &[30, 10]);
+        let want: Vec<f32> = (0..300).map(|k| (i * 1000 + k) as f32).collect();
+        assert_eq!(v, want.as_slice(), "w{i}");
+    }
+    assert!(c.unsupported("_CHECKPOINTABLE_OBJECT_GRAPH").is_some());
+    assert!(c.unsupported("step/.ATTRIBUTES/VARIABLE_VALUE").is_some());
+    let data = fixture().with_file_name("tf_sharded");
+    let shard = data.join("ckpt.data-00001-of-00002");
+    let copy = tempfile::tempdir().unwrap();
+    for f in ["ckpt.index", "ckpt.data-00000-of-00002"] {
+        std::fs::copy(data.join(f), copy.path().join(f)).unwrap();
+    }
+    assert!(shard.exists());
+    expect_error(
+        &copy.path().join("ckpt"),
+        &["ckpt.data-00001-of-00002", "cannot be opened"],
+    );
 }
 
 /// The index block's length, from the footer's second handle.

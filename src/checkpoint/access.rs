@@ -137,9 +137,10 @@ impl Checkpoint {
 
     /// `name` with the shape of `spec`, or an error naming the file and the tensor.
     pub fn tensor_as(&self, name: &str, spec: &TensorSpec) -> Result<&[f32]> {
-        let (shape, values) = self
-            .get(name)
-            .ok_or_else(|| bad(self.path(), format!("tensor `{name}` is missing")))?;
+        let (shape, values) = self.get(name).ok_or_else(|| match self.unsupported(name) {
+            Some(why) => bad(self.path(), format!("tensor `{name}`: {why}")),
+            None => bad(self.path(), format!("tensor `{name}` is missing")),
+        })?;
         if shape != spec.shape.as_slice() {
             return Err(bad(
                 self.path(),

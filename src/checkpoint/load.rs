@@ -49,6 +49,8 @@ pub struct Checkpoint {
     metadata: HashMap<String, String>,
     tensors: BTreeMap<String, (Vec<usize>, Values)>,
     verified: bool,
+    /// Tensors present but not read (another dtype), with why: an error when asked for.
+    unsupported: BTreeMap<String, String>,
 }
 
 /// The largest safetensors header we read (safetensors' own limit).
@@ -75,6 +77,7 @@ impl Checkpoint {
                     .collect(),
                 // Every block and tensor matched its CRC32C.
                 verified: true,
+                unsupported: t.unsupported.into_iter().collect(),
             });
         }
         if path.to_string_lossy().ends_with(".index.json") {
@@ -200,6 +203,7 @@ impl Checkpoint {
             metadata,
             tensors,
             verified,
+            unsupported: BTreeMap::new(),
         })
     }
 
@@ -237,6 +241,7 @@ impl Checkpoint {
             metadata: HashMap::new(),
             tensors: BTreeMap::new(),
             verified: true,
+            unsupported: BTreeMap::new(),
         };
         for (file, names) in by_file {
             let shard_path = dir.join(file);
@@ -292,6 +297,12 @@ impl Checkpoint {
     /// for files written by other tools (loaded unverified).
     pub fn verified(&self) -> bool {
         self.verified
+    }
+
+    /// Why tensor `name` is in the file but was not read (a dtype other than float32 in a
+    /// TensorFlow checkpoint, such as TF2's `_CHECKPOINTABLE_OBJECT_GRAPH` string), if it is.
+    pub fn unsupported(&self, name: &str) -> Option<&str> {
+        self.unsupported.get(name).map(String::as_str)
     }
 
     /// `__metadata__`.

@@ -47,3 +47,14 @@ with g.as_default():
                 else:
                     f.write(f"{name} {list(v.shape)} int {int(v)}\n")
 print("wrote", prefix)
+
+# A TF2 object-based checkpoint split into two data shards (MaxShardSizePolicy), with the
+# int64 step under its object path and the object graph as a string tensor: tf_sharded/.
+os.chdir(os.path.join(os.path.dirname(here), ""))
+tf.compat.v1.enable_eager_execution()
+sharded = os.path.join(os.path.dirname(here), "tf_sharded")
+v = {f"w{i}": tf.Variable(np.arange(i * 1000, i * 1000 + 300, dtype=np.float32).reshape(30, 10)) for i in range(4)}
+ckpt = tf.train.Checkpoint(step=tf.Variable(np.int64(42)), **v)
+policy = tf.train.experimental.MaxShardSizePolicy(max_shard_size=2500)
+ckpt.write(os.path.join(sharded, "ckpt"), options=tf.train.CheckpointOptions(experimental_sharding_callback=policy))
+print("wrote", sharded)

@@ -190,6 +190,8 @@ pub(crate) struct Loaded {
     pub index: PathBuf,
     pub metadata: HashMap<String, String>,
     pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+    /// Tensors of other dtypes, not read: (name, why), an error when one is asked for.
+    pub unsupported: Vec<(String, String)>,
 }
 
 /// Reads the TensorFlow checkpoint at `prefix`, verifying every table block and every
@@ -212,14 +214,24 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
     }
     let mut files: HashMap<i32, File> = HashMap::new();
     let mut tensors = Vec::new();
+    let mut unsupported = Vec::new();
     let mut metadata = HashMap::from([("format".to_string(), "tensorflow".to_string())]);
     for (key, value) in it {
+        // `name\0<slice>` keys hold the pieces of a partitioned variable, whose own entry
+        // lists its slices: that entry is what says the tensor is not read.
+        if key.contains(&0) {
+            continue;
+        }
         let name = String::from_utf8(key).map_err(|_| bad(&index, "a tensor name is not UTF-8"))?;
         let what = |m: String| bad(&index, format!("tensor `{name}`: {m}"));
         let e =
             BundleEntry::decode(value.as_slice()).map_err(|err| what(format!("entry: {err}")))?;
         if !e.slices.is_empty() {
-            return Err(what("a partitioned variable (slices) is not read".into()));
+            unsupported.push((
+                name.clone(),
+                "a partitioned variable (saved in slices), which wgpu-ema does not read".into(),
+            ));
+            continue;
         }
         let shape = e.shape.clone().unwrap_or_default();
         if shape.unknown_rank || shape.dim.iter().any(|d| d.size < 0) {
@@ -228,10 +240,25 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
         let dims: Vec<usize> = shape.dim.iter().map(|d| d.size as usize).collect();
         let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         let elem = match e.dtype {
-            DT_FLOAT | DT_INT32 => 4,
-            DT_INT64 => 8,
-            other if name == GLOBAL_STEP => return Err(what(format!("dtype {other}; the step counter must be int64 or int32"))),
-            other => return Err(what(format!("dtype {other} (DataType enum); wgpu-ema reads float32 tensors and an int64 or int32 global_step"))),
+            DT_FLOAT => 4,
+            DT_INT32 | DT_INT64 if name == GLOBAL_STEP => {
+                if e.dtype == DT_INT32 {
+                    4
+                } else {
+                    8
+                }
+            }
+            other if name == GLOBAL_STEP => {
+                return Err(what(format!(
+                    "dtype {other}; the step counter must be int64 or int32"
+                )))
+            }
+            other => {
+                // Not ours to read (TF2's object graph string, integer counters, doubles):
+                // listed, and an error only where a float32 tensor of that name is needed.
+                unsupported.push((name.clone(), format!("dtype {other} (TensorFlow DataType); wgpu-ema reads float32 tensors and an int64 or int32 global_step")));
+                continue;
+            }
         };
         let want = numel.and_then(|n| n.checked_mul(elem)).map(|b| b as i64);
         if want != Some(e.size) || e.offset < 0 {
@@ -294,17 +321,13 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
                     u64::try_from(step).map_err(|_| what(format!("negative step {step}")))?;
                 metadata.insert(META_NUM_UPDATES.to_string(), step.to_string());
             }
-            _ => {
-                return Err(what(
-                    "an integer tensor other than a scalar global_step; wgpu-ema reads float32"
-                        .into(),
-                ))
-            }
+            _ => return Err(what("global_step must be a scalar".into())),
         }
     }
     Ok(Loaded {
         index,
         metadata,
         tensors,
+        unsupported,
     })
 }
