@@ -194,10 +194,7 @@ fn a_tensorflow_tensor_of_another_dtype_is_an_error() {
     assert!(c.get("bias").is_none() && c.unsupported("bias").is_some());
     let mut back = CpuEma::new(Schedule::tf(0.9999), Numerics::TensorFlow).unwrap();
     back.track(TensorSpec::new("bias", []), &[0.0]).unwrap();
-    let e = c
-        .params_for(&back.specs().to_vec())
-        .unwrap_err()
-        .to_string();
+    let e = c.params_for(back.specs()).unwrap_err().to_string();
     for n in ["ckpt.index", "`bias`", "dtype 2"] {
         assert!(e.contains(n), "`{n}` not in: {e}");
     }
