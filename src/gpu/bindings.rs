@@ -1,10 +1,15 @@
-//! The binding scheme, in one place: which buffer is bound where, for each kind of pass.
+//! The binding scheme, in one place: which buffer is bound where, for each kind of pass, and
+//! the bind groups made from it.
 //!
 //! [`roles`] is the table. The bind group layouts, the WGSL declarations of the parameter
 //! bindings and every bind group are built from it, so a new op (or a new buffer beside the
 //! shadows) is one new row here and one entry point in `shaders/ema.wgsl`.
 
 use std::fmt::Write;
+use std::num::NonZeroU64;
+
+use super::pipelines::Pipelines;
+use crate::layout::ROW_BYTES;
 
 /// What a binding holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -179,6 +184,89 @@ pub(crate) fn param_wgsl(slots: usize) -> String {
         format!("q{i}[w] = v;")
     });
     s
+}
+
+/// A parameter slot's binding: a window of a buffer.
+pub(crate) type Slot = Option<(wgpu::Buffer, crate::layout::Window)>;
+
+/// The buffers a dispatch binds besides the parameters.
+#[derive(Debug)]
+pub(crate) struct Store {
+    /// `shadows[k][b]`: shadow buffer `b` of EMA `k`.
+    pub shadows: Vec<Vec<wgpu::Buffer>>,
+    /// Compensation terms, laid out as EMA 0's shadows; empty when not compensated.
+    pub comp: Vec<wgpu::Buffer>,
+    /// Bound to unused read-only and read-write bindings.
+    pub placeholder_read: wgpu::Buffer,
+    pub placeholder_write: wgpu::Buffer,
+}
+
+/// What a dispatch's bind group depends on.
+pub(crate) struct Place<'a> {
+    /// Parameter bindings of the layout (the pipelines' slot count).
+    pub tier: usize,
+    pub shadow_buffer: usize,
+    pub slots: &'a [Slot],
+    pub table_offset: u64,
+    pub rows: usize,
+}
+
+pub(crate) fn bind_group(
+    device: &wgpu::Device,
+    pipes: &Pipelines,
+    store: &Store,
+    shape: &Shape,
+    family: Family,
+    table: &wgpu::Buffer,
+    d: &Place<'_>,
+) -> wgpu::BindGroup {
+    let placeholder = match family {
+        Family::Read => &store.placeholder_read,
+        Family::Write => &store.placeholder_write,
+    };
+    let shape = Shape {
+        slots: d.tier,
+        ..*shape
+    };
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = roles(family, &shape)
+        .iter()
+        .map(|b| {
+            let resource = match b.role {
+                Role::Table => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: table,
+                    offset: d.table_offset,
+                    size: NonZeroU64::new(d.rows as u64 * ROW_BYTES),
+                }),
+                Role::Shadow(k) => store
+                    .shadows
+                    .get(k)
+                    .map_or(&store.placeholder_write, |s| &s[d.shadow_buffer])
+                    .as_entire_binding(),
+                Role::Comp => store
+                    .comp
+                    .get(d.shadow_buffer)
+                    .unwrap_or(&store.placeholder_write)
+                    .as_entire_binding(),
+                Role::Param(i) => match d.slots.get(i).and_then(Option::as_ref) {
+                    Some((buffer, w)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: w.offset,
+                        size: NonZeroU64::new(w.size),
+                    }),
+                    None => placeholder.as_entire_binding(),
+                },
+            };
+            wgpu::BindGroupEntry {
+                binding: b.binding,
+                resource,
+            }
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("wgpu-ema dispatch"),
+        layout: pipes.layout(family, d.tier),
+        entries: &entries,
+    })
 }
 
 #[cfg(test)]

@@ -8,30 +8,13 @@
 //! has no free slot (or a tensor's segments change shape, past one binding) is everything
 //! planned again.
 
-use std::num::NonZeroU64;
-
-use super::bindings::{self, Family, Role, Shape};
+use super::bindings::{bind_group, Family, Place, Shape, Slot, Store};
 use super::pipelines::Pipelines;
-use crate::layout::{self, PlanLimits, SegPlan, Window, ROW_BYTES};
+use crate::layout::{self, PlanLimits, SegPlan, ROW_BYTES};
 use crate::tensors::ParamDtype;
 
 /// Bind groups kept per dispatch for sets of parameter windows seen before.
 const BIND_CACHE: usize = 16;
-
-/// A parameter slot's binding: a window of a buffer.
-type Slot = Option<(wgpu::Buffer, Window)>;
-
-/// The buffers a dispatch binds besides the parameters.
-#[derive(Debug)]
-pub(crate) struct Store {
-    /// `shadows[k][b]`: shadow buffer `b` of EMA `k`.
-    pub shadows: Vec<Vec<wgpu::Buffer>>,
-    /// Compensation terms, laid out as EMA 0's shadows; empty when not compensated.
-    pub comp: Vec<wgpu::Buffer>,
-    /// Bound to unused read-only and read-write bindings.
-    pub placeholder_read: wgpu::Buffer,
-    pub placeholder_write: wgpu::Buffer,
-}
 
 /// Where a tensor's parameters are now.
 pub(crate) struct Binding<'a> {
@@ -72,74 +55,6 @@ pub(crate) struct Dispatches {
     table: Option<wgpu::Buffer>,
     /// `rows[t]`: (dispatch, row) of each segment of tensor `t`.
     rows: Vec<Vec<(usize, usize)>>,
-}
-
-/// What a dispatch's bind group depends on.
-struct Place<'a> {
-    /// Parameter bindings of the layout (the pipelines' slot count).
-    tier: usize,
-    shadow_buffer: usize,
-    slots: &'a [Slot],
-    table_offset: u64,
-    rows: usize,
-}
-
-fn bind_group(
-    device: &wgpu::Device,
-    pipes: &Pipelines,
-    store: &Store,
-    shape: &Shape,
-    family: Family,
-    table: &wgpu::Buffer,
-    d: &Place<'_>,
-) -> wgpu::BindGroup {
-    let placeholder = match family {
-        Family::Read => &store.placeholder_read,
-        Family::Write => &store.placeholder_write,
-    };
-    let shape = Shape {
-        slots: d.tier,
-        ..*shape
-    };
-    let entries: Vec<wgpu::BindGroupEntry<'_>> = bindings::roles(family, &shape)
-        .iter()
-        .map(|b| {
-            let resource = match b.role {
-                Role::Table => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: table,
-                    offset: d.table_offset,
-                    size: NonZeroU64::new(d.rows as u64 * ROW_BYTES),
-                }),
-                Role::Shadow(k) => store
-                    .shadows
-                    .get(k)
-                    .map_or(&store.placeholder_write, |s| &s[d.shadow_buffer])
-                    .as_entire_binding(),
-                Role::Comp => store
-                    .comp
-                    .get(d.shadow_buffer)
-                    .unwrap_or(&store.placeholder_write)
-                    .as_entire_binding(),
-                Role::Param(i) => match d.slots.get(i).and_then(Option::as_ref) {
-                    Some((buffer, w)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer,
-                        offset: w.offset,
-                        size: NonZeroU64::new(w.size),
-                    }),
-                    None => placeholder.as_entire_binding(),
-                },
-            };
-            wgpu::BindGroupEntry {
-                binding: b.binding,
-                resource,
-            }
-        })
-        .collect();
-    device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("wgpu-ema dispatch"),
-        layout: pipes.layout(family, d.tier),
-        entries: &entries,
-    })
 }
 
 impl Dispatches {

@@ -28,7 +28,8 @@ use crate::readback;
 use crate::schedule::Stepper;
 use crate::schedule::{Action, Numerics, Policy, Schedule};
 use crate::tensors::{HostTensors, ParamDtype, TensorSpec};
-use dispatch::{Dispatches, Store};
+use bindings::Store;
+use dispatch::Dispatches;
 use pipelines::{Op, Pipelines, MAX_EMAS};
 
 #[derive(Debug)]
