@@ -8,6 +8,8 @@
 //! has no free slot (or a tensor's segments change shape, past one binding) is everything
 //! planned again.
 
+use std::collections::{HashMap, HashSet};
+
 use super::bindings::{bind_group, Family, Place, Shape, Slot, Store};
 use super::pipelines::Pipelines;
 use crate::layout::{self, PlanLimits, SegPlan, ROW_BYTES};
@@ -55,6 +57,8 @@ pub(crate) struct Dispatches {
     table: Option<wgpu::Buffer>,
     /// `rows[t]`: (dispatch, row) of each segment of tensor `t`.
     rows: Vec<Vec<(usize, usize)>>,
+    /// A window lost its last row since the last plan or check.
+    freed: bool,
 }
 
 impl Dispatches {
@@ -65,6 +69,7 @@ impl Dispatches {
             list: Vec::new(),
             table: None,
             rows: Vec::new(),
+            freed: false,
         }
     }
 
@@ -96,6 +101,7 @@ impl Dispatches {
             }
         }
         let plans = layout::group_segments(&segs, self.shape.slots);
+        self.freed = false;
         self.rows = vec![Vec::new(); pieces.len()];
         let mut at = 0u64;
         let mut list = Vec::with_capacity(plans.len());
@@ -178,7 +184,8 @@ impl Dispatches {
 
     /// Points tensor `t`'s rows at its new parameter binding. Returns false when that needs a
     /// new plan ([`rebuild`](Self::rebuild)): its segments changed shape, or a dispatch has no
-    /// free slot for a new window.
+    /// free slot for a new window. Sets `freed` when a window lost its last row (then the
+    /// dispatches may fit in fewer: [`fragmented`](Self::fragmented)).
     pub fn patch(
         &mut self,
         device: &wgpu::Device,
@@ -207,6 +214,7 @@ impl Dispatches {
             // This row leaves its slot first, so that a window only it used can be reused.
             let old = row[4] as usize;
             d.users[old] = d.users[old].saturating_sub(1);
+            self.freed |= d.users[old] == 0;
             let key = Some((b.buffer.clone(), seg.window));
             let slot = match d.slots.iter().position(|s| *s == key) {
                 Some(s) => s,
@@ -281,28 +289,23 @@ impl Dispatches {
 
     /// True when the parameter windows in use would fit in fewer dispatches than there are
     /// (tensors rebound out of a dispatch that has since been split): worth a
-    /// [`rebuild`](Self::rebuild). Costs O(dispatches x slots^2), nothing per tensor.
-    pub fn fragmented(&self) -> bool {
-        if self.list.len() < 2 {
+    /// [`rebuild`](Self::rebuild). Checked only after a window lost its last row; then costs
+    /// O(dispatches x slots), nothing per tensor.
+    pub fn take_fragmented(&mut self) -> bool {
+        // Only a window losing its last row can make fewer dispatches enough.
+        if !std::mem::take(&mut self.freed) || self.list.len() < 2 {
             return false;
         }
-        let mut seen: Vec<(usize, usize, Vec<&Slot>)> = Vec::new();
+        // Per shadow buffer: its dispatches, and the distinct windows rows still use.
+        let mut seen: HashMap<usize, (usize, HashSet<&Slot>)> = HashMap::new();
         for d in &self.list {
+            let entry = seen.entry(d.shadow_buffer).or_default();
+            entry.0 += 1;
             let live = d.slots.iter().zip(&d.users).filter(|(_, &u)| u > 0);
-            match seen.iter_mut().find(|(sb, ..)| *sb == d.shadow_buffer) {
-                Some((_, count, keys)) => {
-                    *count += 1;
-                    for (k, _) in live {
-                        if !keys.contains(&k) {
-                            keys.push(k);
-                        }
-                    }
-                }
-                None => seen.push((d.shadow_buffer, 1, live.map(|(k, _)| k).collect())),
-            }
+            entry.1.extend(live.map(|(k, _)| k));
         }
-        seen.iter()
-            .any(|(_, count, keys)| keys.len().div_ceil(self.shape.slots).max(1) < *count)
+        seen.values()
+            .any(|(count, keys)| keys.len().div_ceil(self.shape.slots).max(1) < *count)
     }
 
     /// Dispatches per step.

@@ -60,7 +60,7 @@ impl GpuEma {
             &t.binding(),
         );
         // A failed patch, or windows that now fit in fewer dispatches: plan again.
-        if !patched || self.work.fragmented() {
+        if !patched || self.work.take_fragmented() {
             self.rebuild_dispatches();
         }
         Ok(())
