@@ -364,8 +364,20 @@ fn main() -> Result<(), Error> {
     );
     let mut rows = Vec::new();
     let max_log2 = if quick { max_log2.min(20) } else { max_log2 };
-    // Models first: measured after the 2^28 flat rows (gigabytes allocated and freed), the
-    // same steps once ran 2-3x slower on an H200; cause not isolated (see BENCHMARKS.md).
+    // Bring the GPU out of its idle clocks first: on a freshly started H200 the SMs idled at
+    // 345 MHz, and model rows measured in the first seconds ran 2-3x slower than a minute later.
+    let warm = std::time::Instant::now();
+    let mut spin = b.kernel(
+        "axpy_vec4",
+        (1 << 24).min(b.ctx.device.limits().max_storage_buffer_binding_size / 4),
+    );
+    while warm.elapsed().as_secs_f64() < if quick { 0.2 } else { 3.0 } {
+        let mut enc = b.ctx.device.create_command_encoder(&Default::default());
+        for _ in 0..20 {
+            spin(&mut enc);
+        }
+        b.wait(b.ctx.queue.submit(Some(enc.finish())));
+    }
     if !quick {
         for (name, specs) in &models {
             model_rows(&b, &mut rows, name, specs)?;
