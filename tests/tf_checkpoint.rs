@@ -261,20 +261,6 @@ fn index_block_len(table: &[u8]) -> usize {
 
 /// LevelDB's masked CRC32C of a block and its type byte (0).
 fn crc32c(block: &[u8]) -> u32 {
-    let mut b = block.to_vec();
-    b.push(0);
-    // Bitwise CRC32C (Castagnoli), reflected; enough for a test.
-    let mut crc = !0u32;
-    for byte in b {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    let c = !crc;
+    let c = crc32c::crc32c_append(crc32c::crc32c(block), &[0]);
     c.rotate_right(15).wrapping_add(0xa282_ead8)
 }

@@ -92,6 +92,18 @@ pub(crate) struct Config<'a> {
     pub extra: &'a [Schedule],
 }
 
+impl<'a> Config<'a> {
+    /// An EMA's: its step counter's schedule, numerics and policy, and its further EMAs.
+    pub fn of(stepper: &crate::schedule::Stepper, extra: &'a [Schedule]) -> Self {
+        Self {
+            schedule: stepper.schedule,
+            numerics: stepper.numerics,
+            policy: stepper.policy,
+            extra,
+        }
+    }
+}
+
 /// What a checkpoint is written from: an EMA's tracked tensors, counter, schedule, and a way
 /// to read each shadow (and parameter) one at a time.
 ///

@@ -217,7 +217,7 @@ pub fn write_safetensors(
 }
 
 /// Writes `values` little-endian; returns the CRC32C of the bytes appended to `crc`.
-fn write_f32_le(w: &mut dyn Write, values: &[f32], crc: u32) -> std::io::Result<u32> {
+pub(super) fn write_f32_le(w: &mut dyn Write, values: &[f32], crc: u32) -> std::io::Result<u32> {
     if cfg!(target_endian = "little") {
         let bytes: &[u8] = bytemuck::cast_slice(values);
         w.write_all(bytes)?;

@@ -325,12 +325,7 @@ impl CpuEma {
         checkpoint: &crate::checkpoint::Checkpoint,
         opts: crate::checkpoint::RestoreOptions,
     ) -> Result<()> {
-        let config = crate::checkpoint::Config {
-            schedule: self.stepper.schedule,
-            numerics: self.stepper.numerics,
-            policy: self.stepper.policy,
-            extra: &[],
-        };
+        let config = crate::checkpoint::Config::of(&self.stepper, &[]);
         let set = checkpoint.restore_set(&self.specs, self.compensated, &config, opts)?;
         for (i, values) in set.shadows.iter().enumerate() {
             self.shadows[i].copy_from_slice(values);

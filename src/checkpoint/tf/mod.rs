@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use super::errors::{bad, io};
-use super::write::atomic_write;
+use super::write::{atomic_write, write_f32_le};
 use super::{training_entries, EmaState, META_NUM_UPDATES};
 use crate::error::{Error, Result};
 use crate::tensors::HostTensors;
@@ -87,8 +87,8 @@ pub fn save_tf(
     let mut index: Vec<(String, BundleEntry)> = Vec::with_capacity(entries.len() + 1);
     atomic_write(&data, |w| {
         let mut offset = 0i64;
-        let mut put = |w: &mut dyn Write, name: &str, dtype, shape: &[usize], bytes: &[u8]| {
-            w.write_all(bytes).map_err(io(&data))?;
+        // Records a tensor just written: `size` bytes whose CRC32C is `crc`.
+        let mut put = |name: &str, dtype, shape: &[usize], size: i64, crc: u32| {
             index.push((
                 name.to_string(),
                 BundleEntry {
@@ -105,13 +105,12 @@ pub fn save_tf(
                     }),
                     shard_id: 0,
                     offset,
-                    size: bytes.len() as i64,
-                    crc32c: table::mask(crc32c::crc32c(bytes)),
+                    size,
+                    crc32c: table::mask(crc),
                     slices: Vec::new(),
                 },
             ));
-            offset += bytes.len() as i64;
-            Ok::<(), Error>(())
+            offset += size;
         };
         for e in &mut entries {
             let values = (e.produce)()?;
@@ -127,11 +126,16 @@ pub fn save_tf(
                     ),
                 ));
             }
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            put(w, &e.name, DT_FLOAT, &e.shape, &bytes)?;
+            // The safetensors writer's little-endian write, which also gives the CRC32C.
+            let crc = write_f32_le(w, &values, 0).map_err(io(&data))?;
+            put(&e.name, DT_FLOAT, &e.shape, values.len() as i64 * 4, crc);
         }
-        let step = i64::try_from(state.num_updates()).unwrap_or(i64::MAX);
-        put(w, GLOBAL_STEP, DT_INT64, &[], &step.to_le_bytes())
+        let step = i64::try_from(state.num_updates())
+            .unwrap_or(i64::MAX)
+            .to_le_bytes();
+        w.write_all(&step).map_err(io(&data))?;
+        put(GLOBAL_STEP, DT_INT64, &[], 8, crc32c::crc32c(&step));
+        Ok(())
     })?;
     index.sort_by(|a, b| a.0.cmp(&b.0));
     let header = BundleHeader {
