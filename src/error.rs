@@ -21,6 +21,11 @@ pub enum Error {
     #[error("invalid schedule: {0}")]
     InvalidSchedule(String),
 
+    /// Post-hoc EMA: the snapshots or the target cannot give an answer (too few profiles, a
+    /// target outside the recorded steps, inconsistent snapshots, ...).
+    #[error("post-hoc EMA: {0}")]
+    PostHoc(String),
+
     /// Two tracked tensors share a name.
     #[error("tensor `{name}` is tracked twice: names must be unique")]
     DuplicateName {

@@ -50,6 +50,7 @@ pub mod debias;
 mod error;
 mod gpu;
 mod layout;
+pub mod posthoc;
 mod readback;
 pub mod schedule;
 mod tensors;

@@ -56,6 +56,22 @@ pub struct Checkpoint {
 /// The largest safetensors header we read (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
+/// Refuses a header size `n` that no real file of `len` bytes has, before anything is parsed:
+/// a file cannot make us read or parse more than it holds.
+pub(super) fn check_header_size(path: &Path, n: u64, len: u64) -> Result<()> {
+    // A header larger than the data it describes (and than a megabyte) is no model's.
+    if n > len - 8 || n > MAX_HEADER || (n > 1 << 20 && n > len - 8 - n) {
+        return Err(bad(
+            path,
+            format!(
+                "not a valid safetensors file: header of {n} bytes in a file of {len} \
+                 (at most {MAX_HEADER})"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl Checkpoint {
     /// Loads a `.safetensors` file, a sharded checkpoint through its
     /// `model.safetensors.index.json`, or a TensorFlow checkpoint by its prefix or its
@@ -102,17 +118,7 @@ impl Checkpoint {
                 format!("not a valid safetensors file: {len} bytes, too short for a header"),
             )
         })?;
-        let n = u64::from_le_bytes(head);
-        // A header larger than the data it describes (and than a megabyte) is no model's.
-        if n > len - 8 || n > MAX_HEADER || (n > 1 << 20 && n > len - 8 - n) {
-            return Err(bad(
-                path,
-                format!(
-                    "not a valid safetensors file: header of {n} bytes in a file of {len} \
-                     (at most {MAX_HEADER})"
-                ),
-            ));
-        }
+        check_header_size(path, u64::from_le_bytes(head), len)?;
         // SAFETY: the map is read-only and lives in an Arc as long as a tensor borrows from
         // it. Our writers replace files by rename, never in place; another program truncating
         // the file while it is mapped is outside what a memory-mapped reader can guard.

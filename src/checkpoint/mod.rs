@@ -19,17 +19,21 @@ mod access;
 mod checksum;
 mod errors;
 mod load;
+mod stream;
 mod tf;
 mod write;
 
 pub use load::Checkpoint;
+pub use stream::{TensorEntry, TensorFile};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use checksum::META_CHECKSUMS;
 pub use tf::{save_tf, GLOBAL_STEP, STATE_FILE};
-pub use write::{write_safetensors, write_sharded, Entry, INDEX_FILE, META_GENERATION};
+pub use write::{
+    write_safetensors, write_safetensors_as, write_sharded, Entry, INDEX_FILE, META_GENERATION,
+};
 
 use crate::error::{Error, Result};
 use crate::schedule::{Numerics, Policy, Schedule};

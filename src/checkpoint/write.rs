@@ -11,7 +11,7 @@ use safetensors::Dtype;
 use super::checksum;
 use super::errors::{bad, bad_from, io};
 use crate::error::{Error, Result};
-use crate::tensors::RESERVED_NAME;
+use crate::tensors::{ParamDtype, RESERVED_NAME};
 
 /// A tensor to write: its name, shape, and a function producing its values when the writer
 /// reaches it (so only one tensor is in host memory at a time).
@@ -132,10 +132,28 @@ pub(crate) fn atomic_write(
 /// anything is written.
 pub fn write_safetensors(
     path: &Path,
-    mut entries: Vec<Entry<'_>>,
+    entries: Vec<Entry<'_>>,
     metadata: &HashMap<String, String>,
 ) -> Result<u64> {
+    write_safetensors_as(path, entries, metadata, ParamDtype::F32)
+}
+
+/// [`write_safetensors`], storing every tensor as `dtype`: f32 as given, or rounded to the
+/// nearest even f16 or bf16 (half the bytes: what EDM2 stores its post-hoc snapshots in). A
+/// finite value that f16 cannot hold (beyond ±65504) is an error naming the tensor, not a
+/// silent infinity. Returns the bytes of tensor data.
+pub fn write_safetensors_as(
+    path: &Path,
+    mut entries: Vec<Entry<'_>>,
+    metadata: &HashMap<String, String>,
+    dtype: ParamDtype,
+) -> Result<u64> {
     entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let stored = match dtype {
+        ParamDtype::F32 => Dtype::F32,
+        ParamDtype::F16 => Dtype::F16,
+        ParamDtype::BF16 => Dtype::BF16,
+    };
     let mut infos = Vec::with_capacity(entries.len());
     let mut offset = 0usize;
     for (i, e) in entries.iter().enumerate() {
@@ -151,6 +169,7 @@ pub fn write_safetensors(
         }
         let n = e
             .bytes()
+            .map(|n| n / 4 * dtype.size())
             .and_then(|n| usize::try_from(n).ok())
             .and_then(|n| offset.checked_add(n).map(|end| (n, end)))
             .ok_or_else(|| {
@@ -162,7 +181,7 @@ pub fn write_safetensors(
         infos.push((
             e.name.clone(),
             TensorInfo {
-                dtype: Dtype::F32,
+                dtype: stored,
                 shape: e.shape.clone(),
                 data_offsets: (offset, n.1),
             },
@@ -203,10 +222,23 @@ pub fn write_safetensors(
                     ),
                 ));
             }
-            crcs.push(
-                write_f32_le(w, &values, checksum::tensor_start(&e.name, &e.shape))
-                    .map_err(io(path))?,
-            );
+            let crc = checksum::tensor_start(&e.name, &e.shape);
+            crcs.push(match dtype {
+                ParamDtype::F32 => write_f32_le(w, &values, crc).map_err(io(path))?,
+                _ => {
+                    let bytes = to_half_le(&values, dtype).map_err(|i| {
+                        bad(
+                            path,
+                            format!(
+                                "tensor `{}`: element {i} ({}) does not fit f16; store the snapshots as f32 or bf16",
+                                e.name, values[i]
+                            ),
+                        )
+                    })?;
+                    w.write_all(&bytes).map_err(io(path))?;
+                    crc32c::crc32c_append(crc, &bytes)
+                }
+            });
         }
         w.seek(SeekFrom::Start(patch_at)).map_err(io(path))?;
         w.write_all(checksum::tensor_list(&crcs).as_bytes())
@@ -214,6 +246,29 @@ pub fn write_safetensors(
         Ok(())
     })?;
     Ok(offset as u64)
+}
+
+/// `values` as little-endian f16 or bf16 (round to nearest even), or the index of the first
+/// finite value that overflows to infinity.
+fn to_half_le(values: &[f32], dtype: ParamDtype) -> std::result::Result<Vec<u8>, usize> {
+    let mut out = Vec::with_capacity(values.len() * 2);
+    for (i, &v) in values.iter().enumerate() {
+        let (bits, inf) = match dtype {
+            ParamDtype::BF16 => {
+                let h = half::bf16::from_f32(v);
+                (h.to_bits(), h.is_infinite())
+            }
+            _ => {
+                let h = half::f16::from_f32(v);
+                (h.to_bits(), h.is_infinite())
+            }
+        };
+        if inf && v.is_finite() {
+            return Err(i);
+        }
+        out.extend_from_slice(&bits.to_le_bytes());
+    }
+    Ok(out)
 }
 
 /// Writes `values` little-endian; returns the CRC32C of the bytes appended to `crc`.

@@ -122,6 +122,10 @@ fn check_unit(what: &'static str, value: f64) -> Result<()> {
     }
 }
 
+/// The widest power-function EMA's `sigma_rel`, `sqrt(1/12)`: exponent 0, the running mean
+/// of every step so far. Valid `sigma_rel` lie strictly between 0 and this.
+pub const SIGMA_REL_MAX: f64 = 0.288_675_134_594_812_9;
+
 impl Schedule {
     /// A constant decay.
     ///
@@ -174,8 +178,9 @@ impl Schedule {
 
     /// The power-function EMA whose averaging window has relative standard deviation
     /// `sigma_rel` (EDM2's parametrisation): `gamma` is the largest real root of
-    /// `g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0`. Fails unless `0 < sigma_rel < 0.28`
-    /// (wider windows need `gamma <= 0`).
+    /// `g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0`. Fails unless
+    /// `0 < sigma_rel < sqrt(1/12) = 0.2887` ([`SIGMA_REL_MAX`]: `gamma = 0`, the plain
+    /// running mean; wider windows would need `gamma <= 0`).
     ///
     /// ```
     /// use wgpu_ema::Schedule;
@@ -183,9 +188,9 @@ impl Schedule {
     /// assert!((gamma - 6.94).abs() < 0.01);
     /// ```
     pub fn power_sigma_rel(sigma_rel: f64) -> Result<Self> {
-        if !(sigma_rel > 0.0 && sigma_rel < 0.28) {
+        if !(sigma_rel > 0.0 && sigma_rel < SIGMA_REL_MAX) {
             return Err(Error::InvalidSchedule(format!(
-                "sigma_rel must be in (0, 0.28), got {sigma_rel}"
+                "sigma_rel must be in (0, {SIGMA_REL_MAX:.4}), got {sigma_rel}"
             )));
         }
         let t = sigma_rel.powi(-2);
@@ -200,9 +205,14 @@ impl Schedule {
                 break;
             }
         }
-        if !(g.is_finite() && g > 0.0) {
+        if !g.is_finite() {
             return Err(Error::InvalidSchedule(format!(
                 "sigma_rel {sigma_rel} is too small: its gamma does not fit an f64"
+            )));
+        }
+        if g <= 0.0 {
+            return Err(Error::InvalidSchedule(format!(
+                "sigma_rel {sigma_rel} is too close to {SIGMA_REL_MAX:.6}: its gamma rounds to 0 or below"
             )));
         }
         Ok(Schedule::Power { gamma: g })

@@ -1,0 +1,271 @@
+//! Reading a safetensors file one piece of a tensor at a time, with positioned reads: host
+//! memory for the header and one chunk, whatever the file's size. What post-hoc synthesis
+//! streams its snapshots through, and what `wgpu-ema inspect` lists.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::Metadata;
+use safetensors::Dtype;
+
+use super::checksum;
+use super::errors::{bad, bad_from, io};
+use super::load::check_header_size;
+use crate::error::Result;
+use crate::tensors::ParamDtype;
+
+/// One tensor of a [`TensorFile`]: name, dtype, shape and where its bytes are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    /// The name in the file.
+    pub name: String,
+    /// safetensors' name of the element type (`"F32"`, `"F16"`, `"BF16"`, `"I64"`, ...).
+    pub dtype: String,
+    /// The shape.
+    pub shape: Vec<usize>,
+    /// The element type when it is one this crate reads as floats.
+    pub float: Option<ParamDtype>,
+    /// Byte offset of the data in the file.
+    offset: u64,
+    /// Bytes of data.
+    len: u64,
+    /// The checksum our writer stored for it, if any.
+    crc: Option<u32>,
+}
+
+impl TensorEntry {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+}
+
+/// A safetensors file opened for streaming: the header parsed and validated (sizes, offsets,
+/// metadata checksum), the data read only when asked for, chunk by chunk, each tensor's
+/// checksum verified as its last chunk is read.
+#[derive(Debug)]
+pub struct TensorFile {
+    path: PathBuf,
+    file: File,
+    metadata: HashMap<String, String>,
+    tensors: Vec<TensorEntry>,
+    verified: bool,
+}
+
+impl TensorFile {
+    /// Opens `path` and validates its header.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let mut file = File::open(path).map_err(io(path))?;
+        let len = file.metadata().map_err(io(path))?.len();
+        let mut head = [0u8; 8];
+        file.read_exact(&mut head).map_err(|_| {
+            bad(
+                path,
+                format!("not a valid safetensors file: {len} bytes, too short for a header"),
+            )
+        })?;
+        let n = u64::from_le_bytes(head);
+        check_header_size(path, n, len)?;
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io(path))?;
+        let parsed: Metadata = serde_json::from_slice(&header)
+            .map_err(|e| bad_from(path, "not a valid safetensors header", e))?;
+        if parsed.data_len() as u64 != len - 8 - n {
+            return Err(bad(
+                path,
+                format!(
+                    "the header describes {} bytes of data, the file holds {}: truncated or extended",
+                    parsed.data_len(),
+                    len - 8 - n
+                ),
+            ));
+        }
+        let metadata = parsed.metadata().clone().unwrap_or_default();
+        let mut tensors: Vec<TensorEntry> = parsed
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| TensorEntry {
+                name,
+                dtype: format!("{:?}", info.dtype),
+                shape: info.shape.clone(),
+                float: match info.dtype {
+                    Dtype::F32 => Some(ParamDtype::F32),
+                    Dtype::F16 => Some(ParamDtype::F16),
+                    Dtype::BF16 => Some(ParamDtype::BF16),
+                    _ => None,
+                },
+                offset: 8 + n + info.data_offsets.0 as u64,
+                len: (info.data_offsets.1 - info.data_offsets.0) as u64,
+                crc: None,
+            })
+            .collect();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let verified = match metadata.get(checksum::META_CHECKSUMS) {
+            None if checksum::required(&metadata) => {
+                return Err(bad(
+                    path,
+                    "written by wgpu-ema 0.2 or later but without checksums: the file was changed or damaged",
+                ))
+            }
+            None => false,
+            Some(v) => {
+                let (meta_crc, crcs) = checksum::parse(v)
+                    .ok_or_else(|| bad(path, "malformed checksums in the metadata"))?;
+                if checksum::metadata_crc(&metadata) != meta_crc || crcs.len() != tensors.len() {
+                    return Err(bad(
+                        path,
+                        "metadata checksum mismatch: the file was changed or damaged",
+                    ));
+                }
+                // Our writer lists the checksums in name order.
+                for (t, crc) in tensors.iter_mut().zip(crcs) {
+                    t.crc = Some(crc);
+                }
+                true
+            }
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            metadata,
+            tensors,
+            verified,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `__metadata__`.
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.metadata
+    }
+
+    /// Every tensor, in name order.
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+
+    /// The tensor called `name`.
+    pub fn entry(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors
+            .binary_search_by(|t| t.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.tensors[i])
+    }
+
+    /// True when the file carries wgpu-ema's checksums (each tensor is verified as it is
+    /// read; the metadata was verified on open).
+    pub fn has_checksums(&self) -> bool {
+        self.verified
+    }
+
+    /// Reads tensor `name` as f32 (widening f16 and bf16 exactly), `chunk` elements at a
+    /// time, calling `f(first_element, values)` for each piece in order. The checksum is
+    /// verified after the last piece: a mismatch is an error then, so a caller must not
+    /// commit what it built from the pieces before this returns `Ok`.
+    pub fn read_chunks(
+        &self,
+        name: &str,
+        chunk: usize,
+        mut f: impl FnMut(usize, &[f32]) -> Result<()>,
+    ) -> Result<()> {
+        let t = self
+            .entry(name)
+            .ok_or_else(|| bad(&self.path, format!("tensor `{name}` is missing")))?;
+        let dtype = t.float.ok_or_else(|| {
+            bad(
+                &self.path,
+                format!("tensor `{name}` has dtype {}, not a float type", t.dtype),
+            )
+        })?;
+        let size = dtype.size() as usize;
+        let chunk = chunk.max(1);
+        let mut crc = checksum::tensor_start(&t.name, &t.shape);
+        let mut bytes = vec![0u8; chunk.min((t.len as usize) / size.max(1)) * size];
+        let mut values = Vec::with_capacity(bytes.len() / size);
+        let mut done = 0u64;
+        while done < t.len {
+            let n = ((t.len - done) as usize).min(bytes.len());
+            read_at(&self.file, &mut bytes[..n], t.offset + done).map_err(io(&self.path))?;
+            crc = crc32c::crc32c_append(crc, &bytes[..n]);
+            values.clear();
+            widen(&bytes[..n], dtype, &mut values);
+            f((done / size as u64) as usize, &values)?;
+            done += n as u64;
+        }
+        match t.crc {
+            Some(want) if want != crc => Err(bad(
+                &self.path,
+                format!(
+                    "tensor `{name}`: checksum mismatch (crc32c {crc:08x}, written {want:08x}): the file was changed or damaged"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Tensor `name` as f32, whole (checksum verified).
+    pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.read_chunks(name, 1 << 20, |_, v| {
+            out.extend_from_slice(v);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+}
+
+/// Little-endian `bytes` of `dtype` appended to `out` as f32.
+fn widen(bytes: &[u8], dtype: ParamDtype, out: &mut Vec<f32>) {
+    match dtype {
+        ParamDtype::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        ParamDtype::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        ParamDtype::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+    }
+}
+
+#[cfg(unix)]
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+#[cfg(windows)]
+fn read_at(file: &File, mut buf: &mut [u8], mut offset: u64) -> std::io::Result<()> {
+    use std::os::windows::fs::FileExt;
+    while !buf.is_empty() {
+        match file.seek_read(buf, offset)? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(any(unix, windows)))]
+fn read_at(_file: &File, _buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "positioned reads are not available on this platform",
+    ))
+}

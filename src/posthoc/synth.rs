@@ -1,0 +1,492 @@
+//! Synthesis: the weights of the snapshots that best express a wanted EMA length, and the
+//! weighted sum streamed from the snapshot files into one safetensors file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::record::parse_name;
+use super::solve::{fit, sigma_rel_of, Profile};
+use super::{META_PROFILES, META_T, SNAPSHOT_FORMAT};
+use crate::checkpoint::{write_safetensors, Entry, TensorFile, META_KIND};
+use crate::error::{Error, Result};
+use crate::tensors::{ParamDtype, TensorSpec};
+
+/// One recorded profile of a snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileInfo {
+    /// What its tensors' names end with (`/ExponentialMovingAverage`, `..._1`, ...).
+    pub suffix: String,
+    /// The power function's exponent.
+    pub gamma: f64,
+    /// Its `sigma_rel`.
+    pub sigma_rel: f64,
+}
+
+/// One snapshot file, as its header describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// Its number.
+    pub index: u64,
+    /// The step it was taken at.
+    pub t: u64,
+    /// The profiles it holds.
+    pub profiles: Vec<ProfileInfo>,
+    /// How its tensors are stored.
+    pub dtype: ParamDtype,
+}
+
+/// One weighted profile of one snapshot in a synthesis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Term {
+    /// Position in [`SnapshotSet::snapshots`].
+    pub snapshot: usize,
+    /// Position in that snapshot's profiles.
+    pub profile: usize,
+    /// The snapshot's step.
+    pub t: u64,
+    /// The profile's exponent.
+    pub gamma: f64,
+    /// Its weight (all weights sum to 1).
+    pub weight: f64,
+}
+
+/// The weights that synthesize the EMA of `sigma_rel` at step `t`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Weights {
+    /// The wanted `sigma_rel`.
+    pub sigma_rel: f64,
+    /// Its exponent.
+    pub gamma: f64,
+    /// The step it is synthesized at.
+    pub t: u64,
+    /// One term per profile of every snapshot taken at or before `t`.
+    pub terms: Vec<Term>,
+}
+
+/// The snapshots in a directory, read and checked for consistency (headers only).
+#[derive(Clone, Debug)]
+pub struct SnapshotSet {
+    dir: PathBuf,
+    snapshots: Vec<SnapshotInfo>,
+    /// Parameter name → shape, the same in every snapshot.
+    params: BTreeMap<String, Vec<usize>>,
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: message.into(),
+        source: None,
+    }
+}
+
+/// Reads one snapshot's header and checks it holds every profile of every parameter.
+fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, Vec<usize>>)> {
+    let file = TensorFile::open(path)?;
+    let meta = file.metadata();
+    if meta.get(META_KIND).map(String::as_str) != Some(SNAPSHOT_FORMAT) {
+        return Err(bad(
+            path,
+            format!(
+                "not a post-hoc snapshot (no `{META_KIND}: {SNAPSHOT_FORMAT}` in its metadata)"
+            ),
+        ));
+    }
+    let t: u64 = meta
+        .get(META_T)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("metadata `{META_T}` is missing or not a step"),
+            )
+        })?;
+    let list: Vec<serde_json::Value> = meta
+        .get(META_PROFILES)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("metadata `{META_PROFILES}` is missing or not a JSON list"),
+            )
+        })?;
+    let mut profiles = Vec::new();
+    for p in &list {
+        let suffix = p.get("suffix").and_then(|v| v.as_str());
+        let gamma = p.get("gamma").and_then(|v| v.as_f64());
+        let (Some(suffix), Some(gamma)) = (suffix, gamma) else {
+            return Err(bad(path, format!("profile {p} lacks `suffix` or `gamma`")));
+        };
+        if !(gamma.is_finite() && gamma > 0.0) || suffix.is_empty() {
+            return Err(bad(
+                path,
+                format!("profile {p}: gamma must be a positive number and the suffix non-empty"),
+            ));
+        }
+        profiles.push(ProfileInfo {
+            suffix: suffix.to_string(),
+            gamma,
+            sigma_rel: sigma_rel_of(gamma),
+        });
+    }
+    if profiles.is_empty() {
+        return Err(bad(path, "the snapshot lists no profiles"));
+    }
+    let mut dtype = None;
+    let mut params: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut seen = 0;
+    for t in file.tensors() {
+        let Some(d) = t.float else {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{}` has dtype {}, not a float type",
+                    t.name, t.dtype
+                ),
+            ));
+        };
+        if *dtype.get_or_insert(d) != d {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{}` is {} but others are {:?}: one dtype per snapshot",
+                    t.name, t.dtype, dtype
+                ),
+            ));
+        }
+        // The longest suffix that matches: `_1` profiles also end in the plain suffix's prefix.
+        let Some((name, _)) = profiles
+            .iter()
+            .filter_map(|p| t.name.strip_suffix(&p.suffix).map(|n| (n, p.suffix.len())))
+            .max_by_key(|&(_, len)| len)
+        else {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{}` belongs to none of the snapshot's profiles",
+                    t.name
+                ),
+            ));
+        };
+        match params.get(name) {
+            Some(shape) if *shape != t.shape => {
+                return Err(bad(
+                    path,
+                    format!(
+                        "tensor `{}` has shape {:?}, the other profiles of `{name}` {:?}",
+                        t.name, t.shape, shape
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                params.insert(name.to_string(), t.shape.clone());
+            }
+        }
+        seen += 1;
+    }
+    for name in params.keys() {
+        for p in &profiles {
+            if file.entry(&format!("{name}{}", p.suffix)).is_none() {
+                return Err(bad(
+                    path,
+                    format!(
+                        "`{name}{}` is missing (profile sigma_rel {:.4} of `{name}`)",
+                        p.suffix, p.sigma_rel
+                    ),
+                ));
+            }
+        }
+    }
+    debug_assert_eq!(seen, params.len() * profiles.len());
+    let info = SnapshotInfo {
+        path: path.to_path_buf(),
+        index,
+        t,
+        profiles,
+        dtype: dtype.unwrap_or_default(),
+    };
+    Ok((info, params))
+}
+
+impl SnapshotSet {
+    /// Reads the headers of every snapshot in `dir` (`phema-*.safetensors`; `stale/` is not
+    /// looked into) and checks that they fit together: the same parameters with the same
+    /// shapes and one dtype in all, every profile of every parameter present, no two
+    /// snapshots of the same step.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let list = std::fs::read_dir(&dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut found = Vec::new();
+        for e in list.flatten() {
+            if let Some((index, _)) = parse_name(&e.file_name().to_string_lossy()) {
+                found.push((index, e.path()));
+            }
+        }
+        if found.is_empty() {
+            return Err(Error::PostHoc(format!(
+                "no snapshots (phema-*.safetensors) in {}",
+                dir.display()
+            )));
+        }
+        found.sort();
+        let mut snapshots: Vec<SnapshotInfo> = Vec::new();
+        let mut params: Option<BTreeMap<String, Vec<usize>>> = None;
+        for (index, path) in found {
+            let (info, p) = describe(&path, index)?;
+            match &params {
+                None => params = Some(p),
+                Some(first) if *first != p => {
+                    let first_path = &snapshots[0].path;
+                    let why = first
+                        .iter()
+                        .find(|(n, s)| p.get(*n) != Some(s))
+                        .map(|(n, s)| match p.get(n) {
+                            None => format!("`{n}` is missing"),
+                            Some(other) => format!("`{n}` has shape {other:?}, not {s:?}"),
+                        })
+                        .or_else(|| {
+                            p.keys()
+                                .find(|n| !first.contains_key(*n))
+                                .map(|n| format!("`{n}` is extra"))
+                        })
+                        .unwrap_or_default();
+                    return Err(bad(
+                        &path,
+                        format!("does not match {}: {why}", first_path.display()),
+                    ));
+                }
+                Some(_) => {}
+            }
+            if let Some(first) = snapshots.first() {
+                if first.dtype != info.dtype {
+                    return Err(bad(
+                        &path,
+                        format!(
+                            "stored as {:?}, {} as {:?}: one dtype for all snapshots",
+                            info.dtype,
+                            first.path.display(),
+                            first.dtype
+                        ),
+                    ));
+                }
+            }
+            if let Some(other) = snapshots.iter().find(|s| s.t == info.t) {
+                return Err(bad(
+                    &path,
+                    format!(
+                        "a second snapshot of step {} (also {}): two runs in one directory?",
+                        info.t,
+                        other.path.display()
+                    ),
+                ));
+            }
+            snapshots.push(info);
+        }
+        snapshots.sort_by_key(|s| s.t);
+        Ok(Self {
+            dir,
+            snapshots,
+            params: params.unwrap_or_default(),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The snapshots, by step.
+    pub fn snapshots(&self) -> &[SnapshotInfo] {
+        &self.snapshots
+    }
+
+    /// The parameters every snapshot holds, by name.
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        self.params
+            .iter()
+            .map(|(n, s)| TensorSpec::new(n.clone(), s))
+            .collect()
+    }
+
+    /// The weights that synthesize the EMA of `sigma_rel` at step `t` (default: the last
+    /// snapshot's), from every profile of every snapshot taken at or before `t` (EDM2's rule:
+    /// later snapshots hold steps the wanted EMA has not seen), by least squares over the
+    /// profiles in f64, normalised to sum to 1.
+    pub fn weights(&self, sigma_rel: f64, t: Option<u64>) -> Result<Weights> {
+        let gamma = super::gamma_of_sigma_rel(sigma_rel)?;
+        let last = self.snapshots.last().map_or(0, |s| s.t);
+        let t = t.unwrap_or(last);
+        let mut terms = Vec::new();
+        for (i, s) in self.snapshots.iter().enumerate() {
+            if s.t > t || s.t == 0 {
+                continue;
+            }
+            for (k, p) in s.profiles.iter().enumerate() {
+                terms.push(Term {
+                    snapshot: i,
+                    profile: k,
+                    t: s.t,
+                    gamma: p.gamma,
+                    weight: 0.0,
+                });
+            }
+        }
+        if terms.is_empty() {
+            return Err(Error::PostHoc(format!(
+                "no snapshot at or before step {t} (the first is at step {})",
+                self.snapshots.first().map_or(0, |s| s.t)
+            )));
+        }
+        let mut gammas: Vec<f64> = terms.iter().map(|x| x.gamma).collect();
+        gammas.sort_by(f64::total_cmp);
+        gammas.dedup();
+        if gammas.len() < 2 {
+            return Err(Error::PostHoc(format!(
+                "the snapshots up to step {t} hold {} distinct profile(s): synthesis needs at \
+                 least two different sigma_rel",
+                gammas.len()
+            )));
+        }
+        let recorded: Vec<Profile> = terms
+            .iter()
+            .map(|x| Profile {
+                t: x.t as f64,
+                gamma: x.gamma,
+            })
+            .collect();
+        let x = fit(&recorded, Profile { t: t as f64, gamma })?;
+        for (term, w) in terms.iter_mut().zip(x) {
+            term.weight = w;
+        }
+        Ok(Weights {
+            sigma_rel,
+            gamma,
+            t,
+            terms,
+        })
+    }
+
+    /// Writes the EMA that `weights` describe to `out` (f32 safetensors, plain parameter
+    /// names, atomically), streaming: for each parameter, each snapshot's tensor is read in
+    /// chunks and accumulated as `sum_i w_i x_i` in f32; host memory holds one tensor's
+    /// accumulator and one chunk, whatever the model's size. Every tensor's checksum is
+    /// verified as it is read. `progress(done, total)` reports bytes read.
+    pub fn synthesize(
+        &self,
+        weights: &Weights,
+        out: impl AsRef<Path>,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<()> {
+        let out = out.as_ref();
+        let mut files: HashMap<usize, TensorFile> = HashMap::new();
+        for term in &weights.terms {
+            let s = self.snapshots.get(term.snapshot).ok_or_else(|| {
+                Error::PostHoc(format!(
+                    "term of snapshot {} of {}",
+                    term.snapshot,
+                    self.snapshots.len()
+                ))
+            })?;
+            if s.profiles.get(term.profile).is_none() {
+                return Err(Error::PostHoc(format!(
+                    "profile {} of {}",
+                    term.profile,
+                    s.path.display()
+                )));
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = files.entry(term.snapshot) {
+                e.insert(TensorFile::open(&s.path)?);
+            }
+        }
+        let per_term: u64 = self
+            .params
+            .values()
+            .map(|s| s.iter().map(|&d| d as u64).product::<u64>())
+            .sum::<u64>()
+            * self.snapshots.first().map_or(4, |s| s.dtype.size());
+        let total = per_term * weights.terms.len() as u64;
+        let done = std::cell::Cell::new(0u64);
+        let files = &files;
+        let done = &done;
+        let entries = self
+            .params
+            .iter()
+            .map(|(name, shape)| {
+                let name = name.clone();
+                let numel: usize = shape.iter().product();
+                Entry {
+                    name: name.clone(),
+                    shape: shape.clone(),
+                    produce: Box::new(move || {
+                        let mut acc = vec![0.0f32; numel];
+                        for term in &weights.terms {
+                            let s = &self.snapshots[term.snapshot];
+                            let tensor = format!("{name}{}", s.profiles[term.profile].suffix);
+                            let w = term.weight as f32;
+                            let file = files.get(&term.snapshot).ok_or_else(|| {
+                                Error::PostHoc(format!("snapshot {} is not open", term.snapshot))
+                            })?;
+                            file.read_chunks(&tensor, CHUNK, |start, values| {
+                                let dst =
+                                    acc.get_mut(start..start + values.len()).ok_or_else(|| {
+                                        bad(
+                                            file.path(),
+                                            format!("tensor `{tensor}` is larger than its shape"),
+                                        )
+                                    })?;
+                                for (a, &v) in dst.iter_mut().zip(values) {
+                                    *a += w * v;
+                                }
+                                Ok(())
+                            })?;
+                            done.set(done.get() + numel as u64 * s.dtype.size());
+                            progress(done.get(), total);
+                        }
+                        Ok(acc)
+                    }),
+                }
+            })
+            .collect();
+        let meta = HashMap::from([
+            (META_KIND.to_string(), "ema_export".to_string()),
+            (
+                crate::checkpoint::META_NUM_UPDATES.to_string(),
+                weights.t.to_string(),
+            ),
+            (
+                "posthoc_sigma_rel".to_string(),
+                weights.sigma_rel.to_string(),
+            ),
+            ("posthoc_gamma".to_string(), weights.gamma.to_string()),
+            (META_T.to_string(), weights.t.to_string()),
+            (
+                "posthoc_weights".to_string(),
+                serde_json::Value::from(
+                    weights
+                        .terms
+                        .iter()
+                        .map(
+                            |x| serde_json::json!({"t": x.t, "gamma": x.gamma, "weight": x.weight}),
+                        )
+                        .collect::<Vec<_>>(),
+                )
+                .to_string(),
+            ),
+            (
+                crate::checkpoint::META_VERSION.to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            ),
+        ]);
+        write_safetensors(out, entries, &meta).map(|_| ())
+    }
+}
+
+/// Elements read per chunk: 4 MiB of f32, large enough for full-speed reads, small enough to
+/// stay in cache while it is accumulated.
+const CHUNK: usize = 1 << 20;
