@@ -392,3 +392,117 @@ fn f16_snapshots_refuse_values_past_its_range() {
     rec.snapshot(&ema).unwrap();
     rec.finish().unwrap();
 }
+
+/// A state of two power-function EMAs with seeded shadows, no GPU needed.
+struct Seeded {
+    specs: Vec<TensorSpec>,
+    t: u64,
+}
+
+impl Seeded {
+    fn values(&self, k: usize, i: usize) -> Vec<f32> {
+        random(
+            self.t * 100 + i as u64 * 10 + k as u64,
+            self.specs[i].numel() as usize,
+        )
+    }
+}
+
+impl wgpu_ema::checkpoint::EmaState for Seeded {
+    fn specs(&self) -> Vec<TensorSpec> {
+        self.specs.clone()
+    }
+    fn num_updates(&self) -> u64 {
+        self.t
+    }
+    fn schedule(&self) -> Schedule {
+        Schedule::power_sigma_rel(0.05).unwrap()
+    }
+    fn numerics(&self) -> wgpu_ema::Numerics {
+        wgpu_ema::Numerics::Exact
+    }
+    fn read_shadow(&self, i: usize) -> wgpu_ema::Result<Vec<f32>> {
+        Ok(self.values(0, i))
+    }
+    fn read_param(&self, _: usize) -> wgpu_ema::Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
+    fn ema_count(&self) -> usize {
+        2
+    }
+    fn ema_schedule(&self, k: usize) -> Option<Schedule> {
+        [0.05, 0.10]
+            .get(k)
+            .map(|&s| Schedule::power_sigma_rel(s).unwrap())
+    }
+    fn read_ema_shadow(&self, k: usize, i: usize) -> wgpu_ema::Result<Vec<f32>> {
+        Ok(self.values(k, i))
+    }
+}
+
+#[test]
+fn large_tensors_stream_across_cores_against_f64() {
+    // One tensor past the size that is split across threads, odd-sized, and a small one.
+    let specs = vec![
+        TensorSpec::new("big", [1_500_007]),
+        TensorSpec::new("small", [3]),
+    ];
+    for dtype in [ParamDtype::F32, ParamDtype::BF16] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rec = Recorder::open(dir.path(), 0).unwrap().dtype(dtype);
+        let states: Vec<Seeded> = (1..=3)
+            .map(|s| Seeded {
+                specs: specs.clone(),
+                t: 100 * s,
+            })
+            .collect();
+        for s in &states {
+            rec.write(s).unwrap();
+        }
+        let set = SnapshotSet::open(dir.path()).unwrap();
+        let w = set.weights(0.08, None).unwrap();
+        let out = dir.path().join("out.safetensors");
+        let bar = std::cell::Cell::new((0, 0));
+        set.synthesize(&w, &out, &|d, t| bar.set((d, t))).unwrap();
+        assert_eq!(bar.get().0, bar.get().1, "progress reaches the total");
+        let got = Checkpoint::load(&out).unwrap();
+        for (i, spec) in specs.iter().enumerate() {
+            let (_, values) = got.get(&spec.name).unwrap();
+            let mut want = vec![0.0f64; values.len()];
+            let mut mag = vec![0.0f64; values.len()];
+            for term in &w.terms {
+                let x = states[term.snapshot].values(term.profile, i);
+                for (j, v) in x.iter().enumerate() {
+                    // What the file holds: the value rounded to the stored dtype.
+                    let v = match dtype {
+                        ParamDtype::BF16 => half::bf16::from_f32(*v).to_f32(),
+                        _ => *v,
+                    } as f64;
+                    want[j] += term.weight * v;
+                    mag[j] += (term.weight * v).abs();
+                }
+            }
+            for j in 0..values.len() {
+                let err = (values[j] as f64 - want[j]).abs();
+                assert!(
+                    err <= 8.0 * f32::EPSILON as f64 * mag[j].max(1e-30),
+                    "{dtype:?} {} [{j}]: {} vs {}",
+                    spec.name,
+                    values[j],
+                    want[j]
+                );
+            }
+        }
+        // A flipped bit deep inside the large tensor (in the second thread's range).
+        let path = &set.snapshots()[1].path;
+        let mut bytes = std::fs::read(path).unwrap();
+        let at = bytes.len() - 20 - 4 * 700_000;
+        bytes[at] ^= 0x01;
+        std::fs::write(path, &bytes).unwrap();
+        let e = set
+            .synthesize(&w, dir.path().join("bad.safetensors"), &|_, _| {})
+            .unwrap_err();
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
+        assert!(!dir.path().join("bad.safetensors").exists());
+    }
+}

@@ -210,6 +210,80 @@ impl TensorFile {
         }
     }
 
+    /// `acc += weight * tensor` for tensor `name` (f32, or f16/bf16 widened exactly), read in
+    /// pieces of `chunk` elements; a tensor of a million elements or more is split across the
+    /// cores, each reading and adding its own range. The checksum is verified at the end (the
+    /// ranges' CRCs combined): on a mismatch `acc` holds garbage and an error is returned.
+    pub fn accumulate_into(
+        &self,
+        name: &str,
+        weight: f32,
+        acc: &mut [f32],
+        chunk: usize,
+    ) -> Result<()> {
+        let t = self
+            .entry(name)
+            .ok_or_else(|| bad(&self.path, format!("tensor `{name}` is missing")))?;
+        let dtype = t.float.ok_or_else(|| {
+            bad(
+                &self.path,
+                format!("tensor `{name}` has dtype {}, not a float type", t.dtype),
+            )
+        })?;
+        if acc.len() as u64 != t.numel() {
+            return Err(bad(
+                &self.path,
+                format!(
+                    "tensor `{name}` has {} elements, the accumulator {}",
+                    t.numel(),
+                    acc.len()
+                ),
+            ));
+        }
+        let size = dtype.size() as usize;
+        let threads = if acc.len() >= 1 << 20 {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(8)
+        } else {
+            1
+        };
+        let part = acc.len().div_ceil(threads).next_multiple_of(1024).max(1);
+        let file = &self.file;
+        // Each range: its CRC (from 0) and byte length, in order.
+        let results: Vec<std::io::Result<(u32, usize)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = acc
+                .chunks_mut(part)
+                .enumerate()
+                .map(|(i, dst)| {
+                    let offset = t.offset + (i * part * size) as u64;
+                    scope.spawn(move || add_range(file, offset, dtype, weight, dst, chunk))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("a reader thread panicked")))
+                })
+                .collect()
+        });
+        let mut crc = checksum::tensor_start(&t.name, &t.shape);
+        for r in results {
+            let (part_crc, len) = r.map_err(io(&self.path))?;
+            crc = crc32c::crc32c_combine(crc, part_crc, len);
+        }
+        match t.crc {
+            Some(want) if want != crc => Err(bad(
+                &self.path,
+                format!(
+                    "tensor `{name}`: checksum mismatch (crc32c {crc:08x}, written {want:08x}): the file was changed or damaged"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Tensor `name` as f32, whole (checksum verified).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
         let mut out = Vec::new();
@@ -219,6 +293,66 @@ impl TensorFile {
         })?;
         Ok(out)
     }
+}
+
+/// `dst += weight * values` for the elements at byte `offset` of `file`, read `chunk` at a
+/// time; returns the CRC32C (from 0) of the bytes read and their length.
+fn add_range(
+    file: &File,
+    offset: u64,
+    dtype: ParamDtype,
+    weight: f32,
+    dst: &mut [f32],
+    chunk: usize,
+) -> std::io::Result<(u32, usize)> {
+    let chunk = chunk.clamp(1, dst.len().max(1));
+    let mut crc = 0u32;
+    let mut bytes_read = 0usize;
+    // Typed buffers, so the bytes read are already aligned for their element type.
+    let mut words = vec![0f32; if dtype == ParamDtype::F32 { chunk } else { 0 }];
+    let mut halves = vec![0u16; if dtype == ParamDtype::F32 { 0 } else { chunk }];
+    let mut wide = vec![0f32; if dtype == ParamDtype::F32 { 0 } else { chunk }];
+    for (i, out) in dst.chunks_mut(chunk).enumerate() {
+        let at = offset + (i * chunk) as u64 * dtype.size();
+        let n = out.len();
+        let values: &[f32] = if dtype == ParamDtype::F32 {
+            let buf = &mut words[..n];
+            let raw: &mut [u8] = bytemuck::cast_slice_mut(buf);
+            read_at(file, raw, at)?;
+            crc = crc32c::crc32c_append(crc, raw);
+            if cfg!(target_endian = "big") {
+                for v in buf.iter_mut() {
+                    *v = f32::from_bits(v.to_bits().swap_bytes());
+                }
+            }
+            &words[..n]
+        } else {
+            let buf = &mut halves[..n];
+            let raw: &mut [u8] = bytemuck::cast_slice_mut(buf);
+            read_at(file, raw, at)?;
+            crc = crc32c::crc32c_append(crc, raw);
+            if cfg!(target_endian = "big") {
+                for v in buf.iter_mut() {
+                    *v = v.swap_bytes();
+                }
+            }
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            match dtype {
+                ParamDtype::BF16 => buf
+                    .reinterpret_cast::<half::bf16>()
+                    .convert_to_f32_slice(&mut wide[..n]),
+                _ => buf
+                    .reinterpret_cast::<half::f16>()
+                    .convert_to_f32_slice(&mut wide[..n]),
+            }
+            &wide[..n]
+        };
+        for (a, &v) in out.iter_mut().zip(values) {
+            *a += weight * v;
+        }
+        bytes_read += n * dtype.size() as usize;
+    }
+    Ok((crc, bytes_read))
 }
 
 /// Little-endian `bytes` of `dtype` appended to `out` as f32.

@@ -432,19 +432,7 @@ impl SnapshotSet {
                             let file = files.get(&term.snapshot).ok_or_else(|| {
                                 Error::PostHoc(format!("snapshot {} is not open", term.snapshot))
                             })?;
-                            file.read_chunks(&tensor, CHUNK, |start, values| {
-                                let dst =
-                                    acc.get_mut(start..start + values.len()).ok_or_else(|| {
-                                        bad(
-                                            file.path(),
-                                            format!("tensor `{tensor}` is larger than its shape"),
-                                        )
-                                    })?;
-                                for (a, &v) in dst.iter_mut().zip(values) {
-                                    *a += w * v;
-                                }
-                                Ok(())
-                            })?;
+                            file.accumulate_into(&tensor, w, &mut acc, CHUNK)?;
                             done.set(done.get() + numel as u64 * s.dtype.size());
                             progress(done.get(), total);
                         }
