@@ -4,7 +4,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{gpu, random};
+use common::{gpu, random, Seeded};
 use wgpu_ema::checkpoint::{save_training, Checkpoint, TensorFile};
 use wgpu_ema::posthoc::{self, Recorder, SnapshotSet};
 use wgpu_ema::{
@@ -391,53 +391,6 @@ fn f16_snapshots_refuse_values_past_its_range() {
         .dtype(ParamDtype::BF16);
     rec.snapshot(&ema).unwrap();
     rec.finish().unwrap();
-}
-
-/// A state of two power-function EMAs with seeded shadows, no GPU needed.
-struct Seeded {
-    specs: Vec<TensorSpec>,
-    t: u64,
-}
-
-impl Seeded {
-    fn values(&self, k: usize, i: usize) -> Vec<f32> {
-        random(
-            self.t * 100 + i as u64 * 10 + k as u64,
-            self.specs[i].numel() as usize,
-        )
-    }
-}
-
-impl wgpu_ema::checkpoint::EmaState for Seeded {
-    fn specs(&self) -> Vec<TensorSpec> {
-        self.specs.clone()
-    }
-    fn num_updates(&self) -> u64 {
-        self.t
-    }
-    fn schedule(&self) -> Schedule {
-        Schedule::power_sigma_rel(0.05).unwrap()
-    }
-    fn numerics(&self) -> wgpu_ema::Numerics {
-        wgpu_ema::Numerics::Exact
-    }
-    fn read_shadow(&self, i: usize) -> wgpu_ema::Result<Vec<f32>> {
-        Ok(self.values(0, i))
-    }
-    fn read_param(&self, _: usize) -> wgpu_ema::Result<Option<Vec<f32>>> {
-        Ok(None)
-    }
-    fn ema_count(&self) -> usize {
-        2
-    }
-    fn ema_schedule(&self, k: usize) -> Option<Schedule> {
-        [0.05, 0.10]
-            .get(k)
-            .map(|&s| Schedule::power_sigma_rel(s).unwrap())
-    }
-    fn read_ema_shadow(&self, k: usize, i: usize) -> wgpu_ema::Result<Vec<f32>> {
-        Ok(self.values(k, i))
-    }
 }
 
 #[test]

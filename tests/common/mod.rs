@@ -110,3 +110,50 @@ pub fn read_words(ctx: &GpuContext, buf: &wgpu::Buffer) -> Vec<u32> {
     staging.unmap();
     words
 }
+
+/// A state of two power-function EMAs with seeded shadows, no GPU needed.
+pub struct Seeded {
+    pub specs: Vec<wgpu_ema::TensorSpec>,
+    pub t: u64,
+}
+
+impl Seeded {
+    pub fn values(&self, k: usize, i: usize) -> Vec<f32> {
+        random(
+            self.t * 100 + i as u64 * 10 + k as u64,
+            self.specs[i].numel() as usize,
+        )
+    }
+}
+
+impl wgpu_ema::checkpoint::EmaState for Seeded {
+    fn specs(&self) -> Vec<wgpu_ema::TensorSpec> {
+        self.specs.clone()
+    }
+    fn num_updates(&self) -> u64 {
+        self.t
+    }
+    fn schedule(&self) -> wgpu_ema::Schedule {
+        wgpu_ema::Schedule::power_sigma_rel(0.05).unwrap()
+    }
+    fn numerics(&self) -> wgpu_ema::Numerics {
+        wgpu_ema::Numerics::Exact
+    }
+    fn read_shadow(&self, i: usize) -> wgpu_ema::Result<Vec<f32>> {
+        Ok(self.values(0, i))
+    }
+    fn read_param(&self, _: usize) -> wgpu_ema::Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
+    fn ema_count(&self) -> usize {
+        2
+    }
+    fn ema_schedule(&self, k: usize) -> Option<wgpu_ema::Schedule> {
+        [0.05, 0.10]
+            .get(k)
+            .map(|&s| wgpu_ema::Schedule::power_sigma_rel(s).unwrap())
+    }
+    fn read_ema_shadow(&self, k: usize, i: usize) -> wgpu_ema::Result<Vec<f32>> {
+        Ok(self.values(k, i))
+    }
+}
