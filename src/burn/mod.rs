@@ -28,6 +28,11 @@
 //! [`checkpoint::export_ema`](crate::checkpoint::export_ema) of [`BurnEma::snapshot`] loads
 //! straight into the model with burn-store's `SafetensorsStore`.
 
+mod optim;
+mod record;
+pub use optim::{EmaOptim, EmaOptimState, MAX_EMAS};
+pub use record::EmaWeights;
+
 use std::collections::HashMap;
 
 use ::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};

@@ -1,0 +1,241 @@
+//! [`EmaOptim`]: an EMA that rides inside any burn optimizer, for burn-train's `Learner`.
+//!
+//! burn 0.22's `Learner` takes its concrete `ModuleOptimizer`, built from any per-parameter
+//! [`Optimizer`]; it gives no hook after the step that sees the module, and the wgpu device
+//! and queue behind a burn device are not reachable from it. So the EMA lives where the
+//! `Learner` can carry it: in the per-parameter optimizer state, next to the inner optimizer's.
+//! Each step runs the inner step, then `shadow += alpha * (param - shadow)` with burn's tensor
+//! ops (one fused kernel per parameter on burn's wgpu backend), on the parameter's own device;
+//! the shadows and the step counter are saved and restored with the optimizer's record by the
+//! `Learner`'s checkpointer, and move with the state under multi-device training.
+
+use ::burn::optim::{join_path, LearningRate, Optimizer, RecordState, StateSink, StateSource};
+use ::burn::tensor::{DType, Device, FloatDType, Tensor};
+
+use crate::error::{Error, Result};
+use crate::schedule::{Action, Numerics, Policy, Schedule};
+
+/// Leaf names in the optimizer record: EMA `k`'s shadow is `"{param_id}.ema"` (k = 0) or
+/// `"{param_id}.ema_{k}"`, the step counter the scalar `"{param_id}.ema_num_updates"`, the
+/// inner optimizer's state under `"{param_id}.inner."`.
+pub(crate) fn shadow_leaf(k: usize) -> String {
+    match k {
+        0 => "ema".to_string(),
+        _ => format!("ema_{k}"),
+    }
+}
+pub(crate) const COUNTER_LEAF: &str = "ema_num_updates";
+const INNER: &str = "inner";
+
+/// The most EMAs one optimizer keeps (as [`GpuEmaBuilder::extra_ema`](crate::GpuEmaBuilder::extra_ema)).
+pub const MAX_EMAS: usize = 4;
+
+/// Any burn [`Optimizer`] plus exponential moving averages of the parameters it optimizes.
+///
+/// Convert it into burn's `ModuleOptimizer` (`.into()`) and hand that to the `Learner` in
+/// place of `AdamConfig::new().init()`:
+///
+/// ```no_run
+/// use burn::optim::{AdamConfig, ModuleOptimizer};
+/// use wgpu_ema::burn::EmaOptim;
+/// use wgpu_ema::Schedule;
+/// # fn main() -> wgpu_ema::Result<()> {
+/// let optim: ModuleOptimizer = EmaOptim::new(AdamConfig::new().build(), Schedule::tf(0.999))?.into();
+/// // Learner::new(model, optim, 1e-3) ...
+/// # let _ = optim; Ok(()) }
+/// ```
+///
+/// Semantics are [`GpuEma`](crate::GpuEma)'s: shadows start equal to the parameters (their
+/// values before the first step), update `n` uses the schedule's decay at `n`, the
+/// [`Policy`] delays and spaces the updates, several EMAs share the counter. Shadows are f32
+/// whatever the parameters' dtype.
+#[derive(Clone, Debug)]
+pub struct EmaOptim<O> {
+    inner: O,
+    schedules: Vec<Schedule>,
+    numerics: Numerics,
+    policy: Policy,
+}
+
+impl<O: Optimizer> EmaOptim<O> {
+    /// `inner` with one EMA of `schedule` (validated).
+    pub fn new(inner: O, schedule: Schedule) -> Result<Self> {
+        schedule.validate()?;
+        Ok(Self {
+            inner,
+            schedules: vec![schedule],
+            numerics: Numerics::default(),
+            policy: Policy::default(),
+        })
+    }
+
+    /// One more EMA with its own schedule (up to [`MAX_EMAS`] in all), saved as
+    /// `"{param_id}.ema_{k}"`.
+    pub fn extra_ema(mut self, schedule: Schedule) -> Result<Self> {
+        schedule.validate()?;
+        if self.schedules.len() >= MAX_EMAS {
+            return Err(Error::InvalidSchedule(format!(
+                "at most {MAX_EMAS} EMAs per optimizer"
+            )));
+        }
+        self.schedules.push(schedule);
+        Ok(self)
+    }
+
+    /// The update policy (validated).
+    pub fn policy(mut self, policy: Policy) -> Result<Self> {
+        policy.validate()?;
+        self.policy = policy;
+        Ok(self)
+    }
+
+    /// The numerics ([`Numerics::Exact`] by default).
+    pub fn numerics(mut self, numerics: Numerics) -> Self {
+        self.numerics = numerics;
+        self
+    }
+
+    /// The schedules, EMA 0 first.
+    pub fn schedules(&self) -> &[Schedule] {
+        &self.schedules
+    }
+
+    /// The inner optimizer.
+    pub fn inner(&self) -> &O {
+        &self.inner
+    }
+}
+
+/// One parameter's state: the inner optimizer's, the shadows, and the step counter.
+#[derive(Clone)]
+pub struct EmaOptimState<S, const D: usize> {
+    inner: Option<S>,
+    shadows: Vec<Tensor<D>>,
+    num_updates: u64,
+}
+
+impl<S, const D: usize> EmaOptimState<S, D> {
+    /// Optimizer steps this parameter has seen.
+    pub fn num_updates(&self) -> u64 {
+        self.num_updates
+    }
+
+    /// EMA `k`'s shadow.
+    pub fn shadow(&self, k: usize) -> Option<&Tensor<D>> {
+        self.shadows.get(k)
+    }
+}
+
+fn as_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.cast(FloatDType::F32)
+    }
+}
+
+impl<O: Optimizer> Optimizer for EmaOptim<O> {
+    type State<const D: usize> = EmaOptimState<O::State<D>, D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        // A first step (or a record without shadows for this parameter): shadows start as the
+        // parameter before the step, as `GpuEma::build` copies them.
+        let (inner_state, mut shadows, n) = match state {
+            Some(s)
+                if s.shadows.len() == self.schedules.len()
+                    && s.shadows.iter().all(|t| t.shape() == tensor.shape()) =>
+            {
+                (s.inner, s.shadows, s.num_updates)
+            }
+            other => {
+                let start = as_f32(tensor.clone().detach());
+                (
+                    other.and_then(|s| s.inner),
+                    vec![start; self.schedules.len()],
+                    0,
+                )
+            }
+        };
+        let (param, inner_state) = self.inner.step(lr, tensor, grad, inner_state);
+        let n = n + 1;
+        let p = as_f32(param.clone().detach());
+        for (shadow, schedule) in shadows.iter_mut().zip(&self.schedules) {
+            // Schedules and policy were validated when the optimizer was built.
+            match self.policy.action(schedule, n, self.numerics) {
+                Ok(Action::Update(alpha)) => {
+                    let s = shadow.clone();
+                    *shadow = match self.numerics {
+                        Numerics::Exact => s.clone() + (p.clone() - s).mul_scalar(alpha),
+                        Numerics::TensorFlow => s.clone() - (s - p.clone()).mul_scalar(alpha),
+                    };
+                }
+                Ok(Action::Copy) => *shadow = p.clone(),
+                Ok(Action::Skip) | Err(_) => {}
+            }
+        }
+        (
+            param,
+            Some(EmaOptimState {
+                inner: inner_state,
+                shadows,
+                num_updates: n,
+            }),
+        )
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        EmaOptimState {
+            inner: state.inner.map(|s| O::to_device(s, device)),
+            shadows: state
+                .shadows
+                .into_iter()
+                .map(|t| t.to_device(device))
+                .collect(),
+            num_updates: state.num_updates,
+        }
+    }
+}
+
+impl<S: RecordState + Clone, const D: usize> RecordState for EmaOptimState<S, D> {
+    fn state_flatten(&self, prefix: &str, out: &mut StateSink) {
+        if let Some(inner) = &self.inner {
+            inner.state_flatten(&join_path(prefix, INNER), out);
+        }
+        for (k, t) in self.shadows.iter().enumerate() {
+            out.push_tensor(prefix, &shadow_leaf(k), t.clone().into_data());
+        }
+        out.push_scalar(
+            prefix,
+            COUNTER_LEAF,
+            ::burn_pack::Scalar::UInt(self.num_updates),
+        );
+    }
+
+    fn state_unflatten(prefix: &str, src: &mut StateSource, device: &Device) -> Option<Self> {
+        let inner_prefix = join_path(prefix, INNER);
+        let inner = if src.has_under(&inner_prefix) {
+            Some(S::state_unflatten(&inner_prefix, src, device)?)
+        } else {
+            None
+        };
+        let num_updates = match src.take_scalar(prefix, COUNTER_LEAF)? {
+            ::burn_pack::Scalar::UInt(n) => n,
+            _ => return None,
+        };
+        let mut shadows = Vec::new();
+        while let Some(data) = src.take_tensor(prefix, &shadow_leaf(shadows.len())) {
+            shadows.push(Tensor::<D>::from_data(data, device));
+        }
+        Some(Self {
+            inner,
+            shadows,
+            num_updates,
+        })
+    }
+}

@@ -1,0 +1,261 @@
+//! The EMA weights inside a burn optimizer record: read back by parameter id, put into a
+//! module for evaluation, checked against a model, exported under module paths.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use ::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use ::burn::optim::OptimizerRecord;
+use ::burn::tensor::{DType, Tensor, TensorData};
+
+use super::optim::{shadow_leaf, COUNTER_LEAF};
+use super::{burn_error, PathStack};
+use crate::checkpoint::{write_safetensors, Entry, META_KIND, META_NUM_UPDATES, META_VERSION};
+use crate::error::{Error, Result};
+
+/// The shadows an [`EmaOptim`](super::EmaOptim) left in a burn optimizer record (a
+/// `Learner` checkpoint's `optim-<epoch>.bpk`, or `ModuleOptimizer::to_record()`), keyed by
+/// parameter id.
+#[derive(Clone, Debug, Default)]
+pub struct EmaWeights {
+    /// `(param id, k)` → (shape, values).
+    shadows: HashMap<(u64, usize), (Vec<usize>, Vec<f32>)>,
+    counters: HashMap<u64, u64>,
+    /// Param id → module path, as burn's optimizer records them.
+    paths: BTreeMap<u64, String>,
+}
+
+fn record_error(message: impl std::fmt::Display) -> Error {
+    burn_error("optimizer record", message)
+}
+
+impl EmaWeights {
+    /// Reads the shadows out of `record` (consumed: burn's records cannot be cloned).
+    pub fn from_record(record: OptimizerRecord) -> Result<Self> {
+        let bytes = record
+            .into_bytes()
+            .map_err(|e| record_error(format!("{e:?}")))?;
+        Self::from_reader(
+            burn_pack::Reader::from_bytes(bytes).map_err(|e| record_error(format!("{e:?}")))?,
+        )
+    }
+
+    /// Reads the shadows out of a burnpack optimizer record on disk: a `Learner`'s
+    /// `<dir>/checkpoint/optim-<epoch>.bpk`.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let reader = burn_pack::Reader::from_file(path).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("not a burn optimizer record: {e:?}"),
+            source: None,
+        })?;
+        Self::from_reader(reader)
+    }
+
+    fn from_reader(reader: burn_pack::Reader) -> Result<Self> {
+        let mut out = Self::default();
+        for (key, value) in reader.scalars() {
+            if let Some(id) = key.strip_suffix(&format!(".{COUNTER_LEAF}")) {
+                if let (Ok(id), burn_pack::Scalar::UInt(n)) = (id.parse::<u64>(), value) {
+                    out.counters.insert(id, *n);
+                }
+            }
+        }
+        for (key, path) in reader.metadata() {
+            if let Ok(id) = key.parse::<u64>() {
+                out.paths.insert(id, path.clone());
+            }
+        }
+        let tensors = reader
+            .into_tensors()
+            .map_err(|e| record_error(format!("{e:?}")))?;
+        for t in tensors {
+            let (name, dtype, shape, _, bytes) =
+                t.into_parts().map_err(|e| record_error(format!("{e:?}")))?;
+            // `{id}.ema` or `{id}.ema_{k}`: the inner optimizer's leaves are under `{id}.inner.`.
+            let Some((id, leaf)) = name.split_once('.') else {
+                continue;
+            };
+            let Ok(id) = id.parse::<u64>() else { continue };
+            let k = match leaf.strip_prefix("ema") {
+                Some("") => 0,
+                Some(rest) => match rest.strip_prefix('_').and_then(|k| k.parse::<usize>().ok()) {
+                    Some(k) if shadow_leaf(k) == leaf => k,
+                    _ => continue,
+                },
+                None => continue,
+            };
+            if dtype != DType::F32 {
+                return Err(record_error(format!(
+                    "shadow `{name}` has dtype {dtype:?}, not F32"
+                )));
+            }
+            let values: Vec<f32> = bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            out.shadows.insert((id, k), (shape.to_vec(), values));
+        }
+        if out.shadows.is_empty() {
+            return Err(record_error(
+                "no EMA shadows in it: was the optimizer wrapped in `EmaOptim`?",
+            ));
+        }
+        Ok(out)
+    }
+
+    /// The step counter of the parameters (all equal in a record of one run), or `None` if the
+    /// record has none.
+    pub fn num_updates(&self) -> Option<u64> {
+        self.counters.values().copied().max()
+    }
+
+    /// How many parameters have a shadow of EMA 0.
+    pub fn len(&self) -> usize {
+        self.shadows.keys().filter(|(_, k)| *k == 0).count()
+    }
+
+    /// True when no parameter has a shadow.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// EMA `k`'s shadow of the parameter with this id.
+    pub fn shadow(&self, param_id: u64, k: usize) -> Option<(&[usize], &[f32])> {
+        self.shadows
+            .get(&(param_id, k))
+            .map(|(s, v)| (s.as_slice(), v.as_slice()))
+    }
+
+    /// Checks that this record belongs to `module`: a shadow of EMA `k` for every float
+    /// parameter, of the parameter's shape, and none for parameters the module does not have.
+    /// Errors name the module path. Run it on a record before resuming from it: burn's
+    /// `load_record` drops what does not fit silently (and the EMA of such a parameter would
+    /// restart).
+    pub fn check<M: Module>(&self, module: &M, k: usize) -> Result<()> {
+        let mut v = Collect {
+            path: PathStack::default(),
+            found: Vec::new(),
+        };
+        module.visit(&mut v);
+        let mut seen = std::collections::HashSet::new();
+        for (path, id, shape) in &v.found {
+            match self.shadows.get(&(*id, k)) {
+                None => return Err(burn_error(path, format!("no shadow of EMA {k} in the record (parameter id {id}): a record of another model?"))),
+                Some((s, _)) if s != shape => {
+                    return Err(burn_error(path, format!("the record's shadow has shape {s:?}, the parameter {shape:?}")))
+                }
+                Some(_) => {}
+            }
+            seen.insert(*id);
+        }
+        if let Some(((id, _), _)) = self
+            .shadows
+            .iter()
+            .find(|((id, kk), _)| *kk == k && !seen.contains(id))
+        {
+            let path = self
+                .paths
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| format!("parameter id {id}"));
+            return Err(burn_error(
+                &path,
+                "has a shadow in the record but is not in the module: a record of another model?",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `module` with every float parameter replaced by EMA `k`'s shadow (same ids, so the
+    /// module still lines up with optimizer records), for evaluation or export. Checked with
+    /// [`check`](Self::check) first.
+    pub fn ema_module<M: Module>(&self, module: M, k: usize) -> Result<M> {
+        self.check(&module, k)?;
+        let mut m = Replace { weights: self, k };
+        Ok(module.map(&mut m))
+    }
+
+    /// Writes EMA `k`'s shadows to a safetensors file under `module`'s paths
+    /// (`layers.0.weight`), atomically and checksummed: burn-store's `SafetensorsStore` loads
+    /// it straight into the model, and PyTorch's `load_file` reads it.
+    pub fn export_safetensors<M: Module>(
+        &self,
+        module: &M,
+        k: usize,
+        path: impl AsRef<Path>,
+    ) -> Result<()> {
+        self.check(module, k)?;
+        let mut v = Collect {
+            path: PathStack::default(),
+            found: Vec::new(),
+        };
+        module.visit(&mut v);
+        let entries = v
+            .found
+            .into_iter()
+            .map(|(name, id, shape)| {
+                let values = &self.shadows[&(id, k)].1;
+                Entry::from_slice(name, &shape, values)
+            })
+            .collect();
+        let meta = HashMap::from([
+            (META_KIND.to_string(), "ema_export".to_string()),
+            (
+                META_NUM_UPDATES.to_string(),
+                self.num_updates().unwrap_or(0).to_string(),
+            ),
+            (
+                META_VERSION.to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            ),
+        ]);
+        write_safetensors(path.as_ref(), entries, &meta).map(|_| ())
+    }
+}
+
+/// Every float parameter's module path, id and shape.
+struct Collect {
+    path: PathStack,
+    found: Vec<(String, u64, Vec<usize>)>,
+}
+
+impl ModuleVisitor for Collect {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.found.push((
+            self.path.name(),
+            param.id.val(),
+            param.shape().dims::<D>().to_vec(),
+        ));
+    }
+}
+
+struct Replace<'a> {
+    weights: &'a EmaWeights,
+    k: usize,
+}
+
+impl ModuleMapper for Replace<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some((shape, values)) = self.weights.shadows.get(&(param.id.val(), self.k)) else {
+            // `check` ran first: every parameter has one.
+            return param;
+        };
+        let (shape, values) = (shape.clone(), values.clone());
+        param.map(move |tensor| {
+            let dtype = tensor.dtype();
+            let t = Tensor::<D>::from_data(TensorData::new(values, shape), &tensor.device());
+            if dtype == DType::F32 {
+                t
+            } else {
+                t.cast(dtype)
+            }
+        })
+    }
+}
