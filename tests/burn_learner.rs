@@ -1,0 +1,266 @@
+//! `EmaOptim` under burn's `Learner` (feature `burn-learner`): shadows against the f64
+//! reference, a checkpoint resume bit for bit, records of another model refused, the export
+//! loaded by burn-store, and two devices.
+
+mod common;
+
+#[path = "../examples/burn_learner/model.rs"]
+#[allow(dead_code)]
+mod model;
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, MultiGradientsParams};
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::{Device, DeviceKind, Tensor};
+use burn::train::TrainStep;
+use common::assert_close;
+use model::{samples, train, ItemBatcher, Mlp};
+use wgpu_ema::burn::{EmaOptim, EmaWeights};
+use wgpu_ema::checkpoint::Checkpoint;
+use wgpu_ema::cpu::ReferenceEma;
+use wgpu_ema::schedule::Policy;
+use wgpu_ema::{Error, Numerics, Schedule};
+
+/// The tests share burn's default device and its random generator (`Device::seed` before a
+/// model is initialized): one at a time, so that a seeded initialization is the same in every
+/// run.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// burn's wgpu device, or `None` (skipped) without an adapter, as `tests/burn.rs` does.
+fn device() -> Option<Device> {
+    match Device::wgpu_options().init() {
+        Ok(d) => Some(d),
+        Err(e) => {
+            if std::env::var("WGPU_EMA_REQUIRE_ADAPTER").as_deref() == Ok("1")
+                && !e.to_string().contains("already")
+            {
+                panic!("WGPU_EMA_REQUIRE_ADAPTER=1 but burn found no wgpu adapter ({e})");
+            }
+            // Already initialized by another test of this process: use it.
+            e.to_string().contains("already").then(Device::default)
+        }
+    }
+}
+
+/// (values, id) of every float parameter, in visiting order.
+struct Values(Vec<(Vec<f32>, u64)>);
+impl ModuleVisitor for Values {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let v = param.val().into_data().try_to_vec::<f32>().expect("f32");
+        self.0.push((v, param.id.val()));
+    }
+}
+fn values<M: Module>(m: &M) -> Vec<(Vec<f32>, u64)> {
+    let mut v = Values(Vec::new());
+    m.visit(&mut v);
+    v.0
+}
+
+fn grads(m: &Mlp, seed: u64, device: &Device) -> GradientsParams {
+    use burn::data::dataloader::batcher::Batcher;
+    TrainStep::step(m, ItemBatcher.batch(samples(seed, 16), device)).grads
+}
+
+#[test]
+fn shadows_match_the_f64_reference() {
+    let _one = lock();
+    let Some(device) = device() else { return };
+    let device = device.autodiff();
+    let schedules = [Schedule::tf(0.9), Schedule::power_sigma_rel(0.15).unwrap()];
+    let policy = Policy {
+        update_after_step: 2,
+        update_every: 2,
+    };
+    let mut net = Mlp::new(&device);
+    let mut optim: ModuleOptimizer = EmaOptim::new(AdamConfig::new().build(), schedules[0])
+        .unwrap()
+        .extra_ema(schedules[1])
+        .unwrap()
+        .policy(policy)
+        .unwrap()
+        .into();
+    let start = values(&net);
+    let slices: Vec<&[f32]> = start.iter().map(|(v, _)| v.as_slice()).collect();
+    let mut refs: Vec<ReferenceEma> = schedules
+        .iter()
+        .map(|s| {
+            let mut r = ReferenceEma::new(*s, Numerics::Exact, &slices).unwrap();
+            r.set_policy(policy).unwrap();
+            r
+        })
+        .collect();
+    for step in 0..9 {
+        let g = grads(&net, step, &device);
+        net = optim.step(1e-2, net, g);
+        let now = values(&net);
+        let slices: Vec<&[f32]> = now.iter().map(|(v, _)| v.as_slice()).collect();
+        for r in &mut refs {
+            r.update(&slices).unwrap();
+        }
+    }
+    let w = EmaWeights::from_record(optim.to_record()).unwrap();
+    assert_eq!(w.num_updates(), Some(9));
+    assert_eq!(w.len(), 4);
+    for (k, r) in refs.iter().enumerate() {
+        for (i, (_, id)) in start.iter().enumerate() {
+            let (_, got) = w.shadow(*id, k).unwrap();
+            assert_close(
+                &format!("EMA {k} tensor {i}"),
+                got,
+                &r.shadows()[i],
+                16.0 * f32::EPSILON as f64,
+            );
+        }
+    }
+}
+
+#[test]
+fn learner_resume_restores_the_ema_bit_for_bit_and_burn_store_loads_the_export() {
+    let _one = lock();
+    let Some(device) = device() else { return };
+    let (tr, va) = (samples(1, 256), samples(2, 64));
+    let whole = tempfile::tempdir().unwrap();
+    let a = train(whole.path(), &device, 3, None, tr.clone(), va.clone()).unwrap();
+    let parts = tempfile::tempdir().unwrap();
+    train(parts.path(), &device, 1, None, tr.clone(), va.clone()).unwrap();
+    let b = train(parts.path(), &device, 3, Some(1), tr.clone(), va.clone()).unwrap();
+    let wa = EmaWeights::load(whole.path().join("checkpoint/optim-3.bpk")).unwrap();
+    let wb = EmaWeights::load(parts.path().join("checkpoint/optim-3.bpk")).unwrap();
+    assert_eq!(wa.num_updates(), Some(24));
+    assert_eq!(wb.num_updates(), Some(24));
+    // burn's own resume is exact for the raw weights; the EMA must be too.
+    for ((x, _), (y, _)) in values(&a.model).iter().zip(&values(&b.model)) {
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "raw weights differ after resume"
+        );
+    }
+    for k in 0..2 {
+        let (pa, pb) = (
+            whole.path().join(format!("ema{k}.safetensors")),
+            parts.path().join(format!("ema{k}.safetensors")),
+        );
+        wa.export_safetensors(&a.model, k, &pa).unwrap();
+        wb.export_safetensors(&b.model, k, &pb).unwrap();
+        let (ca, cb) = (
+            Checkpoint::load(&pa).unwrap(),
+            Checkpoint::load(&pb).unwrap(),
+        );
+        let names: Vec<&str> = ca.names().collect();
+        assert_eq!(
+            names,
+            ["hidden.bias", "hidden.weight", "out.bias", "out.weight"]
+        );
+        for n in names {
+            let (x, y) = (ca.get(n).unwrap().1, cb.get(n).unwrap().1);
+            assert!(
+                x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "EMA {k} `{n}` differs after resume"
+            );
+        }
+    }
+    // The EMA is not the raw weights, and burn-store loads the export into a fresh model.
+    let ema = wa.ema_module(a.model.clone(), 0).unwrap();
+    assert_ne!(values(&ema)[0].0, values(&a.model)[0].0);
+    let mut fresh = Mlp::new(&device);
+    let result = fresh
+        .load_from(&mut SafetensorsStore::from_file(
+            whole.path().join("ema0.safetensors"),
+        ))
+        .unwrap();
+    assert_eq!(result.applied.len(), 4);
+    for ((x, _), (y, _)) in values(&fresh).iter().zip(values(&ema).iter()) {
+        assert_eq!(x, y);
+    }
+}
+
+#[test]
+fn records_of_another_model_are_refused() {
+    let _one = lock();
+    let Some(device) = device() else { return };
+    let device = device.autodiff();
+    let net = Mlp::new(&device);
+    let mut optim: ModuleOptimizer = EmaOptim::new(AdamConfig::new().build(), Schedule::tf(0.9))
+        .unwrap()
+        .into();
+    let net = optim.step(1e-2, net.clone(), grads(&net, 1, &device));
+    let w = EmaWeights::from_record(optim.to_record()).unwrap();
+    w.check(&net, 0).unwrap();
+    let err = |e: Error| match e {
+        Error::Burn { name, message } => format!("{name}: {message}"),
+        other => panic!("unexpected {other:?}"),
+    };
+    // Another model (fresh ids, other shapes): names the first parameter.
+    let other = Mlp::new(&device);
+    let e = err(w.check(&other, 0).unwrap_err());
+    assert!(e.starts_with("hidden.weight"), "{e}");
+    // EMA 1 was not kept.
+    assert!(err(w.ema_module(net.clone(), 1).unwrap_err()).contains("EMA 1"));
+    // A record of the plain optimizer holds no shadows.
+    let mut plain: ModuleOptimizer = AdamConfig::new().build().into();
+    let _ = plain.step(1e-2, net.clone(), grads(&net, 1, &device));
+    assert!(err(EmaWeights::from_record(plain.to_record()).unwrap_err()).contains("EmaOptim"));
+    // A file that is not a record.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("x.bpk"), b"not a record").unwrap();
+    assert!(matches!(
+        EmaWeights::load(dir.path().join("x.bpk")),
+        Err(Error::Checkpoint { .. })
+    ));
+}
+
+#[test]
+fn two_devices_with_gradients_from_both() {
+    let _one = lock();
+    let Some(d0) = device() else { return };
+    // A second logical device on the same adapter (burn keys runtimes by device kind).
+    let d1 = Device::wgpu(DeviceKind::Cpu);
+    let (d0, d1) = (d0.autodiff(), d1.autodiff());
+    let schedule = Schedule::tf(0.8);
+    let mut net = Mlp::new(&d0);
+    let mut optim: ModuleOptimizer = EmaOptim::new(AdamConfig::new().build(), schedule)
+        .unwrap()
+        .into();
+    let start = values(&net);
+    let slices: Vec<&[f32]> = start.iter().map(|(v, _)| v.as_slice()).collect();
+    let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &slices).unwrap();
+    for step in 0..5 {
+        // As burn-train's multi-device strategy does: a replica forked to each device, the
+        // optimizer (here sharded: each parameter's state on the device its gradients are
+        // accumulated on) stepping the main model.
+        let g0 = grads(&net.clone().fork(&d0), 10 + step, &d0);
+        let g1 = grads(&net.clone().fork(&d1), 20 + step, &d1);
+        let multi = MultiGradientsParams {
+            grads: vec![(g0, d0.clone()), (g1, d1.clone())],
+        };
+        net = optim.step_multi(1e-2, net, multi);
+        let now = values(&net);
+        let slices: Vec<&[f32]> = now.iter().map(|(v, _)| v.as_slice()).collect();
+        reference.update(&slices).unwrap();
+    }
+    // Parameters (and their EMA state) were spread over both devices.
+    struct Devices(std::collections::HashSet<String>);
+    impl ModuleVisitor for Devices {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.insert(format!("{:?}", param.val().device()));
+        }
+    }
+    let mut devices = Devices(Default::default());
+    net.visit(&mut devices);
+    eprintln!("parameters on {:?}", devices.0);
+    let w = EmaWeights::from_record(optim.to_record()).unwrap();
+    assert_eq!(w.num_updates(), Some(5));
+    for (i, (_, id)) in start.iter().enumerate() {
+        let (_, got) = w.shadow(*id, 0).unwrap();
+        assert_close(
+            &format!("tensor {i}"),
+            got,
+            &reference.shadows()[i],
+            16.0 * f32::EPSILON as f64,
+        );
+    }
+}
