@@ -77,7 +77,11 @@ fn main() -> Result<(), Error> {
         ));
         last = Some((model, weights));
     }
-    println!("\nvalidation MSE per epoch (Adam lr 2e-3, batch 32, 32 steps per epoch):");
+    println!(
+        "\nvalidation MSE per epoch (Adam lr {}, batch {}, 32 steps per epoch):",
+        model::LR,
+        model::BATCH
+    );
     println!("epoch  steps  raw weights  EMA tf(0.99)  EMA sigma_rel 0.10");
     for (e, n, raw, ema, p) in &rows {
         println!("{e:>5} {n:>6} {raw:>12.5} {ema:>13.5} {p:>19.5}");

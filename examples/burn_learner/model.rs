@@ -24,6 +24,7 @@ use wgpu_ema::Schedule;
 pub const FEATURES: usize = 8;
 pub const HIDDEN: usize = 32;
 pub const BATCH: usize = 32;
+pub const LR: f64 = 1e-2;
 
 #[derive(Module, Debug)]
 pub struct Mlp {
@@ -149,7 +150,7 @@ pub fn train(
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
     }
-    Ok(training.launch(Learner::new(model, optimizer()?, 2e-3)))
+    Ok(training.launch(Learner::new(model, optimizer()?, LR)))
 }
 
 /// Mean squared error of `model` on `items`.
