@@ -259,6 +259,18 @@ fn bad_inputs_are_clear_errors() {
         rec.snapshot(&tf).map(|_| ()),
         "a TF schedule among the EMAs",
     );
+    // A refused snapshot takes no number and no step.
+    let mut swapped = posthoc::builder(&posthoc::EDM2_SIGMA_RELS)
+        .unwrap()
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    swapped.update().unwrap();
+    swapped.swap().unwrap();
+    assert!(matches!(rec.snapshot(&swapped), Err(Error::Swapped)));
+    assert_eq!(rec.next_index(), 0);
+    swapped.swap().unwrap();
+    drop(swapped);
     posthoc_err(SnapshotSet::open(dir.path()).map(|_| ()), "empty directory");
 
     // A good set of 4 snapshots (steps 10..40).

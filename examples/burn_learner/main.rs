@@ -37,7 +37,7 @@ fn main() -> Result<(), Error> {
     if args.iter().any(|a| a == "--bench") {
         return bench(&device);
     }
-    let epochs: usize = opt("--epochs").map_or(Ok(6), |v| v.parse())?;
+    let epochs: usize = opt("--epochs").map_or(Ok(8), |v| v.parse())?;
     let dir = PathBuf::from(opt("--out").unwrap_or_else(|| "target/burn-learner".into()));
     let _ = std::fs::remove_dir_all(&dir);
     let (train_items, valid_items) = (samples(1, 1024), samples(2, 256));

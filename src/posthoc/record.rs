@@ -201,10 +201,11 @@ impl Recorder {
             .filter_map(|k| ema.ema_schedule(k))
             .collect();
         profiles_of(&schedules)?;
-        let (index, path) = self.claim(ema.num_updates())?;
         // Waits for the previous write first: at most one snapshot copy being written.
         self.finish()?;
+        self.check_step(ema.num_updates())?;
         let snapshot = ema.snapshot(false)?;
+        let (index, path) = self.claim(ema.num_updates());
         let dtype = self.dtype;
         #[cfg(not(target_arch = "wasm32"))]
         {
@@ -221,14 +222,20 @@ impl Recorder {
     /// from a checkpoint, ...) now, on this thread; returns its path.
     pub fn write(&mut self, state: &dyn EmaState) -> Result<PathBuf> {
         self.finish()?;
-        let (index, path) = self.claim(state.num_updates())?;
+        self.check_step(state.num_updates())?;
+        let (index, path) = (
+            self.next_index,
+            self.dir
+                .join(file_name(self.next_index, state.num_updates())),
+        );
         write_snapshot(&path, state, index, self.dtype)?;
+        self.claim(state.num_updates());
         Ok(path)
     }
 
-    /// The next number and the file for a snapshot at step `t`, refusing a step at or before
-    /// one already recorded (a second timeline: [`resume`](Self::resume) first).
-    fn claim(&mut self, t: u64) -> Result<(u64, PathBuf)> {
+    /// Refuses a snapshot at a step at or before one already recorded (a second timeline:
+    /// [`resume`](Self::resume) first).
+    fn check_step(&self, t: u64) -> Result<()> {
         if let Some(last) = self.last_t.filter(|&l| l >= t) {
             return Err(Error::PostHoc(format!(
                 "a snapshot at step {t}, but {} already holds one at step {last}: after \
@@ -237,10 +244,16 @@ impl Recorder {
                 self.dir.display()
             )));
         }
+        Ok(())
+    }
+
+    /// Takes the next number for a snapshot at step `t` (checked), and its file. A background
+    /// write that fails later leaves its number unused; numbers only need to grow.
+    fn claim(&mut self, t: u64) -> (u64, PathBuf) {
         let index = self.next_index;
         self.next_index += 1;
         self.last_t = Some(t);
-        Ok((index, self.dir.join(file_name(index, t))))
+        (index, self.dir.join(file_name(index, t)))
     }
 
     /// Waits for the snapshot being written, if any, and returns its error.

@@ -200,7 +200,16 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
             }
         }
     }
-    debug_assert_eq!(seen, params.len() * profiles.len());
+    if seen != params.len() * profiles.len() {
+        return Err(bad(
+            path,
+            format!(
+                "{seen} tensors for {} parameters x {} profiles: ambiguous profile suffixes",
+                params.len(),
+                profiles.len()
+            ),
+        ));
+    }
     let info = SnapshotInfo {
         path: path.to_path_buf(),
         index,
@@ -328,6 +337,10 @@ impl SnapshotSet {
                 continue;
             }
             for (k, p) in s.profiles.iter().enumerate() {
+                // The same profile recorded twice (two EMAs of one schedule) is one term.
+                if s.profiles[..k].iter().any(|q| q.gamma == p.gamma) {
+                    continue;
+                }
                 terms.push(Term {
                     snapshot: i,
                     profile: k,
