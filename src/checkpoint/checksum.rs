@@ -71,6 +71,58 @@ pub(crate) fn required(meta: &HashMap<String, String>) -> bool {
     }
 }
 
+/// Checks the metadata of a file of `tensors` tensors at `path`: `None` for a file without
+/// checksums from another writer, the tensors' checksums (in name order) when the metadata's
+/// own checksum matches, an error for damage (missing where required, malformed, mismatched,
+/// or a count that is not the tensors').
+pub(crate) fn verify_metadata(
+    path: &std::path::Path,
+    meta: &HashMap<String, String>,
+    tensors: usize,
+) -> crate::error::Result<Option<Vec<u32>>> {
+    use super::errors::bad;
+    let Some(v) = meta.get(META_CHECKSUMS) else {
+        if required(meta) {
+            return Err(bad(
+                path,
+                "written by wgpu-ema 0.2 or later but without checksums: the file was changed or damaged",
+            ));
+        }
+        return Ok(None);
+    };
+    let (meta_crc, crcs) =
+        parse(v).ok_or_else(|| bad(path, "malformed checksums in the metadata"))?;
+    if metadata_crc(meta) != meta_crc {
+        return Err(bad(
+            path,
+            "metadata checksum mismatch: the file was changed or damaged",
+        ));
+    }
+    if crcs.len() != tensors {
+        return Err(bad(
+            path,
+            format!(
+                "{} checksums for {tensors} tensors: the file was changed or damaged",
+                crcs.len()
+            ),
+        ));
+    }
+    Ok(Some(crcs))
+}
+
+/// The error for tensor `name` whose bytes do not match the checksum written.
+pub(crate) fn mismatch(
+    path: &std::path::Path,
+    name: &str,
+    got: u32,
+    want: u32,
+) -> crate::error::Error {
+    super::errors::bad(
+        path,
+        format!("tensor `{name}`: checksum mismatch (crc32c {got:08x}, written {want:08x}): the file was changed or damaged"),
+    )
+}
+
 /// Exactly 8 lowercase hex digits, as written (anything else is a damaged value).
 fn hex8(s: &str) -> Option<u32> {
     let ok = s.len() == 8

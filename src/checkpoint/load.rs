@@ -160,33 +160,9 @@ impl Checkpoint {
             tensors.insert(name.to_string(), (view.shape().to_vec(), values));
         }
         let metadata = meta.metadata().clone().unwrap_or_default();
-        let verified = match metadata.get(checksum::META_CHECKSUMS) {
-            None if checksum::required(&metadata) => {
-                return Err(bad(
-                    path,
-                    "written by wgpu-ema 0.2 or later but without checksums: the file was changed or damaged",
-                ))
-            }
+        let verified = match checksum::verify_metadata(path, &metadata, tensors.len())? {
             None => false,
-            Some(v) => {
-                let (meta_crc, crcs) = checksum::parse(v)
-                    .ok_or_else(|| bad(path, "malformed checksums in the metadata"))?;
-                if checksum::metadata_crc(&metadata) != meta_crc {
-                    return Err(bad(
-                        path,
-                        "metadata checksum mismatch: the file was changed or damaged",
-                    ));
-                }
-                if crcs.len() != tensors.len() {
-                    return Err(bad(
-                        path,
-                        format!(
-                            "{} checksums for {} tensors: the file was changed or damaged",
-                            crcs.len(),
-                            tensors.len()
-                        ),
-                    ));
-                }
+            Some(crcs) => {
                 // Our writer stores tensors in name order, and so lists their checksums.
                 for ((name, (shape, _)), want) in tensors.iter().zip(crcs) {
                     let view = st
@@ -195,10 +171,7 @@ impl Checkpoint {
                     let got =
                         crc32c::crc32c_append(checksum::tensor_start(name, shape), view.data());
                     if got != want {
-                        return Err(bad(
-                            path,
-                            format!("tensor `{name}`: checksum mismatch (crc32c {got:08x}, written {want:08x}): the file was changed or damaged"),
-                        ));
+                        return Err(checksum::mismatch(path, name, got, want));
                     }
                 }
                 true

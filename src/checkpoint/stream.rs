@@ -103,30 +103,12 @@ impl TensorFile {
             })
             .collect();
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        let verified = match metadata.get(checksum::META_CHECKSUMS) {
-            None if checksum::required(&metadata) => {
-                return Err(bad(
-                    path,
-                    "written by wgpu-ema 0.2 or later but without checksums: the file was changed or damaged",
-                ))
-            }
-            None => false,
-            Some(v) => {
-                let (meta_crc, crcs) = checksum::parse(v)
-                    .ok_or_else(|| bad(path, "malformed checksums in the metadata"))?;
-                if checksum::metadata_crc(&metadata) != meta_crc || crcs.len() != tensors.len() {
-                    return Err(bad(
-                        path,
-                        "metadata checksum mismatch: the file was changed or damaged",
-                    ));
-                }
-                // Our writer lists the checksums in name order.
-                for (t, crc) in tensors.iter_mut().zip(crcs) {
-                    t.crc = Some(crc);
-                }
-                true
-            }
-        };
+        let crcs = checksum::verify_metadata(path, &metadata, tensors.len())?;
+        let verified = crcs.is_some();
+        // Our writer lists the checksums in name order.
+        for (t, crc) in tensors.iter_mut().zip(crcs.into_iter().flatten()) {
+            t.crc = Some(crc);
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -175,15 +157,7 @@ impl TensorFile {
         chunk: usize,
         mut f: impl FnMut(usize, &[f32]) -> Result<()>,
     ) -> Result<()> {
-        let t = self
-            .entry(name)
-            .ok_or_else(|| bad(&self.path, format!("tensor `{name}` is missing")))?;
-        let dtype = t.float.ok_or_else(|| {
-            bad(
-                &self.path,
-                format!("tensor `{name}` has dtype {}, not a float type", t.dtype),
-            )
-        })?;
+        let (t, dtype) = self.float_entry(name)?;
         let size = dtype.size() as usize;
         let chunk = chunk.max(1);
         let mut crc = checksum::tensor_start(&t.name, &t.shape);
@@ -199,15 +173,7 @@ impl TensorFile {
             f((done / size as u64) as usize, &values)?;
             done += n as u64;
         }
-        match t.crc {
-            Some(want) if want != crc => Err(bad(
-                &self.path,
-                format!(
-                    "tensor `{name}`: checksum mismatch (crc32c {crc:08x}, written {want:08x}): the file was changed or damaged"
-                ),
-            )),
-            _ => Ok(()),
-        }
+        self.verify(t, crc)
     }
 
     /// `acc += weight * tensor` for tensor `name` (f32, or f16/bf16 widened exactly), read in
@@ -221,15 +187,7 @@ impl TensorFile {
         acc: &mut [f32],
         chunk: usize,
     ) -> Result<()> {
-        let t = self
-            .entry(name)
-            .ok_or_else(|| bad(&self.path, format!("tensor `{name}` is missing")))?;
-        let dtype = t.float.ok_or_else(|| {
-            bad(
-                &self.path,
-                format!("tensor `{name}` has dtype {}, not a float type", t.dtype),
-            )
-        })?;
+        let (t, dtype) = self.float_entry(name)?;
         if acc.len() as u64 != t.numel() {
             return Err(bad(
                 &self.path,
@@ -273,13 +231,28 @@ impl TensorFile {
             let (part_crc, len) = r.map_err(io(&self.path))?;
             crc = crc32c::crc32c_combine(crc, part_crc, len);
         }
-        match t.crc {
-            Some(want) if want != crc => Err(bad(
+        self.verify(t, crc)
+    }
+
+    /// Tensor `name` and its element type, or an error naming it: missing, or not a float
+    /// type this crate reads.
+    fn float_entry(&self, name: &str) -> Result<(&TensorEntry, ParamDtype)> {
+        let t = self
+            .entry(name)
+            .ok_or_else(|| bad(&self.path, format!("tensor `{name}` is missing")))?;
+        let dtype = t.float.ok_or_else(|| {
+            bad(
                 &self.path,
-                format!(
-                    "tensor `{name}`: checksum mismatch (crc32c {crc:08x}, written {want:08x}): the file was changed or damaged"
-                ),
-            )),
+                format!("tensor `{name}` has dtype {}, not a float type", t.dtype),
+            )
+        })?;
+        Ok((t, dtype))
+    }
+
+    /// Checks the CRC32C of all of `t`'s bytes (name and shape first) against the one written.
+    fn verify(&self, t: &TensorEntry, crc: u32) -> Result<()> {
+        match t.crc {
+            Some(want) if want != crc => Err(checksum::mismatch(&self.path, &t.name, crc, want)),
             _ => Ok(()),
         }
     }
