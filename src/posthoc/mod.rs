@@ -36,11 +36,13 @@
 //! (f32, or f16/bf16 to halve the disk).
 
 mod record;
+mod set;
 mod solve;
 mod synth;
 
 pub use record::{builder, Recorder};
-pub use synth::{ProfileInfo, SnapshotInfo, SnapshotSet, Term, Weights};
+pub use set::{ProfileInfo, SnapshotInfo, SnapshotSet};
+pub use synth::{Term, Weights};
 
 use crate::error::{Error, Result};
 use crate::schedule::Schedule;

@@ -1,0 +1,297 @@
+//! A directory of post-hoc snapshots: each file's header read and the set checked for
+//! consistency before anything is synthesized from it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::record::parse_name;
+use super::solve::sigma_rel_of;
+use super::{META_PROFILES, META_T, SNAPSHOT_FORMAT};
+use crate::checkpoint::{TensorFile, META_KIND};
+use crate::error::{Error, Result};
+use crate::tensors::{ParamDtype, TensorSpec};
+
+/// One recorded profile of a snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileInfo {
+    /// What its tensors' names end with (`/ExponentialMovingAverage`, `..._1`, ...).
+    pub suffix: String,
+    /// The power function's exponent.
+    pub gamma: f64,
+    /// Its `sigma_rel`.
+    pub sigma_rel: f64,
+}
+
+/// One snapshot file, as its header describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotInfo {
+    /// The file.
+    pub path: PathBuf,
+    /// Its number.
+    pub index: u64,
+    /// The step it was taken at.
+    pub t: u64,
+    /// The profiles it holds.
+    pub profiles: Vec<ProfileInfo>,
+    /// How its tensors are stored.
+    pub dtype: ParamDtype,
+}
+
+/// The snapshots in a directory, read and checked for consistency (headers only).
+#[derive(Clone, Debug)]
+pub struct SnapshotSet {
+    pub(super) dir: PathBuf,
+    pub(super) snapshots: Vec<SnapshotInfo>,
+    /// Parameter name → shape, the same in every snapshot.
+    pub(super) params: BTreeMap<String, Vec<usize>>,
+}
+
+fn bad(path: &Path, message: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: message.into(),
+        source: None,
+    }
+}
+
+/// Reads one snapshot's header and checks it holds every profile of every parameter.
+fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, Vec<usize>>)> {
+    let file = TensorFile::open(path)?;
+    let meta = file.metadata();
+    if meta.get(META_KIND).map(String::as_str) != Some(SNAPSHOT_FORMAT) {
+        return Err(bad(
+            path,
+            format!(
+                "not a post-hoc snapshot (no `{META_KIND}: {SNAPSHOT_FORMAT}` in its metadata)"
+            ),
+        ));
+    }
+    let t: u64 = meta
+        .get(META_T)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("metadata `{META_T}` is missing or not a step"),
+            )
+        })?;
+    let list: Vec<serde_json::Value> = meta
+        .get(META_PROFILES)
+        .and_then(|v| serde_json::from_str(v).ok())
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("metadata `{META_PROFILES}` is missing or not a JSON list"),
+            )
+        })?;
+    let mut profiles = Vec::new();
+    for p in &list {
+        let suffix = p.get("suffix").and_then(|v| v.as_str());
+        let gamma = p.get("gamma").and_then(|v| v.as_f64());
+        let (Some(suffix), Some(gamma)) = (suffix, gamma) else {
+            return Err(bad(path, format!("profile {p} lacks `suffix` or `gamma`")));
+        };
+        if !(gamma.is_finite() && gamma > 0.0) || suffix.is_empty() {
+            return Err(bad(
+                path,
+                format!("profile {p}: gamma must be a positive number and the suffix non-empty"),
+            ));
+        }
+        profiles.push(ProfileInfo {
+            suffix: suffix.to_string(),
+            gamma,
+            sigma_rel: sigma_rel_of(gamma),
+        });
+    }
+    if profiles.is_empty() {
+        return Err(bad(path, "the snapshot lists no profiles"));
+    }
+    let mut dtype = None;
+    let mut params: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let mut seen = 0;
+    for t in file.tensors() {
+        let Some(d) = t.float else {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{}` has dtype {}, not a float type",
+                    t.name, t.dtype
+                ),
+            ));
+        };
+        if *dtype.get_or_insert(d) != d {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{}` is {} but others are {:?}: one dtype per snapshot",
+                    t.name, t.dtype, dtype
+                ),
+            ));
+        }
+        // The longest suffix that matches: `_1` profiles also end in the plain suffix's prefix.
+        let Some((name, _)) = profiles
+            .iter()
+            .filter_map(|p| t.name.strip_suffix(&p.suffix).map(|n| (n, p.suffix.len())))
+            .max_by_key(|&(_, len)| len)
+        else {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor `{}` belongs to none of the snapshot's profiles",
+                    t.name
+                ),
+            ));
+        };
+        match params.get(name) {
+            Some(shape) if *shape != t.shape => {
+                return Err(bad(
+                    path,
+                    format!(
+                        "tensor `{}` has shape {:?}, the other profiles of `{name}` {:?}",
+                        t.name, t.shape, shape
+                    ),
+                ));
+            }
+            Some(_) => {}
+            None => {
+                params.insert(name.to_string(), t.shape.clone());
+            }
+        }
+        seen += 1;
+    }
+    for name in params.keys() {
+        for p in &profiles {
+            if file.entry(&format!("{name}{}", p.suffix)).is_none() {
+                return Err(bad(
+                    path,
+                    format!(
+                        "`{name}{}` is missing (profile sigma_rel {:.4} of `{name}`)",
+                        p.suffix, p.sigma_rel
+                    ),
+                ));
+            }
+        }
+    }
+    if seen != params.len() * profiles.len() {
+        return Err(bad(
+            path,
+            format!(
+                "{seen} tensors for {} parameters x {} profiles: ambiguous profile suffixes",
+                params.len(),
+                profiles.len()
+            ),
+        ));
+    }
+    let info = SnapshotInfo {
+        path: path.to_path_buf(),
+        index,
+        t,
+        profiles,
+        dtype: dtype.unwrap_or_default(),
+    };
+    Ok((info, params))
+}
+
+impl SnapshotSet {
+    /// Reads the headers of every snapshot in `dir` (`phema-*.safetensors`; `stale/` is not
+    /// looked into) and checks that they fit together: the same parameters with the same
+    /// shapes and one dtype in all, every profile of every parameter present, no two
+    /// snapshots of the same step.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let list = std::fs::read_dir(&dir).map_err(|source| Error::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let mut found = Vec::new();
+        for e in list.flatten() {
+            if let Some((index, _)) = parse_name(&e.file_name().to_string_lossy()) {
+                found.push((index, e.path()));
+            }
+        }
+        if found.is_empty() {
+            return Err(Error::PostHoc(format!(
+                "no snapshots (phema-*.safetensors) in {}",
+                dir.display()
+            )));
+        }
+        found.sort();
+        let mut snapshots: Vec<SnapshotInfo> = Vec::new();
+        let mut params: Option<BTreeMap<String, Vec<usize>>> = None;
+        for (index, path) in found {
+            let (info, p) = describe(&path, index)?;
+            match &params {
+                None => params = Some(p),
+                Some(first) if *first != p => {
+                    let first_path = &snapshots[0].path;
+                    let why = first
+                        .iter()
+                        .find(|(n, s)| p.get(*n) != Some(s))
+                        .map(|(n, s)| match p.get(n) {
+                            None => format!("`{n}` is missing"),
+                            Some(other) => format!("`{n}` has shape {other:?}, not {s:?}"),
+                        })
+                        .or_else(|| {
+                            p.keys()
+                                .find(|n| !first.contains_key(*n))
+                                .map(|n| format!("`{n}` is extra"))
+                        })
+                        .unwrap_or_default();
+                    return Err(bad(
+                        &path,
+                        format!("does not match {}: {why}", first_path.display()),
+                    ));
+                }
+                Some(_) => {}
+            }
+            if let Some(first) = snapshots.first() {
+                if first.dtype != info.dtype {
+                    return Err(bad(
+                        &path,
+                        format!(
+                            "stored as {:?}, {} as {:?}: one dtype for all snapshots",
+                            info.dtype,
+                            first.path.display(),
+                            first.dtype
+                        ),
+                    ));
+                }
+            }
+            if let Some(other) = snapshots.iter().find(|s| s.t == info.t) {
+                return Err(bad(
+                    &path,
+                    format!(
+                        "a second snapshot of step {} (also {}): two runs in one directory?",
+                        info.t,
+                        other.path.display()
+                    ),
+                ));
+            }
+            snapshots.push(info);
+        }
+        snapshots.sort_by_key(|s| s.t);
+        Ok(Self {
+            dir,
+            snapshots,
+            params: params.unwrap_or_default(),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The snapshots, by step.
+    pub fn snapshots(&self) -> &[SnapshotInfo] {
+        &self.snapshots
+    }
+
+    /// The parameters every snapshot holds, by name.
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        self.params
+            .iter()
+            .map(|(n, s)| TensorSpec::new(n.clone(), s))
+            .collect()
+    }
+}
