@@ -24,6 +24,7 @@ const BATCH: usize = 64;
 const STEPS: usize = 300;
 
 #[path = "../benches/models.rs"]
+#[allow(dead_code)]
 mod models;
 
 /// A module with ResNet-50's 161 parameter tensors (flattened): the EMA's cost on a real
