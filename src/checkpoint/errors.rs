@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::error::Error;
 
 /// A checkpoint error naming the file.
-pub(super) fn bad(path: &Path, message: impl Into<String>) -> Error {
+pub(crate) fn bad(path: &Path, message: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_path_buf(),
         message: message.into(),

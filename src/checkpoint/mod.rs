@@ -17,7 +17,7 @@
 
 mod access;
 mod checksum;
-mod errors;
+pub(crate) mod errors;
 mod load;
 mod stream;
 mod tf;

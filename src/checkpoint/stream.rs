@@ -147,35 +147,6 @@ impl TensorFile {
         self.verified
     }
 
-    /// Reads tensor `name` as f32 (widening f16 and bf16 exactly), `chunk` elements at a
-    /// time, calling `f(first_element, values)` for each piece in order. The checksum is
-    /// verified after the last piece: a mismatch is an error then, so a caller must not
-    /// commit what it built from the pieces before this returns `Ok`.
-    pub fn read_chunks(
-        &self,
-        name: &str,
-        chunk: usize,
-        mut f: impl FnMut(usize, &[f32]) -> Result<()>,
-    ) -> Result<()> {
-        let (t, dtype) = self.float_entry(name)?;
-        let size = dtype.size() as usize;
-        let chunk = chunk.max(1);
-        let mut crc = checksum::tensor_start(&t.name, &t.shape);
-        let mut bytes = vec![0u8; chunk.min((t.len as usize) / size.max(1)) * size];
-        let mut values = Vec::with_capacity(bytes.len() / size);
-        let mut done = 0u64;
-        while done < t.len {
-            let n = ((t.len - done) as usize).min(bytes.len());
-            read_at(&self.file, &mut bytes[..n], t.offset + done).map_err(io(&self.path))?;
-            crc = crc32c::crc32c_append(crc, &bytes[..n]);
-            values.clear();
-            widen(&bytes[..n], dtype, &mut values);
-            f((done / size as u64) as usize, &values)?;
-            done += n as u64;
-        }
-        self.verify(t, crc)
-    }
-
     /// `acc += weight * tensor` for tensor `name` (f32, or f16/bf16 widened exactly), read in
     /// pieces of `chunk` elements; a tensor of a million elements or more is split across the
     /// cores, each reading and adding its own range. The checksum is verified at the end (the
@@ -257,14 +228,82 @@ impl TensorFile {
         }
     }
 
-    /// Tensor `name` as f32, whole (checksum verified).
+    /// Tensor `name` as f32, whole (f16 and bf16 widened exactly; checksum verified).
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
-        let mut out = Vec::new();
-        self.read_chunks(name, 1 << 20, |_, v| {
-            out.extend_from_slice(v);
-            Ok(())
-        })?;
+        let (t, dtype) = self.float_entry(name)?;
+        let mut out = vec![0.0f32; t.numel() as usize];
+        let mut pieces = Pieces::new(&self.file, dtype, CHUNK);
+        for (i, dst) in out.chunks_mut(CHUNK).enumerate() {
+            pieces
+                .read_into(t.offset + (i * CHUNK) as u64 * dtype.size(), dst)
+                .map_err(io(&self.path))?;
+        }
+        let crc = checksum::tensor_start(&t.name, &t.shape);
+        self.verify(t, crc32c::crc32c_combine(crc, pieces.crc, pieces.bytes))?;
         Ok(out)
+    }
+}
+
+/// Elements per positioned read where the caller does not choose.
+const CHUNK: usize = 1 << 20;
+
+/// Reads pieces of one tensor's data as f32, keeping the CRC32C (from 0) and the count of the
+/// bytes read. Its buffer is typed, so the bytes land aligned for their element type.
+struct Pieces<'a> {
+    file: &'a File,
+    dtype: ParamDtype,
+    halves: Vec<u16>,
+    crc: u32,
+    bytes: usize,
+}
+
+impl<'a> Pieces<'a> {
+    fn new(file: &'a File, dtype: ParamDtype, chunk: usize) -> Self {
+        let halves = if dtype == ParamDtype::F32 { 0 } else { chunk };
+        Self {
+            file,
+            dtype,
+            halves: vec![0; halves],
+            crc: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Fills `out` with the `out.len()` elements at byte `at` (at most `chunk` of them).
+    fn read_into(&mut self, at: u64, out: &mut [f32]) -> std::io::Result<()> {
+        let n = out.len();
+        if self.dtype == ParamDtype::F32 {
+            // f32 lands in place: no copy.
+            let raw: &mut [u8] = bytemuck::cast_slice_mut(out);
+            read_at(self.file, raw, at)?;
+            self.crc = crc32c::crc32c_append(self.crc, raw);
+            if cfg!(target_endian = "big") {
+                for v in out.iter_mut() {
+                    *v = f32::from_bits(v.to_bits().swap_bytes());
+                }
+            }
+        } else {
+            let buf = &mut self.halves[..n];
+            let raw: &mut [u8] = bytemuck::cast_slice_mut(buf);
+            read_at(self.file, raw, at)?;
+            self.crc = crc32c::crc32c_append(self.crc, raw);
+            if cfg!(target_endian = "big") {
+                for v in buf.iter_mut() {
+                    *v = v.swap_bytes();
+                }
+            }
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            match self.dtype {
+                ParamDtype::BF16 => buf
+                    .reinterpret_cast::<half::bf16>()
+                    .convert_to_f32_slice(out),
+                _ => buf
+                    .reinterpret_cast::<half::f16>()
+                    .convert_to_f32_slice(out),
+            }
+        }
+        self.bytes += n * self.dtype.size() as usize;
+        Ok(())
     }
 }
 
@@ -279,74 +318,16 @@ fn add_range(
     chunk: usize,
 ) -> std::io::Result<(u32, usize)> {
     let chunk = chunk.clamp(1, dst.len().max(1));
-    let mut crc = 0u32;
-    let mut bytes_read = 0usize;
-    // Typed buffers, so the bytes read are already aligned for their element type.
-    let mut words = vec![0f32; if dtype == ParamDtype::F32 { chunk } else { 0 }];
-    let mut halves = vec![0u16; if dtype == ParamDtype::F32 { 0 } else { chunk }];
-    let mut wide = vec![0f32; if dtype == ParamDtype::F32 { 0 } else { chunk }];
+    let mut pieces = Pieces::new(file, dtype, chunk);
+    let mut values = vec![0f32; chunk];
     for (i, out) in dst.chunks_mut(chunk).enumerate() {
-        let at = offset + (i * chunk) as u64 * dtype.size();
-        let n = out.len();
-        let values: &[f32] = if dtype == ParamDtype::F32 {
-            let buf = &mut words[..n];
-            let raw: &mut [u8] = bytemuck::cast_slice_mut(buf);
-            read_at(file, raw, at)?;
-            crc = crc32c::crc32c_append(crc, raw);
-            if cfg!(target_endian = "big") {
-                for v in buf.iter_mut() {
-                    *v = f32::from_bits(v.to_bits().swap_bytes());
-                }
-            }
-            &words[..n]
-        } else {
-            let buf = &mut halves[..n];
-            let raw: &mut [u8] = bytemuck::cast_slice_mut(buf);
-            read_at(file, raw, at)?;
-            crc = crc32c::crc32c_append(crc, raw);
-            if cfg!(target_endian = "big") {
-                for v in buf.iter_mut() {
-                    *v = v.swap_bytes();
-                }
-            }
-            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-            match dtype {
-                ParamDtype::BF16 => buf
-                    .reinterpret_cast::<half::bf16>()
-                    .convert_to_f32_slice(&mut wide[..n]),
-                _ => buf
-                    .reinterpret_cast::<half::f16>()
-                    .convert_to_f32_slice(&mut wide[..n]),
-            }
-            &wide[..n]
-        };
-        for (a, &v) in out.iter_mut().zip(values) {
+        let values = &mut values[..out.len()];
+        pieces.read_into(offset + (i * chunk) as u64 * dtype.size(), values)?;
+        for (a, &v) in out.iter_mut().zip(values.iter()) {
             *a += weight * v;
         }
-        bytes_read += n * dtype.size() as usize;
     }
-    Ok((crc, bytes_read))
-}
-
-/// Little-endian `bytes` of `dtype` appended to `out` as f32.
-fn widen(bytes: &[u8], dtype: ParamDtype, out: &mut Vec<f32>) {
-    match dtype {
-        ParamDtype::F32 => out.extend(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        ),
-        ParamDtype::F16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-        ParamDtype::BF16 => out.extend(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        ),
-    }
+    Ok((pieces.crc, pieces.bytes))
 }
 
 #[cfg(unix)]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use super::record::parse_name;
 use super::solve::sigma_rel_of;
 use super::{META_PROFILES, META_T, SNAPSHOT_FORMAT};
+use crate::checkpoint::errors::bad;
 use crate::checkpoint::{TensorFile, META_KIND};
 use crate::error::{Error, Result};
 use crate::tensors::{ParamDtype, TensorSpec};
@@ -44,14 +45,6 @@ pub struct SnapshotSet {
     pub(super) snapshots: Vec<SnapshotInfo>,
     /// Parameter name → shape, the same in every snapshot.
     pub(super) params: BTreeMap<String, Vec<usize>>,
-}
-
-fn bad(path: &Path, message: impl Into<String>) -> Error {
-    Error::Checkpoint {
-        path: path.to_path_buf(),
-        message: message.into(),
-        source: None,
-    }
 }
 
 /// Reads one snapshot's header and checks it holds every profile of every parameter.
