@@ -41,6 +41,10 @@ impl GpuContext {
     ///
     /// Requests the adapter's limits and, where present, `IMMEDIATES` (per-step values
     /// recorded in the pass), `SHADER_F16` and `TIMESTAMP_QUERY`.
+    ///
+    /// Blocks; not on the web, where [`new_async`](Self::new_async) opens the browser's
+    /// WebGPU adapter (which has no `IMMEDIATES`: steps take the uniform-ring path).
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new() -> Result<Self> {
         pollster::block_on(Self::new_async())
     }

@@ -41,6 +41,11 @@
 
 #![warn(missing_docs)]
 
+// burn's wgpu runtime, as this crate wires it, is native-only; on the web use the crate's own
+// types on burn's device directly.
+#[cfg(all(feature = "burn", target_arch = "wasm32"))]
+compile_error!("the `burn` feature is not available on wasm32; see README, \"The web\"");
+
 #[cfg(feature = "burn")]
 pub mod burn;
 pub mod checkpoint;

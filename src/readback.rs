@@ -15,6 +15,8 @@ pub(crate) struct Pending {
     staging: wgpu::Buffer,
     /// Bytes asked for (the staging buffer is at least 4).
     total: u64,
+    /// What [`wait`](Self::wait) polls for (the web waits on the browser instead).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     index: wgpu::SubmissionIndex,
     receiver: futures_intrusive::channel::shared::OneshotReceiver<
         std::result::Result<(), wgpu::BufferAsyncError>,
@@ -24,6 +26,7 @@ pub(crate) struct Pending {
 /// Runs `f`, which creates or submits GPU work, catching the errors the device reports for it
 /// (a lost or destroyed device, no memory) as [`Error::Device`] instead of wgpu's default
 /// handler, which panics.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<T> {
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -37,6 +40,15 @@ pub(crate) fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<
         Some(e) => Err(Error::Device(e.to_string())),
         None => Ok(out),
     }
+}
+
+/// On the web an error scope resolves only as a promise, and nothing may block on one. The
+/// scopes are not pushed at all (a popped-and-dropped scope would swallow the error): errors
+/// reach the device's uncaptured-error handler, which in a browser logs them to the console
+/// and which `Device::on_uncaptured_error` replaces.
+#[cfg(target_arch = "wasm32")]
+pub(crate) fn scoped<T>(_device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<T> {
+    Ok(f())
 }
 
 /// Records the copies into a fresh encoder, submits it and starts mapping. Steps recorded
@@ -83,7 +95,9 @@ fn start_unchecked(device: &wgpu::Device, queue: &wgpu::Queue, ranges: &[Range<'
 
 impl Pending {
     /// Waits for the copy (only for it: later submissions are not waited on) and returns the
-    /// elements of every range, in order.
+    /// elements of every range, in order. Not on the web, where nothing may block: there the
+    /// browser resolves [`finish`](Self::finish) by itself.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn wait(self, device: &wgpu::Device) -> Result<Vec<f32>> {
         device
             .poll(wgpu::PollType::Wait {
@@ -94,8 +108,8 @@ impl Pending {
         pollster::block_on(self.finish())
     }
 
-    /// Awaits the mapping; something must poll the device meanwhile (see
-    /// [`GpuEma::read_shadows`](crate::GpuEma::read_shadows)).
+    /// Awaits the mapping. On native targets something must poll the device meanwhile (see
+    /// [`GpuEma::read_shadows`](crate::GpuEma::read_shadows)); in a browser nothing need.
     pub async fn finish(self) -> Result<Vec<f32>> {
         match self.receiver.receive().await {
             Some(Ok(())) => {}

@@ -12,12 +12,29 @@ use super::write::META_GENERATION;
 
 use crate::error::{Error, Result};
 
-/// A tensor's values: borrowed from the memory-mapped file where they are aligned f32 on a
+/// A whole file's bytes: memory-mapped from disk, or handed in (a browser's file input).
+#[derive(Debug)]
+enum Bytes {
+    Map(memmap2::Mmap),
+    Heap(Vec<u8>),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Heap(v) => v,
+        }
+    }
+}
+
+/// A tensor's values: borrowed from the file's bytes where they are aligned f32 on a
 /// little-endian machine (always, for files we write), else copied.
 #[derive(Clone, Debug)]
 enum Values {
     Mapped {
-        map: Arc<memmap2::Mmap>,
+        map: Arc<Bytes>,
         start: usize,
         len: usize,
     },
@@ -122,8 +139,32 @@ impl Checkpoint {
         // SAFETY: the map is read-only and lives in an Arc as long as a tensor borrows from
         // it. Our writers replace files by rename, never in place; another program truncating
         // the file while it is mapped is outside what a memory-mapped reader can guard.
-        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         drop(file);
+        Self::parse(path, Arc::new(Bytes::Map(map)))
+    }
+
+    /// Reads a safetensors checkpoint from bytes in memory (what a browser's file input
+    /// gives), with every check [`load`](Self::load) makes of a file. [`path`](Self::path)
+    /// is then [`IN_MEMORY`](super::IN_MEMORY).
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+        let path = Path::new(super::IN_MEMORY);
+        let len = bytes.len() as u64;
+        let head: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!("not a valid safetensors file: {len} bytes, too short for a header"),
+                )
+            })?;
+        check_header_size(path, u64::from_le_bytes(head), len)?;
+        Self::parse(path, Arc::new(Bytes::Heap(bytes)))
+    }
+
+    /// Parses and validates a whole file whose header size is checked.
+    fn parse(path: &Path, map: Arc<Bytes>) -> Result<Self> {
         let bytes: &[u8] = &map;
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| bad_from(path, "not a valid safetensors file", e))?;

@@ -17,6 +17,7 @@
 
 mod access;
 mod checksum;
+mod encode;
 pub(crate) mod errors;
 mod load;
 mod stream;
@@ -30,10 +31,15 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use checksum::META_CHECKSUMS;
+pub use encode::{safetensors_bytes, Entry};
 pub use tf::{save_tf, GLOBAL_STEP, STATE_FILE};
 pub use write::{
-    write_safetensors, write_safetensors_as, write_sharded, Entry, INDEX_FILE, META_GENERATION,
+    write_safetensors, write_safetensors_as, write_sharded, INDEX_FILE, META_GENERATION,
 };
+
+/// What stands for the path of a checkpoint held in memory, in errors and in
+/// [`Checkpoint::path`].
+pub const IN_MEMORY: &str = "(in memory)";
 
 use crate::error::{Error, Result};
 use crate::schedule::{Numerics, Policy, Schedule};
@@ -306,9 +312,24 @@ pub fn save_training_sharded(
     )
 }
 
-/// Exports the shadows alone, under the plain parameter names, for inference.
-pub fn export_ema(path: impl AsRef<Path>, state: &dyn EmaState) -> Result<()> {
-    let entries = state
+/// [`save_training`] into bytes in memory (the same file, byte for byte): how a browser page,
+/// which has no filesystem, saves a checkpoint. Read a GPU snapshot back with
+/// [`Snapshot::into_host`](crate::Snapshot::into_host) first there.
+pub fn training_bytes(
+    state: &dyn EmaState,
+    params: Option<&HostTensors>,
+    extra: &HostTensors,
+) -> Result<Vec<u8>> {
+    let entries = training_entries(state, params, extra)?;
+    safetensors_bytes(
+        entries,
+        &metadata(state, "training"),
+        crate::ParamDtype::F32,
+    )
+}
+
+fn export_entries(state: &dyn EmaState) -> Vec<Entry<'_>> {
+    state
         .specs()
         .into_iter()
         .enumerate()
@@ -317,8 +338,22 @@ pub fn export_ema(path: impl AsRef<Path>, state: &dyn EmaState) -> Result<()> {
             shape: spec.shape,
             produce: Box::new(move || state.read_shadow(i)),
         })
-        .collect();
+        .collect()
+}
+
+/// Exports the shadows alone, under the plain parameter names, for inference.
+pub fn export_ema(path: impl AsRef<Path>, state: &dyn EmaState) -> Result<()> {
+    let entries = export_entries(state);
     write_safetensors(path.as_ref(), entries, &metadata(state, "ema_export")).map(|_| ())
+}
+
+/// [`export_ema`] into bytes in memory: the EMA weights a page offers as a download.
+pub fn export_ema_bytes(state: &dyn EmaState) -> Result<Vec<u8>> {
+    safetensors_bytes(
+        export_entries(state),
+        &metadata(state, "ema_export"),
+        crate::ParamDtype::F32,
+    )
 }
 
 /// TensorFlow's `variables_to_restore`: for each parameter, the name in a training checkpoint

@@ -1,55 +1,15 @@
-//! Writing safetensors files atomically, one tensor in memory at a time, and sharded.
+//! Writing safetensors files atomically, one tensor in memory at a time, and sharded (the
+//! encoding itself is in `encode`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::Dtype;
-
-use super::checksum;
+use super::encode::{Encoder, Entry};
 use super::errors::{bad, bad_from, io};
-use crate::error::{Error, Result};
-use crate::tensors::{ParamDtype, RESERVED_NAME};
-
-/// A tensor to write: its name, shape, and a function producing its values when the writer
-/// reaches it (so only one tensor is in host memory at a time).
-pub struct Entry<'a> {
-    /// The name in the file.
-    pub name: String,
-    /// The shape.
-    pub shape: Vec<usize>,
-    /// Produces the values; called once, in file order.
-    pub produce: Box<dyn FnMut() -> Result<Vec<f32>> + 'a>,
-}
-
-impl std::fmt::Debug for Entry<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Entry")
-            .field("name", &self.name)
-            .field("shape", &self.shape)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<'a> Entry<'a> {
-    /// An entry whose values are already on the host.
-    pub fn from_slice(name: impl Into<String>, shape: &[usize], values: &'a [f32]) -> Self {
-        Self {
-            name: name.into(),
-            shape: shape.to_vec(),
-            produce: Box::new(move || Ok(values.to_vec())),
-        }
-    }
-
-    /// Bytes of data, or `None` when the shape's size overflows.
-    fn bytes(&self) -> Option<u64> {
-        self.shape
-            .iter()
-            .try_fold(4u64, |acc, &d| acc.checked_mul(d as u64))
-    }
-}
+use crate::error::Result;
+use crate::tensors::ParamDtype;
 
 /// Temporary files of saves into `dir` that a crashed process left (`.<name>.tmp-<pid>-<n>`
 /// whose process is gone): removed by the next save into the same directory. Where processes
@@ -144,146 +104,14 @@ pub fn write_safetensors(
 /// silent infinity. Returns the bytes of tensor data.
 pub fn write_safetensors_as(
     path: &Path,
-    mut entries: Vec<Entry<'_>>,
+    entries: Vec<Entry<'_>>,
     metadata: &HashMap<String, String>,
     dtype: ParamDtype,
 ) -> Result<u64> {
-    entries.sort_by(|a, b| a.name.cmp(&b.name));
-    let stored = match dtype {
-        ParamDtype::F32 => Dtype::F32,
-        ParamDtype::F16 => Dtype::F16,
-        ParamDtype::BF16 => Dtype::BF16,
-    };
-    let mut infos = Vec::with_capacity(entries.len());
-    let mut offset = 0usize;
-    for (i, e) in entries.iter().enumerate() {
-        if e.name == RESERVED_NAME || (i > 0 && entries[i - 1].name == e.name) {
-            return Err(Error::NameCollision {
-                name: e.name.clone(),
-                with: if e.name == RESERVED_NAME {
-                    "safetensors' reserved `__metadata__`".into()
-                } else {
-                    "another tensor of the same file".into()
-                },
-            });
-        }
-        let n = e
-            .bytes()
-            .map(|n| n / 4 * dtype.size())
-            .and_then(|n| usize::try_from(n).ok())
-            .and_then(|n| offset.checked_add(n).map(|end| (n, end)))
-            .ok_or_else(|| {
-                bad(
-                    path,
-                    format!("tensor `{}`: shape {:?} is too large", e.name, e.shape),
-                )
-            })?;
-        infos.push((
-            e.name.clone(),
-            TensorInfo {
-                dtype: stored,
-                shape: e.shape.clone(),
-                data_offsets: (offset, n.1),
-            },
-        ));
-        offset = n.1;
-    }
-    let mut metadata = metadata.clone();
-    metadata.remove(checksum::META_CHECKSUMS);
-    let placeholder = checksum::placeholder(checksum::metadata_crc(&metadata), entries.len());
-    metadata.insert(checksum::META_CHECKSUMS.to_string(), placeholder.clone());
-    let header = Metadata::new(Some(metadata), infos)
-        .map_err(|e| bad_from(path, "cannot describe the tensors", e))?;
-    let mut header = serde_json::to_string(&header)
-        .map_err(|e| bad_from(path, "cannot encode the header", e))?
-        .into_bytes();
-    header.resize(header.len().next_multiple_of(8), b' ');
-    // Where the tensors' checksums go once they are known (the placeholder needs no escaping).
-    let patch_at = header
-        .windows(placeholder.len())
-        .position(|w| w == placeholder.as_bytes())
-        .map(|p| 8 + (p + checksum::tensors_at()) as u64)
-        .ok_or_else(|| bad(path, "cannot place the checksums in the header"))?;
-    atomic_write(path, |w| {
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(io(path))?;
-        w.write_all(&header).map_err(io(path))?;
-        let mut crcs = Vec::with_capacity(entries.len());
-        for e in &mut entries {
-            let values = (e.produce)()?;
-            if Some((values.len() as u64) * 4) != e.bytes() {
-                return Err(bad(
-                    path,
-                    format!(
-                        "tensor `{}`: {} values for shape {:?}",
-                        e.name,
-                        values.len(),
-                        e.shape
-                    ),
-                ));
-            }
-            let crc = checksum::tensor_start(&e.name, &e.shape);
-            crcs.push(match dtype {
-                ParamDtype::F32 => write_f32_le(w, &values, crc).map_err(io(path))?,
-                _ => {
-                    let bytes = to_half_le(&values, dtype).map_err(|i| {
-                        bad(
-                            path,
-                            format!(
-                                "tensor `{}`: element {i} ({}) does not fit f16; store the snapshots as f32 or bf16",
-                                e.name, values[i]
-                            ),
-                        )
-                    })?;
-                    w.write_all(&bytes).map_err(io(path))?;
-                    crc32c::crc32c_append(crc, &bytes)
-                }
-            });
-        }
-        w.seek(SeekFrom::Start(patch_at)).map_err(io(path))?;
-        w.write_all(checksum::tensor_list(&crcs).as_bytes())
-            .map_err(io(path))?;
-        Ok(())
-    })?;
-    Ok(offset as u64)
-}
-
-/// `values` as little-endian f16 or bf16 (round to nearest even), or the index of the first
-/// finite value that overflows to infinity.
-fn to_half_le(values: &[f32], dtype: ParamDtype) -> std::result::Result<Vec<u8>, usize> {
-    let mut out = Vec::with_capacity(values.len() * 2);
-    for (i, &v) in values.iter().enumerate() {
-        let (bits, inf) = match dtype {
-            ParamDtype::BF16 => {
-                let h = half::bf16::from_f32(v);
-                (h.to_bits(), h.is_infinite())
-            }
-            _ => {
-                let h = half::f16::from_f32(v);
-                (h.to_bits(), h.is_infinite())
-            }
-        };
-        if inf && v.is_finite() {
-            return Err(i);
-        }
-        out.extend_from_slice(&bits.to_le_bytes());
-    }
-    Ok(out)
-}
-
-/// Writes `values` little-endian; returns the CRC32C of the bytes appended to `crc`.
-pub(super) fn write_f32_le(w: &mut dyn Write, values: &[f32], crc: u32) -> std::io::Result<u32> {
-    if cfg!(target_endian = "little") {
-        let bytes: &[u8] = bytemuck::cast_slice(values);
-        w.write_all(bytes)?;
-        Ok(crc32c::crc32c_append(crc, bytes))
-    } else {
-        values.iter().try_fold(crc, |crc, v| {
-            let b = v.to_le_bytes();
-            w.write_all(&b)?;
-            Ok(crc32c::crc32c_append(crc, &b))
-        })
-    }
+    let file = Encoder::new(path, entries, metadata, dtype)?;
+    let bytes = file.data_bytes();
+    atomic_write(path, |w| file.write_to(w))?;
+    Ok(bytes)
 }
 
 /// The index file of a sharded checkpoint, in Hugging Face's layout.
@@ -296,9 +124,14 @@ pub const META_GENERATION: &str = "wgpu_ema_generation";
 /// A token no other save of this process or machine uses: time, process and a counter.
 fn generation() -> String {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    // wasm32-unknown-unknown has no clock (SystemTime::now panics there); nor has it files.
+    let nanos = if cfg!(target_arch = "wasm32") {
+        0
+    } else {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    };
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!(
         "{:x}{:x}{n:x}",

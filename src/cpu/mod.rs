@@ -9,129 +9,11 @@ use crate::error::{Error, Result};
 use crate::schedule::{Action, Numerics, Policy, Schedule, Stepper};
 use crate::tensors::{HostTensors, TensorSpec};
 
+mod kernels;
 mod reference;
+use kernels::check_len;
+pub use kernels::{ema_step, ema_step_f64, ema_step_kahan, ema_step_tf};
 pub use reference::ReferenceEma;
-
-/// Below this many elements a tensor is updated on the calling thread: spawning threads costs
-/// more than the update.
-const PARALLEL_MIN: usize = 1 << 19;
-
-/// Cores to use. Note: `available_parallelism` reads cgroup files on Linux (tens of
-/// microseconds), so it is asked once.
-fn threads() -> usize {
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Runs `f` over matching chunks of `a` and `b`, on all cores when the slices are large.
-fn par_zip<A: Send, B: Sync>(a: &mut [A], b: &[B], f: impl Fn(&mut [A], &[B]) + Sync) {
-    if a.len() < PARALLEL_MIN || threads() < 2 {
-        f(a, b);
-        return;
-    }
-    let t = threads();
-    // Chunks a multiple of 1024 elements, so every thread's slice starts cache-line aligned
-    // relative to the others.
-    let chunk = a.len().div_ceil(t).next_multiple_of(1024);
-    std::thread::scope(|scope| {
-        let f = &f;
-        let mut pairs = a.chunks_mut(chunk).zip(b.chunks(chunk));
-        let first = pairs.next();
-        for (sa, sb) in pairs {
-            scope.spawn(move || f(sa, sb));
-        }
-        if let Some((sa, sb)) = first {
-            f(sa, sb);
-        }
-    });
-}
-
-fn check_len(name: &str, shadow: usize, param: usize) -> Result<()> {
-    if shadow == param {
-        Ok(())
-    } else {
-        Err(Error::LengthMismatch {
-            name: name.to_string(),
-            expected: shadow as u64,
-            got: param as u64,
-        })
-    }
-}
-
-/// One EMA step in f32, in place: `shadow[i] += alpha * (param[i] - shadow[i])`.
-///
-/// Uses all cores for large slices. Bitwise equal to [`ema_step_tf`] (no fused multiply-add).
-///
-/// ```
-/// let mut s = vec![1.0f32, 2.0];
-/// wgpu_ema::cpu::ema_step(&mut s, &[3.0, 2.0], 0.5).unwrap();
-/// assert_eq!(s, [2.0, 2.0]);
-/// ```
-pub fn ema_step(shadow: &mut [f32], param: &[f32], alpha: f32) -> Result<()> {
-    check_len("<slice>", shadow.len(), param.len())?;
-    par_zip(shadow, param, |s, p| {
-        for (s, &p) in s.iter_mut().zip(p) {
-            *s += alpha * (p - *s);
-        }
-    });
-    Ok(())
-}
-
-/// One EMA step written as TensorFlow writes it: `shadow[i] -= (shadow[i] - param[i]) * alpha`.
-pub fn ema_step_tf(shadow: &mut [f32], param: &[f32], alpha: f32) -> Result<()> {
-    check_len("<slice>", shadow.len(), param.len())?;
-    par_zip(shadow, param, |s, p| {
-        for (s, &p) in s.iter_mut().zip(p) {
-            *s -= (*s - p) * alpha;
-        }
-    });
-    Ok(())
-}
-
-/// One compensated (Kahan) step: `shadow[i] += alpha * (param[i] - shadow[i])` with the
-/// rounding error of each addition kept in `comp[i]` and fed back into the next one.
-pub fn ema_step_kahan(
-    shadow: &mut [f32],
-    comp: &mut [f32],
-    param: &[f32],
-    alpha: f32,
-) -> Result<()> {
-    check_len("<slice>", shadow.len(), param.len())?;
-    check_len("<compensation>", shadow.len(), comp.len())?;
-    let kernel = |s: &mut [f32], c: &mut [f32], p: &[f32]| {
-        for ((s, c), &p) in s.iter_mut().zip(c.iter_mut()).zip(p) {
-            let y = alpha * (p - *s) - *c;
-            let t = *s + y;
-            *c = (t - *s) - y;
-            *s = t;
-        }
-    };
-    if shadow.len() < PARALLEL_MIN || threads() < 2 {
-        kernel(shadow, comp, param);
-        return Ok(());
-    }
-    let chunk = shadow.len().div_ceil(threads()).next_multiple_of(1024);
-    std::thread::scope(|scope| {
-        let kernel = &kernel;
-        for ((s, c), p) in shadow
-            .chunks_mut(chunk)
-            .zip(comp.chunks_mut(chunk))
-            .zip(param.chunks(chunk))
-        {
-            scope.spawn(move || kernel(s, c, p));
-        }
-    });
-    Ok(())
-}
-
-/// The f64 reference: `shadow[i] += alpha * (param[i] - shadow[i])` with f64 shadows.
-pub fn ema_step_f64(shadow: &mut [f64], param: &[f32], alpha: f64) -> Result<()> {
-    check_len("<slice>", shadow.len(), param.len())?;
-    for (s, &p) in shadow.iter_mut().zip(param) {
-        *s += alpha * (p as f64 - *s);
-    }
-    Ok(())
-}
 
 /// Shadows kept on the host: the CPU twin of [`GpuEma`](crate::GpuEma), with the same
 /// schedules, numerics, names and step counter.
@@ -225,6 +107,14 @@ impl CpuEma {
     /// The schedule.
     pub fn schedule(&self) -> Schedule {
         self.stepper.schedule
+    }
+
+    /// Changes the schedule from the next update on, keeping the shadows and the counter: a
+    /// decay lowered or raised mid-run (the web demo's slider does this). Checkpoints record
+    /// the schedule in force when they are written. An invalid schedule is an error and changes
+    /// nothing.
+    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<()> {
+        self.stepper.set_schedule(schedule)
     }
 
     /// The numerics.

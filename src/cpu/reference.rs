@@ -33,6 +33,12 @@ impl ReferenceEma {
         Ok(())
     }
 
+    /// Changes the schedule from the next update on (as
+    /// [`GpuEma::set_schedule`](crate::GpuEma::set_schedule)).
+    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<()> {
+        self.stepper.set_schedule(schedule)
+    }
+
     /// One update with the internal counter.
     pub fn update(&mut self, params: &[&[f32]]) -> Result<()> {
         let n = self.stepper.num_updates.saturating_add(1);

@@ -144,10 +144,8 @@ impl ParamArena {
         Ok(())
     }
 
-    /// Reads every tensor back (blocking; waits only for work submitted so far).
-    pub fn read_blocking(&self, device: &wgpu::Device, queue: &wgpu::Queue) -> Result<HostTensors> {
-        let ranges: Vec<readback::Range<'_>> = self
-            .specs
+    fn ranges(&self) -> Vec<readback::Range<'_>> {
+        self.specs
             .iter()
             .zip(&self.offsets)
             .map(|(s, &offset)| readback::Range {
@@ -155,9 +153,31 @@ impl ParamArena {
                 offset,
                 len: s.numel(),
             })
-            .collect();
-        let flat = readback::start(device, queue, &ranges)?.wait(device)?;
+            .collect()
+    }
+
+    /// Reads every tensor back (blocking; waits only for work submitted so far). Not on the
+    /// web: use [`read`](Self::read) there.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn read_blocking(&self, device: &wgpu::Device, queue: &wgpu::Queue) -> Result<HostTensors> {
+        let flat = readback::start(device, queue, &self.ranges())?.wait(device)?;
         Ok(split(&self.specs, &flat))
+    }
+
+    /// Reads every tensor back, asynchronously: the copy is submitted at once, and sees the
+    /// work submitted before it. In a browser the future resolves by itself; on native
+    /// targets something must poll the device meanwhile.
+    pub fn read(
+        &self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+    ) -> impl std::future::Future<Output = Result<HostTensors>> + use<> {
+        let pending = readback::start(device, queue, &self.ranges());
+        let specs = self.specs.clone();
+        async move {
+            let flat = pending?.finish().await?;
+            Ok(split(&specs, &flat))
+        }
     }
 }
 

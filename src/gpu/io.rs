@@ -114,12 +114,30 @@ impl GpuEma {
     }
 
     /// Reads every shadow of EMA `k` back, blocking (`k = 0` is
-    /// [`read_shadows_blocking`](Self::read_shadows_blocking)).
+    /// [`read_shadows_blocking`](Self::read_shadows_blocking)). Not on the web: use
+    /// [`read_ema`](Self::read_ema) there.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_ema_blocking(&self, k: usize) -> Result<HostTensors> {
         let all: Vec<usize> = (0..self.tensors.len()).collect();
         let ranges = self.ranges(self.ema_buffers(k)?, &all);
         let flat = readback::start(&self.device, &self.queue, &ranges)?.wait(&self.device)?;
         Ok(arena::split(&self.specs(), &flat))
+    }
+
+    /// Reads every shadow of EMA `k` back, asynchronously (see [`read_shadows`](Self::read_shadows)).
+    pub fn read_ema(
+        &self,
+        k: usize,
+    ) -> impl std::future::Future<Output = Result<HostTensors>> + use<> {
+        let all: Vec<usize> = (0..self.tensors.len()).collect();
+        let pending = self
+            .ema_buffers(k)
+            .and_then(|b| readback::start(&self.device, &self.queue, &self.ranges(b, &all)));
+        let specs = self.specs();
+        async move {
+            let flat = pending?.finish().await?;
+            Ok(arena::split(&specs, &flat))
+        }
     }
 
     /// Overwrites the shadow of `name` in EMA `k` (restoring a checkpoint).
@@ -134,22 +152,26 @@ impl GpuEma {
     }
 
     /// Reads every shadow back, blocking until the steps submitted so far have run (not
-    /// those submitted later). Names are the parameters' names.
+    /// those submitted later). Names are the parameters' names. Not on the web, where nothing
+    /// may block: use [`read_shadows`](Self::read_shadows) there.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_shadows_blocking(&self) -> Result<HostTensors> {
         let all: Vec<usize> = (0..self.tensors.len()).collect();
         let flat = self.start_read(&all)?.wait(&self.device)?;
         Ok(arena::split(&self.specs(), &flat))
     }
 
-    /// Reads the shadow of `name` back, blocking.
+    /// Reads the shadow of `name` back, blocking. Not on the web.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn read_shadow_blocking(&self, name: &str) -> Result<Vec<f32>> {
         let i = self.index(name)?;
         self.start_read(&[i])?.wait(&self.device)
     }
 
     /// Reads every shadow back, asynchronously: the copy is submitted at once and the future
-    /// resolves once the GPU has run it. On native targets something must poll the device
-    /// meanwhile (`device.poll(wgpu::PollType::Poll)` in your loop, or a thread waiting);
+    /// resolves once the GPU has run it. In a browser (WebGPU) it resolves by itself: this is
+    /// the readback to use there. On native targets something must poll the device meanwhile
+    /// (`device.poll(wgpu::PollType::Poll)` in your loop, or a thread waiting);
     /// [`read_shadows_blocking`](Self::read_shadows_blocking) does it for you.
     pub fn read_shadows(&self) -> impl std::future::Future<Output = Result<HostTensors>> + use<> {
         let all: Vec<usize> = (0..self.tensors.len()).collect();

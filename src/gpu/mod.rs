@@ -301,6 +301,14 @@ impl GpuEma {
         self.stepper.schedule
     }
 
+    /// Changes the schedule from the next update on, keeping the shadows and the counter: a
+    /// decay lowered or raised mid-run (the web demo's slider does this). Checkpoints record
+    /// the schedule in force when they are written. An invalid schedule is an error and changes
+    /// nothing.
+    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<()> {
+        self.stepper.set_schedule(schedule)
+    }
+
     /// The numerics.
     pub fn numerics(&self) -> Numerics {
         self.stepper.numerics

@@ -9,17 +9,32 @@ use crate::readback;
 use crate::schedule::{Numerics, Policy, Schedule};
 use crate::tensors::TensorSpec;
 
+/// Where a snapshot's values are: still on the GPU, or read back.
+#[derive(Debug)]
+enum Data {
+    Gpu {
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        buffer: wgpu::Buffer,
+    },
+    /// The buffer's contents, in f32 elements.
+    Host(Vec<f32>),
+}
+
 /// Shadows and parameters as they were after the steps submitted before
 /// [`GpuEma::snapshot`], held in one device-local buffer.
 ///
 /// Training may go on meanwhile: later steps do not change the snapshot, and reading it waits
 /// only for the snapshot's own copy. Each [`EmaState::read_shadow`] reads back one tensor, so
 /// saving a checkpoint needs host memory for one tensor at a time.
+///
+/// On the web, where reads cannot block, [`into_host`](Snapshot::into_host) reads the whole
+/// snapshot back asynchronously first; the host copy then feeds
+/// [`checkpoint::training_bytes`](crate::checkpoint::training_bytes) and
+/// [`checkpoint::export_ema_bytes`](crate::checkpoint::export_ema_bytes).
 #[derive(Debug)]
 pub struct Snapshot {
-    device: wgpu::Device,
-    queue: wgpu::Queue,
-    buffer: wgpu::Buffer,
+    data: Data,
     specs: Vec<TensorSpec>,
     shadow_at: Vec<u64>,
     comp_at: Vec<Option<u64>>,
@@ -140,9 +155,11 @@ impl GpuEma {
             buffer
         })?;
         Ok(Snapshot {
-            device: self.device.clone(),
-            queue: self.queue.clone(),
-            buffer,
+            data: Data::Gpu {
+                device: self.device.clone(),
+                queue: self.queue.clone(),
+                buffer,
+            },
             specs: self.specs(),
             shadow_at,
             comp_at,
@@ -172,12 +189,69 @@ impl Snapshot {
     }
 
     fn read(&self, offset: u64, len: u64) -> Result<Vec<f32>> {
-        let range = readback::Range {
-            buffer: &self.buffer,
-            offset,
-            len,
+        match &self.data {
+            Data::Host(all) => {
+                let start = (offset / 4) as usize;
+                Ok(all[start..start + len as usize].to_vec())
+            }
+            #[cfg(not(target_arch = "wasm32"))]
+            Data::Gpu {
+                device,
+                queue,
+                buffer,
+            } => {
+                let range = readback::Range {
+                    buffer,
+                    offset,
+                    len,
+                };
+                readback::start(device, queue, &[range])?.wait(device)
+            }
+            #[cfg(target_arch = "wasm32")]
+            Data::Gpu { .. } => Err(Error::Readback(
+                "on the web a snapshot is read with `Snapshot::into_host().await` first: \
+                 reads there cannot block"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Reads the whole snapshot back in one asynchronous copy, submitted at once, and resolves
+    /// to the snapshot held in host memory (at once for one already there). This is how a
+    /// checkpoint is taken on the web, where the per-tensor reads of [`EmaState`] cannot
+    /// block. On native targets something must poll the device while the future is pending
+    /// (`device.poll(wgpu::PollType::wait_indefinitely())`, or a polling thread).
+    pub fn into_host(self) -> impl std::future::Future<Output = Result<Snapshot>> {
+        let pending = match &self.data {
+            Data::Host(_) => None,
+            Data::Gpu {
+                device,
+                queue,
+                buffer,
+            } => {
+                let range = readback::Range {
+                    buffer,
+                    offset: 0,
+                    len: buffer.size() / 4,
+                };
+                Some(readback::start(device, queue, &[range]))
+            }
         };
-        readback::start(&self.device, &self.queue, &[range])?.wait(&self.device)
+        async move {
+            let Some(pending) = pending else {
+                return Ok(self);
+            };
+            let all = pending?.finish().await?;
+            Ok(Snapshot {
+                data: Data::Host(all),
+                ..self
+            })
+        }
+    }
+
+    /// True once the values are in host memory ([`into_host`](Self::into_host)).
+    pub fn is_on_host(&self) -> bool {
+        matches!(self.data, Data::Host(_))
     }
 }
 

@@ -136,6 +136,13 @@ impl Stepper {
         })
     }
 
+    /// Replaces the schedule from the next update on; an invalid one changes nothing.
+    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<()> {
+        schedule.validate()?;
+        self.schedule = schedule;
+        Ok(())
+    }
+
     /// What call `n` does, then the counter set to `n`. An error leaves the counter alone.
     pub fn advance_to(&mut self, n: u64) -> Result<Action> {
         let a = self.policy.action(&self.schedule, n, self.numerics)?;

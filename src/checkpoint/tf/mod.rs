@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 
+use super::encode::write_f32_le;
 use super::errors::{bad, io};
-use super::write::{atomic_write, write_f32_le};
+use super::write::atomic_write;
 use super::{training_entries, EmaState, META_NUM_UPDATES};
 use crate::error::{Error, Result};
 use crate::tensors::HostTensors;
