@@ -18,17 +18,12 @@ use std::process::ExitCode;
 use indicatif::{ProgressBar, ProgressStyle};
 use wgpu_ema::checkpoint::{self, Checkpoint};
 use wgpu_ema::cpu::CpuEma;
-use wgpu_ema::{wgpu, GpuContext, GpuEma, HostTensors, Numerics, ParamArena, Schedule, TensorSpec};
+use wgpu_ema::{wgpu, GpuContext, GpuEma, HostTensors, Numerics, ParamArena, Schedule};
 
-const DECAY: f64 = 0.9999;
-const LR: f32 = 0.05;
-const MOMENTUM: f32 = 0.9;
-const BATCH: usize = 8;
-const N_TRAIN: usize = 1024;
-const N_EVAL: usize = 256;
-const TRUE_W: [f32; 2] = [2.0, -3.4];
-const TRUE_B: f32 = 4.2;
-const NOISE: f32 = 0.5;
+// The model, its data and its constants, shared with the web demo (`examples/web`).
+#[path = "shared/linear.rs"]
+mod linear;
+use linear::*;
 
 type Error = Box<dyn std::error::Error>;
 
@@ -77,49 +72,6 @@ fn parse_args() -> Result<Args, Error> {
         }
     }
     Ok(a)
-}
-
-fn specs() -> Vec<TensorSpec> {
-    vec![
-        TensorSpec::new("weight", [2, 1]),
-        TensorSpec::new("bias", []),
-    ]
-}
-
-fn momentum_specs() -> Vec<TensorSpec> {
-    vec![
-        TensorSpec::new("weight/Momentum", [2, 1]),
-        TensorSpec::new("bias/Momentum", []),
-    ]
-}
-
-/// Train samples then eval samples, each (x0, x1, y), seeded.
-fn dataset() -> Vec<f32> {
-    let mut rng = fastrand::Rng::with_seed(2017);
-    let mut gauss = || {
-        let (u, v) = (rng.f32().max(1e-7), rng.f32());
-        (-2.0 * u.ln()).sqrt() * (2.0 * std::f32::consts::PI * v).cos()
-    };
-    let mut out = Vec::with_capacity(3 * (N_TRAIN + N_EVAL));
-    for _ in 0..N_TRAIN + N_EVAL {
-        let x0 = gauss();
-        let x1 = gauss();
-        let y = TRUE_W[0] * x0 + TRUE_W[1] * x1 + TRUE_B + NOISE * gauss();
-        out.extend([x0, x1, y]);
-    }
-    out
-}
-
-fn eval_loss(data: &[f32], w: &[f32], b: f32) -> f32 {
-    let eval = &data[3 * N_TRAIN..];
-    let sum: f32 = eval
-        .chunks_exact(3)
-        .map(|s| {
-            let e = w[0] * s[0] + w[1] * s[1] + b - s[2];
-            e * e
-        })
-        .sum();
-    sum / N_EVAL as f32
 }
 
 /// Where training starts: fresh, or from a checkpoint.
@@ -244,14 +196,11 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
         bytemuck::cast_slice(&[0u32, st.global as u32, 0, 0]),
     );
 
-    let module = device.create_shader_module(wgpu::include_wgsl!("train_linear.wgsl"));
-    let constants = [
-        ("LR", LR as f64),
-        ("MOMENTUM", MOMENTUM as f64),
-        ("BATCH", BATCH as f64),
-        ("N_TRAIN", N_TRAIN as f64),
-        ("N_EVAL", N_EVAL as f64),
-    ];
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("train_linear"),
+        source: wgpu::ShaderSource::Wgsl(WGSL.into()),
+    });
+    let constants = constants();
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some("train_step"),
         layout: None,

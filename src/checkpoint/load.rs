@@ -139,8 +139,8 @@ impl Checkpoint {
         // SAFETY: the map is read-only and lives in an Arc as long as a tensor borrows from
         // it. Our writers replace files by rename, never in place; another program truncating
         // the file while it is mapped is outside what a memory-mapped reader can guard.
+        // (The file itself is closed on return; the map stays valid without it.)
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        drop(file);
         Self::parse(path, Arc::new(Bytes::Map(map)))
     }
 

@@ -70,9 +70,11 @@ pub(crate) fn atomic_write(
         let file = File::create(&tmp).map_err(io(&tmp))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         fill(&mut w)?;
-        let file = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
-        file.sync_all().map_err(io(&tmp))?;
-        drop(file);
+        // Flushed, synced and closed before the rename.
+        w.into_inner()
+            .map_err(|e| io(&tmp)(e.into_error()))?
+            .sync_all()
+            .map_err(io(&tmp))?;
         fs::rename(&tmp, path).map_err(io(path))?;
         // Make the rename itself durable. Some filesystems refuse fsync on a directory.
         if let Ok(d) = File::open(&dir) {

@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 
 /// Below this many elements a tensor is updated on the calling thread: spawning threads costs
 /// more than the update.
-const PARALLEL_MIN: usize = 1 << 19;
+pub(super) const PARALLEL_MIN: usize = 1 << 19;
 
 /// Cores to use. Note: `available_parallelism` reads cgroup files on Linux (tens of
 /// microseconds), so it is asked once.

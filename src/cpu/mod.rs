@@ -280,6 +280,7 @@ impl crate::checkpoint::EmaState for CpuEma {
 
 #[cfg(test)]
 mod tests {
+    use super::kernels::PARALLEL_MIN;
     use super::*;
 
     #[test]

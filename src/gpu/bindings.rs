@@ -196,9 +196,22 @@ pub(crate) struct Store {
     pub shadows: Vec<Vec<wgpu::Buffer>>,
     /// Compensation terms, laid out as EMA 0's shadows; empty when not compensated.
     pub comp: Vec<wgpu::Buffer>,
-    /// Bound to unused read-only and read-write bindings.
+    /// Bound to unused read-only bindings (all of them: read-only ranges may alias).
     pub placeholder_read: wgpu::Buffer,
+    /// Bound to unused read-write bindings: binding `b` gets 16 bytes at
+    /// `b * placeholder_align`, so no two writable bindings of a dispatch overlap.
     pub placeholder_write: wgpu::Buffer,
+    pub placeholder_align: u64,
+}
+
+impl Store {
+    fn unused_writable(&self, binding: u32) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.placeholder_write,
+            offset: u64::from(binding) * self.placeholder_align,
+            size: NonZeroU64::new(16),
+        })
+    }
 }
 
 /// What a dispatch's bind group depends on.
@@ -220,10 +233,6 @@ pub(crate) fn bind_group(
     table: &wgpu::Buffer,
     d: &Place<'_>,
 ) -> wgpu::BindGroup {
-    let placeholder = match family {
-        Family::Read => &store.placeholder_read,
-        Family::Write => &store.placeholder_write,
-    };
     let shape = Shape {
         slots: d.tier,
         ..*shape
@@ -237,23 +246,22 @@ pub(crate) fn bind_group(
                     offset: d.table_offset,
                     size: NonZeroU64::new(d.rows as u64 * ROW_BYTES),
                 }),
-                Role::Shadow(k) => store
-                    .shadows
-                    .get(k)
-                    .map_or(&store.placeholder_write, |s| &s[d.shadow_buffer])
-                    .as_entire_binding(),
-                Role::Comp => store
-                    .comp
-                    .get(d.shadow_buffer)
-                    .unwrap_or(&store.placeholder_write)
-                    .as_entire_binding(),
+                Role::Shadow(k) => match store.shadows.get(k) {
+                    Some(s) => s[d.shadow_buffer].as_entire_binding(),
+                    None => store.unused_writable(b.binding),
+                },
+                Role::Comp => match store.comp.get(d.shadow_buffer) {
+                    Some(c) => c.as_entire_binding(),
+                    None => store.unused_writable(b.binding),
+                },
                 Role::Param(i) => match d.slots.get(i).and_then(Option::as_ref) {
                     Some((buffer, w)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer,
                         offset: w.offset,
                         size: NonZeroU64::new(w.size),
                     }),
-                    None => placeholder.as_entire_binding(),
+                    None if b.writable => store.unused_writable(b.binding),
+                    None => store.placeholder_read.as_entire_binding(),
                 },
             };
             wgpu::BindGroupEntry {
@@ -262,11 +270,50 @@ pub(crate) fn bind_group(
             }
         })
         .collect();
+    debug_assert_eq!(
+        writable_alias(&roles(family, &shape), &entries),
+        None,
+        "a writable binding overlaps another binding of its buffer (WebGPU refuses this)"
+    );
     device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some("wgpu-ema dispatch"),
         layout: pipes.layout(family, d.tier),
         entries: &entries,
     })
+}
+
+/// WebGPU's rule, which wgpu's native backends do not check: within one dispatch, a writable
+/// storage binding may not overlap any other binding of the same buffer. Returns the first two
+/// binding numbers that break it. Checked in debug builds, so that the native tests catch what
+/// a browser would refuse.
+fn writable_alias(table: &[Binding], entries: &[wgpu::BindGroupEntry<'_>]) -> Option<(u32, u32)> {
+    let ranges: Vec<(u32, &wgpu::Buffer, u64, u64, bool)> = table
+        .iter()
+        .zip(entries)
+        .filter_map(|(b, e)| match &e.resource {
+            wgpu::BindingResource::Buffer(bb) => {
+                let size = bb
+                    .size
+                    .map_or(bb.buffer.size() - bb.offset, NonZeroU64::get);
+                Some((
+                    b.binding,
+                    bb.buffer,
+                    bb.offset,
+                    bb.offset + size,
+                    b.writable,
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[i + 1..] {
+            if (a.4 || b.4) && a.1 == b.1 && a.2 < b.3 && b.2 < a.3 {
+                return Some((a.0, b.0));
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -258,19 +258,27 @@ impl<'a> GpuEmaBuilder<'a> {
         } else {
             Vec::new()
         };
-        let placeholder = |label: &str| {
+        let placeholder = |label: &str, size: u64| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
-                size: 16,
+                size,
                 usage: wgpu::BufferUsages::STORAGE,
                 mapped_at_creation: false,
             })
         };
+        // Unused read-write bindings each get a window of their own (WebGPU refuses two
+        // writable bindings of overlapping ranges in one dispatch; read-only ones may share).
+        let placeholder_align = u64::from(device.limits().min_storage_buffer_offset_alignment);
+        let write_windows = bindings::FIRST_PARAM as u64 + MAX_SLOTS as u64;
         let store = Store {
             shadows,
             comp,
-            placeholder_read: placeholder("wgpu-ema unused binding (read)"),
-            placeholder_write: placeholder("wgpu-ema unused binding (read-write)"),
+            placeholder_read: placeholder("wgpu-ema unused binding (read)", 16),
+            placeholder_write: placeholder(
+                "wgpu-ema unused binding (read-write)",
+                write_windows * placeholder_align + 16,
+            ),
+            placeholder_align,
         };
 
         let immediates = self.prefer_immediates
