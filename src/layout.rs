@@ -124,6 +124,13 @@ pub(crate) struct Window {
     pub size: u64,
 }
 
+impl Window {
+    /// True when the two byte ranges share a byte.
+    pub fn overlaps(&self, other: &Window) -> bool {
+        self.offset < other.offset + other.size && other.offset < self.offset + self.size
+    }
+}
+
 /// The window that byte `byte` of a parameter buffer of `buffer_size` bytes is read through.
 pub(crate) fn window_of(byte: u64, buffer_size: u64, lim: &PlanLimits) -> Window {
     if buffer_size <= lim.max_binding {
@@ -215,7 +222,8 @@ pub(crate) struct GroupPlan {
 }
 
 /// Groups segments, each given with the id of its parameter buffer, into dispatches: per
-/// shadow buffer, its distinct windows in order of first use, `slots` per dispatch.
+/// shadow buffer, its distinct windows in order of first use, `slots` per dispatch, and never
+/// two overlapping windows of one buffer in one dispatch.
 pub(crate) fn group_segments(segs: &[(usize, SegPlan)], slots: usize) -> Vec<GroupPlan> {
     let slots = slots.max(1);
     let mut by_shadow: Vec<usize> = segs.iter().map(|(_, s)| s.shadow_buffer).collect();
@@ -235,16 +243,29 @@ pub(crate) fn group_segments(segs: &[(usize, SegPlan)], slots: usize) -> Vec<Gro
             let g = match found {
                 Some(g) => first + g,
                 None => {
-                    if out.len() == first || out.last().is_some_and(|g| g.slots.len() == slots) {
-                        out.push(GroupPlan {
-                            shadow_buffer: sb,
-                            slots: Vec::new(),
-                            segments: Vec::new(),
-                        });
-                    }
-                    let last = out.len() - 1;
-                    out[last].slots.push(key);
-                    last
+                    // The first dispatch with room that binds no window of the same buffer
+                    // overlapping this one (the swap and copy passes write the parameters, and
+                    // WebGPU refuses overlapping writable bindings), else a new one.
+                    let fits = |g: &GroupPlan| {
+                        g.slots.len() < slots
+                            && !g
+                                .slots
+                                .iter()
+                                .any(|(b, w)| *b == key.0 && w.overlaps(&key.1))
+                    };
+                    let g = match out[first..].iter().position(fits) {
+                        Some(g) => first + g,
+                        None => {
+                            out.push(GroupPlan {
+                                shadow_buffer: sb,
+                                slots: Vec::new(),
+                                segments: Vec::new(),
+                            });
+                            out.len() - 1
+                        }
+                    };
+                    out[g].slots.push(key);
+                    g
                 }
             };
             out[g].segments.push(i);
@@ -421,6 +442,34 @@ mod tests {
         assert_eq!(g[0].segments, vec![0, 1, 2, 5]);
         assert_eq!(g[1].segments, vec![3]);
         assert_eq!((g[2].shadow_buffer, g[2].segments.clone()), (1, vec![4]));
+    }
+
+    #[test]
+    fn overlapping_windows_of_one_buffer_never_share_a_dispatch() {
+        let w = |offset| Window { offset, size: 100 };
+        let seg = |window| {
+            (
+                7,
+                SegPlan {
+                    window,
+                    param: 0,
+                    shadow_buffer: 0,
+                    shadow: 0,
+                    count: 4,
+                    dtype: ParamDtype::F32,
+                },
+            )
+        };
+        // Windows every half binding: 0 and 50 overlap, 0 and 100 do not.
+        let g = group_segments(&[seg(w(0)), seg(w(50)), seg(w(100)), seg(w(0))], 8);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].slots, vec![(7, w(0)), (7, w(100))]);
+        assert_eq!(g[0].segments, vec![0, 2, 3]);
+        assert_eq!(g[1].slots, vec![(7, w(50))]);
+        // Windows of different buffers may overlap in byte offsets: they share.
+        let mut other = seg(w(50));
+        other.0 = 8;
+        assert_eq!(group_segments(&[seg(w(0)), other], 8).len(), 1);
     }
 
     #[test]
