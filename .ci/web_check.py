@@ -6,7 +6,8 @@ on SwiftShader, and checks what the page publishes in window.wgpuEmaResult:
 - the self-check: the GPU's shadows after N steps against the f64 reference and the CPU's f32
   path, computed in the same tab (tolerances stated by the page), the uniform ring used (WebGPU
   has no immediates), a checkpoint round trip through bytes;
-- the training run: the losses, the EMA download, the checkpoint download loaded back.
+- the training run: the losses, the EMA download, the checkpoint download loaded back, and
+  the same checkpoint truncated or with a bit flipped refused with a message.
 
 Saves a screenshot of the page (OUT/page.png) for people to look at.
 
@@ -161,6 +162,9 @@ def main():
             failures.append(f"trained {result.get('steps')} steps, asked {a.steps}")
         if result.get("restored_step") != result.get("step"):
             failures.append("the downloaded checkpoint did not restore the step")
+        refusals = result.get("refusals") or []
+        if len(refusals) != 2 or not all(isinstance(r, str) and r for r in refusals):
+            failures.append(f"a truncated or bit-flipped checkpoint was not refused: {refusals}")
         if not result.get("export_bytes"):
             failures.append("the EMA download is empty")
         losses = [result.get(k) for k in ("first_loss", "raw_loss", "ema_loss")]

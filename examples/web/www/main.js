@@ -105,6 +105,13 @@ async function finish() {
   const exported = await demo.export_ema();
   const saved = await demo.checkpoint();
   const step = demo.step();
+  // A damaged file is refused with a message and changes nothing.
+  const refusals = [];
+  const flipped = saved.slice();
+  flipped[flipped.length - 3] ^= 0x40;
+  for (const bad of [saved.slice(0, saved.length - 5), flipped]) {
+    try { demo.restore(bad); refusals.push(null); } catch (e) { refusals.push(String(e.message || e)); }
+  }
   const restored = demo.restore(saved);
   window.wgpuEmaResult = {
     check: window.wgpuEmaCheck || null,
@@ -117,6 +124,7 @@ async function finish() {
     export_bytes: exported.length,
     checkpoint_bytes: saved.length,
     restored_step: restored,
+    refusals,
     step,
   };
   document.title = window.wgpuEmaResult.check && !window.wgpuEmaResult.check.pass ? "FAIL" : "DONE";
