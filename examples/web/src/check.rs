@@ -1,7 +1,7 @@
 //! The page's self-check: the GPU EMA in this tab against the CPU paths computed in the same
-//! tab, on tensors of odd sizes, several steps per submit (so the uniform ring, the only path
-//! WebGPU has, carries distinct values within one submit), and a checkpoint round trip
-//! through bytes. What the headless-browser test in CI reads.
+//! tab, on tensors of odd sizes, several steps per submit through a uniform ring smaller than a
+//! submit (the ring is the only path WebGPU has: distinct values within one submit, rings
+//! replaced as they are used up), and a checkpoint round trip through bytes. What the headless-browser test in CI reads.
 
 use serde_json::{json, Value};
 use wgpu_ema::checkpoint::{self, Checkpoint};
@@ -16,6 +16,8 @@ pub const REL_TOL: f64 = 1e-5;
 /// Units in the last place allowed between the GPU and the CPU's f32 path (0 where neither
 /// side fuses the multiply-add; a compiler may).
 pub const ULPS_TOL: u64 = 4;
+/// Uniform-ring slots of the checked EMA: fewer than the steps of one submit.
+const RING_SLOTS: usize = 5;
 
 fn specs() -> Vec<TensorSpec> {
     vec![
@@ -56,8 +58,11 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
         arena.write(queue, &s.name, v)?;
     }
     let (first, second) = (Schedule::tf(0.99), Schedule::constant(0.9));
+    // A ring of 5 slots for 8 steps per submit: used up and replaced within a submit and
+    // across submits, the path every WebGPU step takes once a ring is full.
     let mut ema = GpuEma::builder(first)
         .extra_ema(second)
+        .ring_slots(RING_SLOTS)
         .track_arena(&arena)
         .build(device, queue)?;
     let init_refs: Vec<&[f32]> = init.iter().map(Vec::as_slice).collect();
@@ -189,6 +194,7 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
         "uses_immediates": ema.uses_immediates(),
         "steps": steps,
         "steps_per_submit": per_submit,
+        "ring_slots": RING_SLOTS,
         "submits": submits,
         "tensors": specs().len(),
         "elements": elements,

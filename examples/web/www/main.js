@@ -150,7 +150,7 @@ async function main() {
       `self-check ${report.pass ? "PASSED" : "FAILED"}: ${report.steps} EMA steps, ` +
       `${report.steps_per_submit} per submit, ${report.emas} EMAs in one pass, on ` +
       `${report.tensors} tensors (${report.elements.toLocaleString("en")} elements), ` +
-      `alpha via ${report.uses_immediates ? "immediates" : "the uniform ring"}\n` +
+      `alpha via ${report.uses_immediates ? "immediates" : `uniform rings of ${report.ring_slots} slots`}\n` +
       `  GPU vs f64 reference: max relative error ${report.max_rel_err_vs_f64.toExponential(2)} ` +
       `(tolerance ${report.rel_tol.toExponential(0)})\n` +
       `  GPU vs CPU f32 path: ${report.max_ulps_vs_cpu_f32} ulps (tolerance ${report.ulps_tol})\n` +
