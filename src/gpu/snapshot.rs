@@ -192,7 +192,9 @@ impl Snapshot {
         match &self.data {
             Data::Host(all) => {
                 let start = (offset / 4) as usize;
-                Ok(all[start..start + len as usize].to_vec())
+                all.get(start..start + len as usize)
+                    .map(<[f32]>::to_vec)
+                    .ok_or_else(|| Error::Readback("a range past the snapshot's end".into()))
             }
             #[cfg(not(target_arch = "wasm32"))]
             Data::Gpu {
