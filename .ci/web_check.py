@@ -154,6 +154,10 @@ def main():
             failures.append("GPU shadows differ from the f64 reference beyond the tolerance")
         if not (c.get("max_ulps_vs_cpu_f32", math.inf) <= c.get("ulps_tol", 0)):
             failures.append("GPU shadows differ from the CPU f32 path beyond the tolerance")
+        if not c.get("user_buffers_pass"):
+            failures.append("tensors in user buffers (odd offsets, bf16) differ from f64")
+        if not c.get("compensated_pass"):
+            failures.append("compensated shadows or their Kahan terms differ from the CPU's")
         if not c.get("swap_round_trip"):
             failures.append("swapping the EMA weights into the parameters and back was not exact")
         if not c.get("checkpoint_round_trip"):

@@ -45,6 +45,37 @@ fn ulps(a: f32, b: f32) -> u64 {
     (key(a) - key(b)).unsigned_abs()
 }
 
+/// The largest distance in ulps between two equally long slices (a length mismatch is
+/// `u64::MAX`).
+pub fn max_ulps(a: &[f32], b: &[f32]) -> u64 {
+    if a.len() != b.len() {
+        return u64::MAX;
+    }
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| ulps(x, y))
+        .max()
+        .unwrap_or(0)
+}
+
+/// The largest error relative to `max(1, |reference|)`; NaN or a length mismatch is infinite.
+pub fn max_rel_err(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| {
+            let e = (g as f64 - w).abs() / w.abs().max(1.0);
+            if e.is_nan() {
+                f64::INFINITY
+            } else {
+                e
+            }
+        })
+        .fold(0.0, f64::max)
+}
+
 /// Runs `steps` updates, `per_submit` to a submit, and compares. Returns the report (with
 /// `"pass"`), or an error when something could not run at all.
 pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
@@ -114,31 +145,15 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
     let shadows_1 = ema.read_ema(1).await?;
     let mut worst_rel = 0.0f64;
     let mut worst_ulps = 0u64;
-    let mut non_finite = 0usize;
     for (i, s) in specs().iter().enumerate() {
         let gpu = shadows.try_get(&s.name)?;
-        let gpu_1 = shadows_1.try_get(&s.name)?;
-        let f32_path = cpu.shadow(&s.name)?;
-        for (k, (got, want)) in [
-            (gpu, &reference.shadows()[i]),
-            (gpu_1, &reference_1.shadows()[i]),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            for (&g, &w) in got.iter().zip(want.iter()) {
-                let rel = (g as f64 - w).abs() / w.abs().max(1.0);
-                if !rel.is_finite() {
-                    non_finite += 1;
-                }
-                worst_rel = worst_rel.max(rel);
-            }
-            if k == 0 {
-                for (&g, &c) in got.iter().zip(f32_path) {
-                    worst_ulps = worst_ulps.max(ulps(g, c));
-                }
-            }
-        }
+        worst_rel = worst_rel
+            .max(max_rel_err(gpu, &reference.shadows()[i]))
+            .max(max_rel_err(
+                shadows_1.try_get(&s.name)?,
+                &reference_1.shadows()[i],
+            ));
+        worst_ulps = worst_ulps.max(max_ulps(gpu, cpu.shadow(&s.name)?));
     }
 
     let same = |a: &[f32], b: &[f32]| {
@@ -181,13 +196,15 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
 
     let info = ctx.info();
     let elements: u64 = specs().iter().map(TensorSpec::numel).sum();
-    let pass = non_finite == 0
-        && worst_rel <= REL_TOL
+    let more = crate::layouts::run(&ctx).await?;
+    let pass = worst_rel <= REL_TOL
         && worst_ulps <= ULPS_TOL
         && round_trip
         && swap_ok
-        && !ema.uses_immediates();
-    Ok(json!({
+        && !ema.uses_immediates()
+        && more["user_buffers_pass"] == true
+        && more["compensated_pass"] == true;
+    let mut report = json!({
         "pass": pass,
         "adapter": info.name,
         "backend": format!("{:?}", info.backend),
@@ -203,9 +220,12 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
         "rel_tol": REL_TOL,
         "max_ulps_vs_cpu_f32": worst_ulps,
         "ulps_tol": ULPS_TOL,
-        "non_finite": non_finite,
         "checkpoint_bytes": bytes.len(),
         "checkpoint_round_trip": round_trip,
         "swap_round_trip": swap_ok,
-    }))
+    });
+    if let (Some(r), Some(m)) = (report.as_object_mut(), more.as_object()) {
+        r.extend(m.clone());
+    }
+    Ok(report)
 }

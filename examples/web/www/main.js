@@ -155,7 +155,13 @@ async function main() {
       `(tolerance ${report.rel_tol.toExponential(0)})\n` +
       `  GPU vs CPU f32 path: ${report.max_ulps_vs_cpu_f32} ulps (tolerance ${report.ulps_tol})\n` +
       `  checkpoint bytes loaded back: ${report.checkpoint_round_trip ? "bit for bit" : "DIFFERENT"}; ` +
-      `EMA swapped into the weights and back: ${report.swap_round_trip ? "bit for bit" : "DIFFERENT"}`;
+      `EMA swapped into the weights and back: ${report.swap_round_trip ? "bit for bit" : "DIFFERENT"}\n` +
+      `  your own buffers at odd offsets, NaN between, and bf16: max relative error ` +
+      `${report.user_buffers_max_rel_err_vs_f64.toExponential(2)} over ${report.user_buffers_steps} steps\n` +
+      `  compensated (Kahan) at decay 0.999, ${report.compensated_steps} steps: ` +
+      `${report.compensated_max_ulps_vs_cpu} ulps from the CPU's compensated path ` +
+      `(Kahan terms ${report.compensated_terms_max_ulps_vs_cpu} ulps), ` +
+      `relative error ${report.compensated_max_rel_err_vs_f64.toExponential(2)} vs f64`;
   }
   demo = await Demo.create($("kind").value, Number($("value").value));
   $("status").textContent =
