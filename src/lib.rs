@@ -55,6 +55,8 @@ pub mod debias;
 mod error;
 mod gpu;
 mod layout;
+// Post-hoc EMA records and reads snapshot files: native-only (no filesystem on the web).
+#[cfg(not(target_arch = "wasm32"))]
 pub mod posthoc;
 mod readback;
 pub mod schedule;

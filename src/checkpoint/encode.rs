@@ -61,6 +61,8 @@ pub(super) struct Encoder<'a> {
     header: Vec<u8>,
     /// Byte offset, from the start of the file, of the checksums' placeholder.
     patch_at: u64,
+    /// What the file writer reports (the web has none).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     data_bytes: u64,
     dtype: ParamDtype,
 }
@@ -139,6 +141,7 @@ impl<'a> Encoder<'a> {
     }
 
     /// Bytes of tensor data the file holds.
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     pub(super) fn data_bytes(&self) -> u64 {
         self.data_bytes
     }

@@ -8,13 +8,17 @@ use safetensors::SafeTensors;
 
 use super::checksum;
 use super::errors::{bad, bad_from};
+#[cfg(not(target_arch = "wasm32"))]
 use super::write::META_GENERATION;
 
-use crate::error::{Error, Result};
+#[cfg(not(target_arch = "wasm32"))]
+use crate::error::Error;
+use crate::error::Result;
 
 /// A whole file's bytes: memory-mapped from disk, or handed in (a browser's file input).
 #[derive(Debug)]
 enum Bytes {
+    #[cfg(not(target_arch = "wasm32"))]
     Map(memmap2::Mmap),
     Heap(Vec<u8>),
 }
@@ -23,6 +27,7 @@ impl std::ops::Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
+            #[cfg(not(target_arch = "wasm32"))]
             Bytes::Map(m) => m,
             Bytes::Heap(v) => v,
         }
@@ -90,6 +95,7 @@ pub(super) fn check_header_size(path: &Path, n: u64, len: u64) -> Result<()> {
 }
 
 impl Checkpoint {
+    #[cfg(not(target_arch = "wasm32"))]
     /// Loads a `.safetensors` file, a sharded checkpoint through its
     /// `model.safetensors.index.json`, or a TensorFlow checkpoint by its prefix or its
     /// `.index` file (f32 tensors; `global_step` becomes `num_updates`; every table block and
@@ -120,6 +126,7 @@ impl Checkpoint {
         }
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     fn load_file(path: &Path) -> Result<Self> {
         let io = |source| Error::Io {
             path: path.to_path_buf(),
@@ -227,6 +234,7 @@ impl Checkpoint {
         })
     }
 
+    #[cfg(not(target_arch = "wasm32"))]
     fn load_index(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
             path: path.to_path_buf(),

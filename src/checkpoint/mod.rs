@@ -14,25 +14,37 @@
 //!
 //! Saves are atomic (temporary file, fsync, rename, fsync of the directory): a failed or
 //! interrupted save leaves the previous checkpoint intact.
+//!
+//! In memory, for a browser page (where the file functions are not compiled):
+//! [`training_bytes`], [`export_ema_bytes`] and [`safetensors_bytes`] encode the same files,
+//! and [`Checkpoint::from_bytes`] reads one.
 
 mod access;
 mod checksum;
 mod encode;
 pub(crate) mod errors;
 mod load;
+// Files: native-only (a page has no filesystem; it uses the bytes functions).
+#[cfg(not(target_arch = "wasm32"))]
 mod stream;
+#[cfg(not(target_arch = "wasm32"))]
 mod tf;
+#[cfg(not(target_arch = "wasm32"))]
 mod write;
 
 pub use load::Checkpoint;
+#[cfg(not(target_arch = "wasm32"))]
 pub use stream::{TensorEntry, TensorFile};
 
 use std::collections::HashMap;
+#[cfg(not(target_arch = "wasm32"))]
 use std::path::{Path, PathBuf};
 
 pub use checksum::META_CHECKSUMS;
 pub use encode::{safetensors_bytes, Entry};
+#[cfg(not(target_arch = "wasm32"))]
 pub use tf::{save_tf, GLOBAL_STEP, STATE_FILE};
+#[cfg(not(target_arch = "wasm32"))]
 pub use write::{
     write_safetensors, write_safetensors_as, write_sharded, INDEX_FILE, META_GENERATION,
 };
@@ -279,6 +291,7 @@ fn training_entries<'a>(
     Ok(entries)
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Saves a training checkpoint to `path` (one file), atomically.
 ///
 /// `params`: the raw parameters by name when you have them on the host; `None` reads them
@@ -294,6 +307,7 @@ pub fn save_training(
     write_safetensors(path.as_ref(), entries, &metadata(state, "training")).map(|_| ())
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// [`save_training`] into shards of at most `max_shard_bytes` in directory `dir`, with a
 /// Hugging Face index; returns the index's path.
 pub fn save_training_sharded(
@@ -341,6 +355,7 @@ fn export_entries(state: &dyn EmaState) -> Vec<Entry<'_>> {
         .collect()
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// Exports the shadows alone, under the plain parameter names, for inference.
 pub fn export_ema(path: impl AsRef<Path>, state: &dyn EmaState) -> Result<()> {
     let entries = export_entries(state);
