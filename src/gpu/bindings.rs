@@ -9,7 +9,9 @@ use std::fmt::Write;
 use std::num::NonZeroU64;
 
 use super::pipelines::Pipelines;
+use crate::error::{Error, Result};
 use crate::layout::ROW_BYTES;
+use crate::tensors::{ParamDtype, TensorSpec};
 
 /// What a binding holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,6 +282,46 @@ pub(crate) fn bind_group(
         layout: pipes.layout(family, d.tier),
         entries: &entries,
     })
+}
+
+/// Checks a tensor the caller hands in: a storage buffer, a 4-byte-aligned offset, and the
+/// whole tensor (its last u32 word, for 16-bit dtypes) inside the buffer.
+pub(crate) fn validate_binding(
+    spec: &TensorSpec,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    dtype: ParamDtype,
+) -> Result<()> {
+    let usage = buffer.usage();
+    if !usage.contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::MissingUsage {
+            name: spec.name.clone(),
+            needed: wgpu::BufferUsages::STORAGE,
+            have: usage,
+        });
+    }
+    if !offset.is_multiple_of(4) {
+        return Err(Error::Misaligned {
+            name: spec.name.clone(),
+            offset,
+        });
+    }
+    // 16-bit parameters are read as whole u32 words: the last word must be in the buffer.
+    let end = spec
+        .try_numel()
+        .and_then(|n| n.checked_mul(dtype.size()))
+        .map(|b| b.next_multiple_of(4))
+        .and_then(|b| b.checked_add(offset))
+        .unwrap_or(u64::MAX);
+    if end > buffer.size() {
+        return Err(Error::OutOfBounds {
+            name: spec.name.clone(),
+            offset,
+            end,
+            buffer_size: buffer.size(),
+        });
+    }
+    Ok(())
 }
 
 /// WebGPU's rule, which wgpu's native backends do not check: within one dispatch, a writable

@@ -204,7 +204,7 @@ impl<'a> GpuEmaBuilder<'a> {
             }
         }
         for (spec, buffer, offset, dtype) in self.buffers {
-            validate_binding(&spec, buffer, offset, dtype)?;
+            bindings::validate_binding(&spec, buffer, offset, dtype)?;
             all.push((spec, buffer, offset, dtype, false));
         }
         let mut names = HashMap::with_capacity(all.len());
@@ -384,42 +384,4 @@ pub(super) fn new_ring(
         }],
     });
     (buffer, bind_group)
-}
-
-pub(super) fn validate_binding(
-    spec: &TensorSpec,
-    buffer: &wgpu::Buffer,
-    offset: u64,
-    dtype: ParamDtype,
-) -> Result<()> {
-    let usage = buffer.usage();
-    if !usage.contains(wgpu::BufferUsages::STORAGE) {
-        return Err(Error::MissingUsage {
-            name: spec.name.clone(),
-            needed: wgpu::BufferUsages::STORAGE,
-            have: usage,
-        });
-    }
-    if !offset.is_multiple_of(4) {
-        return Err(Error::Misaligned {
-            name: spec.name.clone(),
-            offset,
-        });
-    }
-    // 16-bit parameters are read as whole u32 words: the last word must be in the buffer.
-    let end = spec
-        .try_numel()
-        .and_then(|n| n.checked_mul(dtype.size()))
-        .map(|b| b.next_multiple_of(4))
-        .and_then(|b| b.checked_add(offset))
-        .unwrap_or(u64::MAX);
-    if end > buffer.size() {
-        return Err(Error::OutOfBounds {
-            name: spec.name.clone(),
-            offset,
-            end,
-            buffer_size: buffer.size(),
-        });
-    }
-    Ok(())
 }

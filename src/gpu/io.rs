@@ -42,7 +42,7 @@ impl GpuEma {
                 name: name.to_string(),
             });
         }
-        builder::validate_binding(&t.spec, buffer, byte_offset, t.dtype)?;
+        bindings::validate_binding(&t.spec, buffer, byte_offset, t.dtype)?;
         if t.buffer == *buffer && t.offset == byte_offset {
             return Ok(());
         }
