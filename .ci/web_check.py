@@ -80,7 +80,7 @@ def main():
     base = f"http://127.0.0.1:{drv_port}"
     page = f"http://127.0.0.1:{http_port}/?check={a.check}&steps={a.steps}"
     profile = tempfile.mkdtemp(prefix="wgpu-ema-chromium-")
-    sid = None
+    sid, console = None, []
     try:
         wait_for(f"http://127.0.0.1:{http_port}/index.html", "the page server")
         wait_for(f"{base}/status", "chromedriver")
@@ -123,10 +123,12 @@ def main():
             f.write(base64.b64decode(shot))
         print(f"screenshot: {os.path.join(a.out, 'page.png')}")
         try:
-            for entry in call("POST", f"{s}/se/log", {"type": "browser"}):
-                print(f"  console: {entry.get('level')}: {entry.get('message')}")
-        except Exception:
-            pass
+            console = call("POST", f"{s}/se/log", {"type": "browser"})
+        except Exception as e:
+            console = []
+            print(f"  (no console log: {e})")
+        for entry in console:
+            print(f"  console: {entry.get('level')}: {entry.get('message')}")
     finally:
         if sid:
             try:
@@ -138,10 +140,17 @@ def main():
 
     if result is None:
         sys.exit(f"FAIL: the page published no result within {a.timeout}s")
+    # WebGPU reports what it refuses (validation, lost devices) on the console, even where the
+    # results still look right: any error there fails the check.
+    console_errors = [
+        e.get("message", "") for e in console
+        if e.get("level") == "SEVERE"
+        or any(k in e.get("message", "") for k in ("Invalid", "invalid", "WebGPU", "While "))
+    ]
     with open(os.path.join(a.out, "result.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
-    failures = []
+    failures = [f"console: {m[:300]}" for m in console_errors]
     if "error" in result:
         failures.append(f"the page failed: {result['error']}")
     else:
@@ -158,6 +167,8 @@ def main():
             failures.append("tensors in user buffers (odd offsets, bf16) differ from f64")
         if not c.get("compensated_pass"):
             failures.append("compensated shadows or their Kahan terms differ from the CPU's")
+        if not c.get("failed_readback_pass"):
+            failures.append("a readback of a destroyed buffer did not fail (zeros instead?)")
         if not c.get("swap_round_trip"):
             failures.append("swapping the EMA weights into the parameters and back was not exact")
         if not c.get("checkpoint_round_trip"):

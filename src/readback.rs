@@ -21,7 +21,15 @@ pub(crate) struct Pending {
     receiver: futures_intrusive::channel::shared::OneshotReceiver<
         std::result::Result<(), wgpu::BufferAsyncError>,
     >,
+    /// On the web: the error scopes around the copy, popped at once and awaited with the
+    /// mapping, so that a failed copy is an error, not a buffer of zeros.
+    #[cfg(target_arch = "wasm32")]
+    caught: Caught,
 }
+
+/// Popped error scopes, still to resolve.
+#[cfg(target_arch = "wasm32")]
+type Caught = Vec<std::pin::Pin<Box<dyn std::future::Future<Output = Option<wgpu::Error>>>>>;
 
 /// Runs `f`, which creates or submits GPU work, catching the errors the device reports for it
 /// (a lost or destroyed device, no memory) as [`Error::Device`] instead of wgpu's default
@@ -42,10 +50,12 @@ pub(crate) fn scoped<T>(device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<
     }
 }
 
-/// On the web an error scope resolves only as a promise, and nothing may block on one. The
-/// scopes are not pushed at all (a popped-and-dropped scope would swallow the error): errors
-/// reach the device's uncaptured-error handler, which in a browser logs them to the console
-/// and which `Device::on_uncaptured_error` replaces.
+/// On the web an error scope resolves only as a promise, and nothing may block on one. Work
+/// that returns at once (building, recording, submitting steps) pushes no scopes (a popped and
+/// dropped scope would swallow the error): its errors reach the device's uncaptured-error
+/// handler, which in a browser logs them to the console and which
+/// `Device::on_uncaptured_error` replaces. Readbacks, which are awaited anyway, do catch theirs
+/// (see `start`).
 #[cfg(target_arch = "wasm32")]
 pub(crate) fn scoped<T>(_device: &wgpu::Device, f: impl FnOnce() -> T) -> Result<T> {
     Ok(f())
@@ -58,7 +68,18 @@ pub(crate) fn start(
     queue: &wgpu::Queue,
     ranges: &[Range<'_>],
 ) -> Result<Pending> {
-    scoped(device, || start_unchecked(device, queue, ranges))
+    #[cfg(not(target_arch = "wasm32"))]
+    return scoped(device, || start_unchecked(device, queue, ranges));
+    // A pop takes effect at once and only its result is a promise: it is awaited with the
+    // mapping, which is asynchronous anyway.
+    #[cfg(target_arch = "wasm32")]
+    {
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let memory = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mut pending = start_unchecked(device, queue, ranges);
+        pending.caught = vec![Box::pin(memory.pop()), Box::pin(validation.pop())];
+        Ok(pending)
+    }
 }
 
 fn start_unchecked(device: &wgpu::Device, queue: &wgpu::Queue, ranges: &[Range<'_>]) -> Pending {
@@ -90,6 +111,8 @@ fn start_unchecked(device: &wgpu::Device, queue: &wgpu::Queue, ranges: &[Range<'
         total,
         index,
         receiver,
+        #[cfg(target_arch = "wasm32")]
+        caught: Vec::new(),
     }
 }
 
@@ -111,6 +134,12 @@ impl Pending {
     /// Awaits the mapping. On native targets something must poll the device meanwhile (see
     /// [`GpuEma::read_shadows`](crate::GpuEma::read_shadows)); in a browser nothing need.
     pub async fn finish(self) -> Result<Vec<f32>> {
+        #[cfg(target_arch = "wasm32")]
+        for scope in self.caught {
+            if let Some(e) = scope.await {
+                return Err(Error::Device(e.to_string()));
+            }
+        }
         match self.receiver.receive().await {
             Some(Ok(())) => {}
             Some(Err(e)) => return Err(Error::Readback(e.to_string())),

@@ -277,7 +277,9 @@ fn snapshot_into_host_feeds_checkpoint_bytes() {
     let ck = Checkpoint::from_bytes(bytes).expect("load");
     assert_eq!(ck.num_updates().expect("n"), 6);
     for s in specs() {
-        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let same = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
         let got = ck.get(&s.shadow_name()).expect("shadow").1;
         assert!(
             same(got, shadows.try_get(&s.name).expect("s")),

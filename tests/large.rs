@@ -179,7 +179,9 @@ fn adjacent_windows_of_one_buffer() {
     ema.swap().unwrap();
     let back = arena.read_blocking(&ctx.device, &ctx.queue).unwrap();
     for (s, v) in specs.iter().zip(&p) {
-        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        let same = |a: &[f32], b: &[f32]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+        };
         assert!(
             same(
                 swapped.try_get(&s.name).unwrap(),
@@ -190,4 +192,72 @@ fn adjacent_windows_of_one_buffer() {
         );
         assert!(same(back.try_get(&s.name).unwrap(), v), "{}", s.name);
     }
+}
+
+/// A rebind that moves a tensor to a window overlapping another window of the same buffer in
+/// its dispatch: the rebind re-plans instead of binding both there, so evaluation (which writes
+/// the parameters through these bindings) stays within WebGPU's rule and exact.
+#[test]
+fn rebind_next_to_an_overlapping_window() {
+    let Some(ctx) = gpu() else { return };
+    let limit = ctx.device.limits().max_storage_buffer_binding_size;
+    if limit > 256 << 20 {
+        eprintln!("SKIPPED: binding limit {limit} bytes is too large to exceed in a test");
+        return;
+    }
+    let n = 16usize;
+    let size = limit + limit / 2 + 4096;
+    let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("windows"),
+        size,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    // x in window [0, L), y in window [L, 1.5 L): disjoint, so one dispatch binds both.
+    let (x_at, y_at, y_moved) = (0u64, limit, limit / 2 + 1024);
+    let (x0, y0) = (random(1, n), random(2, n));
+    write(ctx, &buf, x_at, &x0);
+    write(ctx, &buf, y_at, &y0);
+    let schedule = Schedule::constant(0.5);
+    let mut ema = GpuEma::builder(schedule)
+        .param_slots(4)
+        .track_buffer(TensorSpec::new("x", [n]), &buf, x_at)
+        .track_buffer(TensorSpec::new("y", [n]), &buf, y_at)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    assert_eq!(ema.dispatches_per_step(), 1);
+    let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &[&x0, &y0]).unwrap();
+    // y moves to [L/2 + 1 KiB, ...), read through window [L/2, 1.5 L), which overlaps x's.
+    let y1 = random(3, n);
+    write(ctx, &buf, y_moved, &y1);
+    ema.rebind("y", &buf, y_moved).unwrap();
+    ema.update().unwrap();
+    reference.update(&[&x0, &y1]).unwrap();
+    let shadows = ema.read_shadows_blocking().unwrap();
+    assert_close(
+        "x",
+        shadows.try_get("x").unwrap(),
+        &reference.shadows()[0],
+        TOL,
+    );
+    assert_close(
+        "y",
+        shadows.try_get("y").unwrap(),
+        &reference.shadows()[1],
+        TOL,
+    );
+
+    let read = |at: u64| -> Vec<u32> {
+        let words = common::read_words(ctx, &buf);
+        words[(at / 4) as usize..][..n].to_vec()
+    };
+    let bits = |v: &[f32]| -> Vec<u32> { v.iter().map(|x| x.to_bits()).collect() };
+    ema.swap().unwrap();
+    assert_eq!(read(x_at), bits(shadows.try_get("x").unwrap()));
+    assert_eq!(read(y_moved), bits(shadows.try_get("y").unwrap()));
+    ema.swap().unwrap();
+    assert_eq!(read(x_at), bits(&x0));
+    assert_eq!(read(y_moved), bits(&y1));
 }

@@ -195,7 +195,8 @@ impl<'a> Encoder<'a> {
 }
 
 /// Encodes a safetensors file in memory: what [`write_safetensors_as`](super::write_safetensors_as)
-/// writes to disk, byte for byte, for a page to offer as a download (or to send anywhere).
+/// writes to disk, through the same code, for a page to offer as a download (or to send
+/// anywhere). (The metadata's keys, like those of every save, come in no fixed order.)
 /// Holds the whole file in memory.
 ///
 /// ```

@@ -326,8 +326,8 @@ pub fn save_training_sharded(
     )
 }
 
-/// [`save_training`] into bytes in memory (the same file, byte for byte): how a browser page,
-/// which has no filesystem, saves a checkpoint. Read a GPU snapshot back with
+/// [`save_training`] into bytes in memory (the same file, through the same code): how a
+/// browser page, which has no filesystem, saves a checkpoint. Read a GPU snapshot back with
 /// [`Snapshot::into_host`](crate::Snapshot::into_host) first there.
 pub fn training_bytes(
     state: &dyn EmaState,

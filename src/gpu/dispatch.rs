@@ -223,6 +223,19 @@ impl Dispatches {
                     let Some(s) = d.users.iter().position(|&u| u == 0) else {
                         return false;
                     };
+                    // Not next to another window of the same buffer that overlaps it (bound
+                    // slots stay in the bind group even when no row uses them): the swap and
+                    // copy passes write through these bindings, and WebGPU refuses writable
+                    // bindings that overlap. A new plan keeps them in separate dispatches.
+                    let overlaps = d.slots.iter().enumerate().any(|(i, other)| {
+                        i != s
+                            && other
+                                .as_ref()
+                                .is_some_and(|(buf, w)| buf == b.buffer && w.overlaps(&seg.window))
+                    });
+                    if overlaps {
+                        return false;
+                    }
                     d.set_slot(s, key, device, pipes, store, &self.shape, table);
                     s
                 }

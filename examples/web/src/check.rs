@@ -203,7 +203,8 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
         && swap_ok
         && !ema.uses_immediates()
         && more["user_buffers_pass"] == true
-        && more["compensated_pass"] == true;
+        && more["compensated_pass"] == true
+        && more["failed_readback_pass"] == true;
     let mut report = json!({
         "pass": pass,
         "adapter": info.name,

@@ -1,6 +1,7 @@
 //! More of the self-check: parameters in the caller's own buffers at odd offsets with NaN
 //! between the tensors, bf16 parameters, and compensated (Kahan) shadows, whose extra terms a
-//! shader compiler must not fold away. Each against the references computed in the tab.
+//! shader compiler must not fold away, each against the references computed in the tab; and a
+//! readback the device refuses, which must be an error.
 
 use serde_json::{json, Value};
 use wgpu_ema::checkpoint::EmaState;
@@ -145,12 +146,28 @@ async fn compensated(ctx: &GpuContext, steps: u32) -> Result<Value, Error> {
     }))
 }
 
-/// Both checks, merged into one report.
+/// A readback whose copy the device refuses (its buffer destroyed) resolves to an error on
+/// the web too, not to a buffer of zeros.
+async fn failed_readback(ctx: &GpuContext) -> Result<Value, Error> {
+    let arena = ParamArena::new(&ctx.device, [TensorSpec::new("gone", [64])])?;
+    arena.buffer().destroy();
+    let message = match arena.read(&ctx.device, &ctx.queue).await {
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    Ok(json!({
+        "failed_readback_error": message,
+        "failed_readback_pass": message.is_some(),
+    }))
+}
+
+/// The checks, merged into one report.
 pub async fn run(ctx: &GpuContext) -> Result<Value, Error> {
     let mut report = user_buffers(ctx, 12).await?;
-    let more = compensated(ctx, 200).await?;
-    if let (Some(r), Some(m)) = (report.as_object_mut(), more.as_object()) {
-        r.extend(m.clone());
+    for more in [compensated(ctx, 200).await?, failed_readback(ctx).await?] {
+        if let (Some(r), Some(m)) = (report.as_object_mut(), more.as_object()) {
+            r.extend(m.clone());
+        }
     }
     Ok(report)
 }
