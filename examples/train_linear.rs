@@ -174,67 +174,18 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
     }
 
     let steps = args.steps.saturating_sub(st.global);
-    let data_buf = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("data"),
-        size: (data.len() * 4) as u64,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    queue.write_buffer(&data_buf, 0, bytemuck::cast_slice(data));
-    let log_bytes = 16 + 8 * steps.max(1);
-    let log_buf = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("log"),
-        size: log_bytes,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
+    let data_buf = upload_data(device, queue, data);
+    let log_buf = log_buffer(device, steps);
     queue.write_buffer(
         &log_buf,
         0,
         bytemuck::cast_slice(&[0u32, st.global as u32, 0, 0]),
     );
 
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("train_linear"),
-        source: wgpu::ShaderSource::Wgsl(WGSL.into()),
-    });
-    let constants = constants();
-    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some("train_step"),
-        layout: None,
-        module: &module,
-        entry_point: Some("train_step"),
-        compilation_options: wgpu::PipelineCompilationOptions {
-            constants: &constants,
-            ..Default::default()
-        },
-        cache: None,
-    });
-    let bindings = [
-        data_buf.as_entire_buffer_binding(),
-        params.binding("weight")?,
-        params.binding("bias")?,
-        momentum.binding("weight/Momentum")?,
-        momentum.binding("bias/Momentum")?,
-        ema.shadow_binding("weight")?,
-        ema.shadow_binding("bias")?,
-        log_buf.as_entire_buffer_binding(),
-    ];
-    let entries: Vec<wgpu::BindGroupEntry> = bindings
-        .into_iter()
-        .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry {
-            binding: i as u32,
-            resource: wgpu::BindingResource::Buffer(b),
-        })
-        .collect();
-    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("train_step"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    });
+    let pipeline = pipeline(device);
+    let bind_group = bind_group(
+        device, &pipeline, &data_buf, &params, &momentum, &ema, &log_buf,
+    )?;
 
     let bar = progress(steps);
     let mut last_checkpoint = None;

@@ -1,8 +1,9 @@
 //! The linear model of the TensorFlow EMA article, shared by `train_linear` and the web demo:
 //! `y = x . w + b` with w of shape [2, 1] and a scalar b, seeded synthetic data, and momentum
-//! SGD's constants (the WGSL step is `examples/train_linear.wgsl`).
+//! SGD's constants, and the GPU side of the step (`examples/train_linear.wgsl`): its data, log,
+//! pipeline and bindings.
 
-use wgpu_ema::TensorSpec;
+use wgpu_ema::{wgpu, GpuEma, ParamArena, TensorSpec};
 
 /// TensorFlow's article decay (`num_updates` caps it early on).
 pub const DECAY: f64 = 0.9999;
@@ -64,16 +65,89 @@ pub fn eval_loss(data: &[f32], w: &[f32], b: f32) -> f32 {
     sum / N_EVAL as f32
 }
 
-/// The WGSL training step, and the values of its override constants.
-pub const WGSL: &str = include_str!("../train_linear.wgsl");
+/// The training data on the GPU (storage, read by the step).
+pub fn upload_data(device: &wgpu::Device, queue: &wgpu::Queue, data: &[f32]) -> wgpu::Buffer {
+    let buf = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("data"),
+        size: (data.len() * 4) as u64,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    queue.write_buffer(&buf, 0, bytemuck::cast_slice(data));
+    buf
+}
 
-/// `LR`, `MOMENTUM`, `BATCH`, `N_TRAIN`, `N_EVAL` for the pipeline.
-pub fn constants() -> [(&'static str, f64); 5] {
-    [
+/// The step's log: a 16-byte header (steps done, first global step) and a (raw, EMA) loss
+/// pair for each of up to `steps` steps.
+pub fn log_buffer(device: &wgpu::Device, steps: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("log"),
+        size: 16 + 8 * steps.max(1),
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+/// The training step (`examples/train_linear.wgsl`) with its constants.
+pub fn pipeline(device: &wgpu::Device) -> wgpu::ComputePipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("train_linear"),
+        source: wgpu::ShaderSource::Wgsl(include_str!("../train_linear.wgsl").into()),
+    });
+    let constants = [
         ("LR", LR as f64),
         ("MOMENTUM", MOMENTUM as f64),
         ("BATCH", BATCH as f64),
         ("N_TRAIN", N_TRAIN as f64),
         ("N_EVAL", N_EVAL as f64),
-    ]
+    ];
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("train_step"),
+        layout: None,
+        module: &module,
+        entry_point: Some("train_step"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants,
+            ..Default::default()
+        },
+        cache: None,
+    })
+}
+
+/// The step's bindings, in the shader's order; the EMA's shadows are bound read-only for the
+/// held-out loss of the EMA weights.
+pub fn bind_group(
+    device: &wgpu::Device,
+    pipeline: &wgpu::ComputePipeline,
+    data: &wgpu::Buffer,
+    params: &ParamArena,
+    momentum: &ParamArena,
+    ema: &GpuEma,
+    log: &wgpu::Buffer,
+) -> wgpu_ema::Result<wgpu::BindGroup> {
+    let bindings = [
+        data.as_entire_buffer_binding(),
+        params.binding("weight")?,
+        params.binding("bias")?,
+        momentum.binding("weight/Momentum")?,
+        momentum.binding("bias/Momentum")?,
+        ema.shadow_binding("weight")?,
+        ema.shadow_binding("bias")?,
+        log.as_entire_buffer_binding(),
+    ];
+    let entries: Vec<wgpu::BindGroupEntry> = bindings
+        .into_iter()
+        .enumerate()
+        .map(|(i, b)| wgpu::BindGroupEntry {
+            binding: i as u32,
+            resource: wgpu::BindingResource::Buffer(b),
+        })
+        .collect();
+    Ok(device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("train_step"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    }))
 }

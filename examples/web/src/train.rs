@@ -2,12 +2,16 @@
 //! as `train_linear` does natively, but with nothing that blocks: every readback is a future
 //! the browser resolves.
 
+use std::cell::Cell;
 use std::future::Future;
+use std::rc::Rc;
 
 use wgpu_ema::checkpoint::{self, Checkpoint, RestoreOptions};
 use wgpu_ema::{wgpu, GpuContext, GpuEma, HostTensors, ParamArena, Schedule};
 
-use crate::linear::{constants, dataset, momentum_specs, specs, WGSL};
+use crate::linear::{
+    bind_group, dataset, log_buffer, momentum_specs, pipeline, specs, upload_data,
+};
 use crate::Error;
 
 /// Most steps one `train` call records (one submit; the log buffer is sized for it).
@@ -20,6 +24,9 @@ pub struct Trainer {
     momentum: ParamArena,
     data: wgpu::Buffer,
     log: wgpu::Buffer,
+    /// Where each call's losses are read back (mapped while `reading`).
+    staging: wgpu::Buffer,
+    reading: Rc<Cell<bool>>,
     pipeline: wgpu::ComputePipeline,
     ema: GpuEma,
     bind_group: wgpu::BindGroup,
@@ -33,51 +40,29 @@ impl Trainer {
         let device = &ctx.device;
         let params = ParamArena::new(device, specs())?;
         let momentum = ParamArena::new(device, momentum_specs())?;
-        let samples = dataset();
-        let data = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("data"),
-            size: (samples.len() * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        let data = upload_data(device, &ctx.queue, &dataset());
+        let log = log_buffer(device, MAX_STEPS_PER_CALL as u64);
+        let staging = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("log readback"),
+            size: 8 * MAX_STEPS_PER_CALL as u64,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        ctx.queue
-            .write_buffer(&data, 0, bytemuck::cast_slice(&samples));
-        let log = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("log"),
-            size: 16 + 8 * MAX_STEPS_PER_CALL as u64,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("train_linear"),
-            source: wgpu::ShaderSource::Wgsl(WGSL.into()),
-        });
-        let constants = constants();
-        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("train_step"),
-            layout: None,
-            module: &module,
-            entry_point: Some("train_step"),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                constants: &constants,
-                ..Default::default()
-            },
-            cache: None,
-        });
+        let pipeline = pipeline(device);
         zero(&ctx.queue, &params)?;
         zero(&ctx.queue, &momentum)?;
         let ema = GpuEma::builder(schedule)
             .track_arena(&params)
             .build(device, &ctx.queue)?;
-        let bind_group = bind(&ctx, &pipeline, &data, &params, &momentum, &ema, &log)?;
+        let bind_group = bind_group(device, &pipeline, &data, &params, &momentum, &ema, &log)?;
         Ok(Self {
             ctx,
             params,
             momentum,
             data,
             log,
+            staging,
+            reading: Rc::new(Cell::new(false)),
             pipeline,
             ema,
             bind_group,
@@ -104,8 +89,8 @@ impl Trainer {
         self.ema = GpuEma::builder(self.ema.schedule())
             .track_arena(&self.params)
             .build(&self.ctx.device, &self.ctx.queue)?;
-        self.bind_group = bind(
-            &self.ctx,
+        self.bind_group = bind_group(
+            &self.ctx.device,
             &self.pipeline,
             &self.data,
             &self.params,
@@ -123,6 +108,10 @@ impl Trainer {
         &mut self,
         steps: u32,
     ) -> Result<impl Future<Output = Result<Vec<f32>, Error>> + 'static, Error> {
+        // One readback buffer serves every call: the previous call's must be read first.
+        if self.reading.get() {
+            return Err("the previous train call has not resolved yet".into());
+        }
         let steps = steps.clamp(1, MAX_STEPS_PER_CALL);
         let (device, queue) = (&self.ctx.device, &self.ctx.queue);
         let first = u32::try_from(self.global).map_err(|_| "step counter past u32")?;
@@ -139,16 +128,15 @@ impl Trainer {
             self.ema.record_update_at(&mut encoder, g)?;
         }
         let bytes = 8 * steps as u64;
-        let staging = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("log readback"),
-            size: bytes,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        encoder.copy_buffer_to_buffer(&self.log, 16, &staging, 0, bytes);
+        encoder.copy_buffer_to_buffer(&self.log, 16, &self.staging, 0, bytes);
         queue.submit(Some(encoder.finish()));
         self.global += steps as u64;
-        Ok(read_mapped(staging))
+        self.reading.set(true);
+        Ok(read_mapped(
+            self.staging.clone(),
+            bytes,
+            self.reading.clone(),
+        ))
     }
 
     /// A training checkpoint (shadows, weights, momentum, the counter) as safetensors bytes.
@@ -201,55 +189,32 @@ fn zero(queue: &wgpu::Queue, arena: &ParamArena) -> Result<(), Error> {
     Ok(())
 }
 
-/// The training step's bindings, in `train_linear.wgsl`'s order; the EMA's shadows are bound
-/// read-only for the held-out loss of the EMA weights.
-fn bind(
-    ctx: &GpuContext,
-    pipeline: &wgpu::ComputePipeline,
-    data: &wgpu::Buffer,
-    params: &ParamArena,
-    momentum: &ParamArena,
-    ema: &GpuEma,
-    log: &wgpu::Buffer,
-) -> Result<wgpu::BindGroup, Error> {
-    let bindings = [
-        data.as_entire_buffer_binding(),
-        params.binding("weight")?,
-        params.binding("bias")?,
-        momentum.binding("weight/Momentum")?,
-        momentum.binding("bias/Momentum")?,
-        ema.shadow_binding("weight")?,
-        ema.shadow_binding("bias")?,
-        log.as_entire_buffer_binding(),
-    ];
-    let entries: Vec<wgpu::BindGroupEntry> = bindings
-        .into_iter()
-        .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry {
-            binding: i as u32,
-            resource: wgpu::BindingResource::Buffer(b),
-        })
-        .collect();
-    Ok(ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("train_step"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    }))
-}
-
-/// Maps a MAP_READ buffer whose copy is submitted and resolves to its f32 contents. In a
-/// browser nothing needs to poll: the map callback runs when the GPU is done.
-pub fn read_mapped(
+/// Maps the first `bytes` of a MAP_READ buffer whose copy is submitted and resolves to them as
+/// f32, unmapping it and clearing `reading`. In a browser nothing needs to poll: the map
+/// callback runs when the GPU is done.
+fn read_mapped(
     staging: wgpu::Buffer,
+    bytes: u64,
+    reading: Rc<Cell<bool>>,
 ) -> impl Future<Output = Result<Vec<f32>, Error>> + 'static {
     let (tx, rx) = futures_channel::oneshot::channel();
-    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+    staging.map_async(wgpu::MapMode::Read, ..bytes, move |r| {
         let _ = tx.send(r);
     });
     async move {
-        rx.await.map_err(|_| "the map callback was dropped")??;
-        let values = bytemuck::pod_collect_to_vec(&staging.get_mapped_range(..)?);
-        staging.unmap();
-        Ok(values)
+        let values = match rx.await.map_err(|_| "the map callback was dropped") {
+            Ok(Ok(())) => {
+                let values = staging
+                    .get_mapped_range(..bytes)
+                    .map(|v| bytemuck::pod_collect_to_vec(&v))
+                    .map_err(Error::from);
+                staging.unmap();
+                values
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(e.into()),
+        };
+        reading.set(false);
+        values
     }
 }
