@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_close, buffer_with, gpu, random, write};
+use common::{assert_close, assert_shadows_close, buffer_with, gpu, random, write};
 use wgpu_ema::cpu::ReferenceEma;
 use wgpu_ema::{wgpu, GpuContext, GpuEma, Numerics, ParamArena, Schedule, TensorSpec};
 
@@ -137,14 +137,7 @@ fn a_model_in_an_arena_matches_the_reference_over_many_steps() {
     }
     assert_eq!(ema.num_updates(), steps as u64);
     let shadows = ema.read_shadows_blocking().unwrap();
-    for (i, s) in specs.iter().enumerate() {
-        assert_close(
-            &s.name,
-            shadows.try_get(&s.name).unwrap(),
-            &reference.shadows()[i],
-            TOL_PER_STEP * steps as f64,
-        );
-    }
+    assert_shadows_close(&shadows, &specs, &reference, TOL_PER_STEP * steps as f64);
     // The parameters read back are the last written.
     let p = arena.read_blocking(&ctx.device, &ctx.queue).unwrap();
     assert_eq!(p.try_get("l1.bias").unwrap().len(), 1);

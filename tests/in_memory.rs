@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{assert_close, gpu, random};
+use common::{assert_close, assert_shadows_close, gpu, random};
 use wgpu_ema::checkpoint::{self, Checkpoint, Entry};
 use wgpu_ema::cpu::{CpuEma, ReferenceEma};
 use wgpu_ema::{wgpu, GpuEma, HostTensors, Numerics, ParamArena, ParamDtype, Schedule, TensorSpec};
@@ -221,14 +221,7 @@ fn schedule_changed_mid_run_matches_the_reference_on_cpu_and_gpu() {
     if let Some(ema) = &ema {
         assert_eq!(ema.schedule(), second);
         let got = ema.read_shadows_blocking().expect("read");
-        for (i, s) in specs().iter().enumerate() {
-            assert_close(
-                &s.name,
-                got.try_get(&s.name).expect("gpu"),
-                &reference.shadows()[i],
-                1e-6,
-            );
-        }
+        assert_shadows_close(&got, &specs(), &reference, 1e-6);
     }
 }
 

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, buffer_with, gpu, random, write};
+use common::{assert_close, assert_shadows_close, buffer_with, gpu, random, write};
 use wgpu_ema::cpu::ReferenceEma;
 use wgpu_ema::{GpuEma, Numerics, ParamArena, Schedule, TensorSpec};
 
@@ -166,14 +166,7 @@ fn adjacent_windows_of_one_buffer() {
     let refs: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
     reference.update(&refs).unwrap();
     let shadows = ema.read_shadows_blocking().unwrap();
-    for (i, s) in specs.iter().enumerate() {
-        assert_close(
-            &s.name,
-            shadows.try_get(&s.name).unwrap(),
-            &reference.shadows()[i],
-            TOL,
-        );
-    }
+    assert_shadows_close(&shadows, &specs, &reference, TOL);
     ema.swap().unwrap();
     let swapped = arena.read_blocking(&ctx.device, &ctx.queue).unwrap();
     ema.swap().unwrap();
@@ -236,18 +229,7 @@ fn rebind_next_to_an_overlapping_window() {
     ema.update().unwrap();
     reference.update(&[&x0, &y1]).unwrap();
     let shadows = ema.read_shadows_blocking().unwrap();
-    assert_close(
-        "x",
-        shadows.try_get("x").unwrap(),
-        &reference.shadows()[0],
-        TOL,
-    );
-    assert_close(
-        "y",
-        shadows.try_get("y").unwrap(),
-        &reference.shadows()[1],
-        TOL,
-    );
+    assert_shadows_close(&shadows, &ema.specs(), &reference, TOL);
 
     let read = |at: u64| -> Vec<u32> {
         let words = common::read_words(ctx, &buf);

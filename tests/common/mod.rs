@@ -82,6 +82,22 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], rel: f64) {
     }
 }
 
+/// Asserts every tensor of `specs` read back in `got` matches the reference's tensor at the
+/// same position, within `rel` (as [`assert_close`]).
+pub fn assert_shadows_close(
+    got: &wgpu_ema::HostTensors,
+    specs: &[wgpu_ema::TensorSpec],
+    reference: &wgpu_ema::cpu::ReferenceEma,
+    rel: f64,
+) {
+    for (i, s) in specs.iter().enumerate() {
+        let values = got
+            .try_get(&s.name)
+            .unwrap_or_else(|e| panic!("{}: {e}", s.name));
+        assert_close(&s.name, values, &reference.shadows()[i], rel);
+    }
+}
+
 /// Distance in units in the last place between two f32.
 pub fn ulps(a: f32, b: f32) -> u64 {
     let key = |x: f32| {
