@@ -54,7 +54,7 @@ pub mod cpu;
 pub mod debias;
 mod error;
 mod gpu;
-mod layout;
+mod plan;
 // Post-hoc EMA records and reads snapshot files: native-only (no filesystem on the web).
 #[cfg(not(target_arch = "wasm32"))]
 pub mod posthoc;

@@ -3,7 +3,7 @@
 use std::num::NonZeroU64;
 
 use crate::error::{Error, Result};
-use crate::layout::{align_up, PlanLimits};
+use crate::plan::align_up;
 use crate::readback;
 use crate::tensors::{HostTensors, TensorSpec};
 
@@ -35,7 +35,7 @@ impl ParamArena {
     /// Allocates an arena for `specs` on `device`, zero-filled. Fails on duplicate names or an
     /// arena larger than the device's `max_buffer_size`.
     pub fn new(device: &wgpu::Device, specs: impl IntoIterator<Item = TensorSpec>) -> Result<Self> {
-        let lim = PlanLimits::from_device(&device.limits());
+        let lim = super::plan_limits(device);
         let specs: Vec<TensorSpec> = specs.into_iter().collect();
         let mut offsets = Vec::with_capacity(specs.len());
         let mut at = 0u64;

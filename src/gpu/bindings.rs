@@ -8,9 +8,8 @@
 use std::fmt::Write;
 use std::num::NonZeroU64;
 
-use super::pipelines::Pipelines;
 use crate::error::{Error, Result};
-use crate::layout::ROW_BYTES;
+use crate::plan::ROW_BYTES;
 use crate::tensors::{ParamDtype, TensorSpec};
 
 /// What a binding holds.
@@ -188,8 +187,8 @@ pub(crate) fn param_wgsl(slots: usize) -> String {
     s
 }
 
-/// A parameter slot's binding: a window of a buffer.
-pub(crate) type Slot = Option<(wgpu::Buffer, crate::layout::Window)>;
+/// A parameter slot's binding: a window of a buffer, or free.
+pub(crate) type Slot = crate::plan::Slot<wgpu::Buffer>;
 
 /// The buffers a dispatch binds besides the parameters.
 #[derive(Debug)]
@@ -226,9 +225,11 @@ pub(crate) struct Place<'a> {
     pub rows: usize,
 }
 
+/// The bind group of one dispatch for `family`, with `layout` (the family's layout for the
+/// dispatch's tier).
 pub(crate) fn bind_group(
     device: &wgpu::Device,
-    pipes: &Pipelines,
+    layout: &wgpu::BindGroupLayout,
     store: &Store,
     shape: &Shape,
     family: Family,
@@ -279,7 +280,7 @@ pub(crate) fn bind_group(
     );
     device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: Some("wgpu-ema dispatch"),
-        layout: pipes.layout(family, d.tier),
+        layout,
         entries: &entries,
     })
 }

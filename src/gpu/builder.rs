@@ -6,7 +6,7 @@ use std::num::NonZeroU64;
 use super::bindings::{self, Shape};
 use super::pipelines::STEP_BYTES;
 use super::*;
-use crate::layout;
+use crate::plan::{self, Plan};
 
 /// The most parameter bindings one dispatch selects between (the `switch` in the shader
 /// grows with it).
@@ -37,7 +37,7 @@ pub struct GpuEmaBuilder<'a> {
     param_slots: Option<usize>,
     prefer_immediates: bool,
     arena: Option<&'a ParamArena>,
-    buffers: Vec<(TensorSpec, &'a wgpu::Buffer, u64, ParamDtype)>,
+    buffers: Vec<(TensorSpec, ParamBinding<wgpu::Buffer>)>,
 }
 
 impl<'a> GpuEmaBuilder<'a> {
@@ -135,15 +135,8 @@ impl<'a> GpuEmaBuilder<'a> {
 
     /// Tracks a tensor living in the caller's `buffer` from `byte_offset` (a multiple of 4),
     /// used in place. The buffer needs `BufferUsages::STORAGE`.
-    pub fn track_buffer(
-        mut self,
-        spec: TensorSpec,
-        buffer: &'a wgpu::Buffer,
-        byte_offset: u64,
-    ) -> Self {
-        self.buffers
-            .push((spec, buffer, byte_offset, ParamDtype::F32));
-        self
+    pub fn track_buffer(self, spec: TensorSpec, buffer: &wgpu::Buffer, byte_offset: u64) -> Self {
+        self.track_buffer_as(spec, buffer, byte_offset, ParamDtype::F32)
     }
 
     /// Tracks a tensor of f16 or bf16 parameters (or f32: [`track_buffer`](Self::track_buffer))
@@ -155,11 +148,12 @@ impl<'a> GpuEmaBuilder<'a> {
     pub fn track_buffer_as(
         mut self,
         spec: TensorSpec,
-        buffer: &'a wgpu::Buffer,
+        buffer: &wgpu::Buffer,
         byte_offset: u64,
         dtype: ParamDtype,
     ) -> Self {
-        self.buffers.push((spec, buffer, byte_offset, dtype));
+        self.buffers
+            .push((spec, param_binding(buffer, byte_offset, dtype)));
         self
     }
 
@@ -195,17 +189,18 @@ impl<'a> GpuEmaBuilder<'a> {
             policy: self.policy,
             ..Stepper::new(self.schedule, self.numerics)?
         };
-        let lim = PlanLimits::from_device(&device.limits());
-        // Every tensor as (spec, buffer, offset, dtype, in arena): the arena's first.
-        let mut all: Vec<(TensorSpec, &wgpu::Buffer, u64, ParamDtype, bool)> = Vec::new();
+        let lim = plan_limits(device);
+        // Every tensor as (spec, binding, in arena): the arena's first.
+        let mut all: Vec<(TensorSpec, ParamBinding<wgpu::Buffer>, bool)> = Vec::new();
         if let Some(a) = self.arena {
             for (spec, &offset) in a.specs().iter().zip(a.offsets()) {
-                all.push((spec.clone(), a.buffer(), offset, ParamDtype::F32, true));
+                let binding = param_binding(a.buffer(), offset, ParamDtype::F32);
+                all.push((spec.clone(), binding, true));
             }
         }
-        for (spec, buffer, offset, dtype) in self.buffers {
-            bindings::validate_binding(&spec, buffer, offset, dtype)?;
-            all.push((spec, buffer, offset, dtype, false));
+        for (spec, b) in self.buffers {
+            bindings::validate_binding(&spec, &b.buffer, b.offset, b.dtype)?;
+            all.push((spec, b, false));
         }
         let mut names = HashMap::with_capacity(all.len());
         for (i, (spec, ..)) in all.iter().enumerate() {
@@ -222,14 +217,14 @@ impl<'a> GpuEmaBuilder<'a> {
         )?;
         super::overlaps::check(
             all.iter()
-                .map(|(spec, buffer, offset, dtype, _)| (spec, *buffer, *offset, *dtype)),
+                .map(|(spec, b, _)| (spec, &b.buffer, b.offset, b.dtype)),
         )?;
 
         // Shadows: each tensor's one run (pieces only past one binding), packed into buffers
         // of one binding each; compensation terms and further EMAs mirror that layout.
         let numels: Vec<u64> = all.iter().map(|(s, ..)| s.numel()).collect();
         let (pieces, buffer_sizes) =
-            layout::place_shadows(&numels, &lim).ok_or_else(|| Error::TooLarge {
+            plan::place_shadows(&numels, &lim).ok_or_else(|| Error::TooLarge {
                 what: "shadows".into(),
                 bytes: u64::MAX,
                 limit: lim.max_buffer,
@@ -299,11 +294,18 @@ impl<'a> GpuEmaBuilder<'a> {
             None if software => 1,
             None => max,
         };
-        let pipes = Pipelines::new(device, immediates, self.numerics, &shape);
+        let mut tensors = Vec::with_capacity(all.len());
+        let mut placed = Vec::with_capacity(all.len());
+        for ((spec, binding, in_arena), pieces) in all.into_iter().zip(pieces) {
+            tensors.push(Tracked { spec, in_arena });
+            placed.push((pieces, binding));
+        }
+        let plan = Plan::new(lim, shape.slots, placed);
+        let pipes = Pipelines::new(device, immediates, self.numerics, &shape, plan.tiers());
         let step = match &pipes.ring_layout {
             None => StepValues::Immediates,
             Some(ring_layout) => {
-                let stride = layout::align_up(
+                let stride = plan::align_up(
                     STEP_BYTES,
                     u64::from(device.limits().min_uniform_buffer_offset_alignment),
                 );
@@ -318,20 +320,7 @@ impl<'a> GpuEmaBuilder<'a> {
             }
         };
 
-        let tensors = all
-            .into_iter()
-            .zip(pieces)
-            .map(
-                |((spec, buffer, offset, dtype, in_arena), pieces)| Tracked {
-                    spec,
-                    buffer: buffer.clone(),
-                    offset,
-                    dtype,
-                    in_arena,
-                    pieces,
-                },
-            )
-            .collect();
+        let work = Dispatches::new(device, &pipes, &store, shape, plan);
         let mut ema = GpuEma {
             device: device.clone(),
             queue: queue.clone(),
@@ -342,12 +331,11 @@ impl<'a> GpuEmaBuilder<'a> {
             names,
             extra: self.extra_emas,
             store,
-            work: Dispatches::new(shape, lim),
+            work,
             arena: self.arena.cloned(),
             swapped: false,
             moved: false,
         };
-        ema.rebuild_dispatches();
         // shadows := params, on the GPU.
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("wgpu-ema init"),

@@ -42,27 +42,16 @@ impl GpuEma {
                 name: name.to_string(),
             });
         }
-        bindings::validate_binding(&t.spec, buffer, byte_offset, t.dtype)?;
-        if t.buffer == *buffer && t.offset == byte_offset {
+        let dtype = self.placed(i).1.dtype;
+        bindings::validate_binding(&t.spec, buffer, byte_offset, dtype)?;
+        let now = self.placed(i).1;
+        if now.buffer == *buffer && now.offset == byte_offset {
             return Ok(());
         }
-        let t = &mut self.tensors[i];
-        t.buffer = buffer.clone();
-        t.offset = byte_offset;
         self.moved = true;
-        let t = &self.tensors[i];
-        let patched = self.work.patch(
-            &self.device,
-            &self.pipes,
-            &self.store,
-            i,
-            &t.pieces,
-            &t.binding(),
-        );
-        // A failed patch, or windows that now fit in fewer dispatches: plan again.
-        if !patched || self.work.take_fragmented() {
-            self.rebuild_dispatches();
-        }
+        let binding = param_binding(buffer, byte_offset, dtype);
+        self.work
+            .rebind(&self.device, &self.pipes, &self.store, i, binding);
         Ok(())
     }
 
@@ -73,7 +62,7 @@ impl GpuEma {
     ) -> Vec<readback::Range<'s>> {
         which
             .iter()
-            .flat_map(|&i| self.tensors[i].pieces.iter())
+            .flat_map(|&i| self.placed(i).0.iter())
             .map(|p| readback::Range {
                 buffer: &buffers[p.buffer],
                 offset: p.offset,
@@ -199,7 +188,7 @@ impl GpuEma {
 
     fn write_pieces(&self, buffers: &[wgpu::Buffer], i: usize, values: &[f32]) {
         let mut at = 0usize;
-        for p in &self.tensors[i].pieces {
+        for p in self.placed(i).0 {
             let part = &values[at..at + p.len as usize];
             self.queue
                 .write_buffer(&buffers[p.buffer], p.offset, bytemuck::cast_slice(part));
@@ -291,21 +280,23 @@ impl GpuEma {
         self.not_swapped()?;
         let mut writes = Vec::new();
         for (spec, values) in params.iter() {
-            let t = &self.tensors[self.index(&spec.name)?];
-            if values.len() as u64 != t.spec.numel() {
+            let i = self.index(&spec.name)?;
+            let numel = self.tensors[i].spec.numel();
+            if values.len() as u64 != numel {
                 return Err(Error::LengthMismatch {
                     name: spec.name.clone(),
-                    expected: t.spec.numel(),
+                    expected: numel,
                     got: values.len() as u64,
                 });
             }
-            if t.dtype != ParamDtype::F32 {
+            let b = self.placed(i).1;
+            if b.dtype != ParamDtype::F32 {
                 return Err(Error::HalfPrecision {
                     name: spec.name.clone(),
                     what: "write_params",
                 });
             }
-            let (buffer, offset) = (&t.buffer, t.offset);
+            let (buffer, offset) = (&b.buffer, b.offset);
             if !buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
                 return Err(Error::MissingUsage {
                     name: spec.name.clone(),
@@ -329,8 +320,7 @@ impl GpuEma {
     /// at a storage-aligned offset, except those of tensors larger than one storage binding
     /// ([`Error::NotContiguous`]).
     pub fn shadow_binding(&self, name: &str) -> Result<wgpu::BufferBinding<'_>> {
-        let t = &self.tensors[self.index(name)?];
-        match t.pieces.as_slice() {
+        match self.placed(self.index(name)?).0 {
             [] => Err(Error::LengthMismatch {
                 name: name.to_string(),
                 expected: 1,

@@ -23,7 +23,7 @@ pub use snapshot::Snapshot;
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::layout::{Piece, PlanLimits};
+use crate::plan::{ParamBinding, Piece, PlanLimits};
 use crate::readback;
 use crate::schedule::Stepper;
 use crate::schedule::{Action, Numerics, Policy, Schedule};
@@ -32,26 +32,36 @@ use bindings::Store;
 use dispatch::Dispatches;
 use pipelines::{Op, Pipelines, MAX_EMAS};
 
+/// A tracked tensor. Where its parameters and its shadow are is the plan's
+/// ([`GpuEma::placed`]).
 #[derive(Debug)]
 struct Tracked {
     spec: TensorSpec,
-    /// Where the parameters are now: a buffer (the arena's, or the caller's), a byte offset.
-    buffer: wgpu::Buffer,
-    offset: u64,
-    dtype: ParamDtype,
     /// Arena tensors stay where the arena put them.
     in_arena: bool,
-    /// Where the shadow lives: one piece, or several past one storage binding.
-    pieces: Vec<Piece>,
 }
 
-impl Tracked {
-    fn binding(&self) -> dispatch::Binding<'_> {
-        dispatch::Binding {
-            buffer: &self.buffer,
-            offset: self.offset,
-            dtype: self.dtype,
-        }
+/// The device limits the planner works with.
+pub(crate) fn plan_limits(device: &wgpu::Device) -> PlanLimits {
+    let l = device.limits();
+    PlanLimits::new(
+        u64::from(l.min_storage_buffer_offset_alignment),
+        l.max_storage_buffer_binding_size,
+        l.max_buffer_size,
+    )
+}
+
+/// `buffer` and `offset` as the planner sees a tensor's parameters.
+fn param_binding(
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    dtype: ParamDtype,
+) -> ParamBinding<wgpu::Buffer> {
+    ParamBinding {
+        buffer: buffer.clone(),
+        buffer_size: buffer.size(),
+        offset,
+        dtype,
     }
 }
 
@@ -118,27 +128,17 @@ impl GpuEma {
         &self.store.shadows[0]
     }
 
-    /// Plans every dispatch again from the tensors' current bindings.
-    fn rebuild_dispatches(&mut self) {
-        let pieces: Vec<Vec<Piece>> = self.tensors.iter().map(|t| t.pieces.clone()).collect();
-        let bindings: Vec<dispatch::Binding<'_>> =
-            self.tensors.iter().map(Tracked::binding).collect();
-        self.work.rebuild(
-            &self.device,
-            &self.queue,
-            &self.pipes,
-            &self.store,
-            &pieces,
-            &bindings,
-        );
+    /// Tensor `i`'s shadow pieces (one, or several past one storage binding) and where its
+    /// parameters are now.
+    fn placed(&self, i: usize) -> (&[Piece], &ParamBinding<wgpu::Buffer>) {
+        self.work.plan().tensor(i)
     }
 
     /// The first tracked tensor with 16-bit parameters, which swaps do not support.
     fn half_tensor(&self) -> Option<&str> {
-        self.tensors
-            .iter()
-            .find(|t| t.dtype != ParamDtype::F32)
-            .map(|t| t.spec.name.as_str())
+        (0..self.tensors.len())
+            .find(|&i| self.placed(i).1.dtype != ParamDtype::F32)
+            .map(|i| self.tensors[i].spec.name.as_str())
     }
 
     /// Records one pass of `op`; `alphas` (one per EMA) are used by `Op::Update` only.
@@ -149,11 +149,10 @@ impl GpuEma {
         alphas: [f32; MAX_EMAS],
     ) -> Result<()> {
         if self.moved {
-            overlaps::check(
-                self.tensors
-                    .iter()
-                    .map(|t| (&t.spec, &t.buffer, t.offset, t.dtype)),
-            )?;
+            overlaps::check(self.tensors.iter().enumerate().map(|(i, t)| {
+                let b = self.placed(i).1;
+                (&t.spec, &b.buffer, b.offset, b.dtype)
+            }))?;
             self.moved = false;
         }
         self.work.flush(&self.queue);

@@ -55,9 +55,7 @@ impl Op {
     }
 }
 
-/// The pipelines of one slot count (1, 4, 16, 64, the most): a dispatch reading few parameter
-/// buffers runs a shader whose `switch` has few cases (a software device runs every case of a
-/// divergent `switch` under a mask: 29 cases cost it 20 times one), many buffers a larger one.
+/// The pipelines of one slot count (a tier: see `plan::tiers`).
 #[derive(Debug)]
 struct Tier {
     layout_read: wgpu::BindGroupLayout,
@@ -82,7 +80,13 @@ pub(crate) struct Pipelines {
 impl Pipelines {
     /// Prepares the pipelines of `shape` (made on first use, per slot count); `immediates`
     /// picks how `alpha` arrives (immediates or a ring).
-    pub fn new(device: &wgpu::Device, immediates: bool, numerics: Numerics, shape: &Shape) -> Self {
+    pub fn new(
+        device: &wgpu::Device,
+        immediates: bool,
+        numerics: Numerics,
+        shape: &Shape,
+        tiers: &[usize],
+    ) -> Self {
         let ring_layout = (!immediates).then(|| {
             device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
                 label: Some("wgpu-ema step ring"),
@@ -98,31 +102,17 @@ impl Pipelines {
                 }],
             })
         });
-        let mut counts: Vec<usize> = [1, 4, 16, 64]
-            .into_iter()
-            .filter(|&c| c < shape.slots)
-            .collect();
-        counts.push(shape.slots);
         Self {
             device: device.clone(),
             immediates,
             numerics,
             shape: *shape,
             ring_layout,
-            tiers: counts
-                .into_iter()
-                .map(|c| (c, std::sync::OnceLock::new()))
+            tiers: tiers
+                .iter()
+                .map(|&c| (c, std::sync::OnceLock::new()))
                 .collect(),
         }
-    }
-
-    /// The smallest slot count with pipelines that binds `used` parameter slots.
-    pub fn tier_for(&self, used: usize) -> usize {
-        self.tiers
-            .iter()
-            .map(|(c, _)| *c)
-            .find(|&c| c >= used)
-            .unwrap_or(self.shape.slots)
     }
 
     fn tier(&self, slots: usize) -> &Tier {

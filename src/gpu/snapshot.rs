@@ -85,13 +85,14 @@ impl GpuEma {
                 comp_at.push(None);
             }
         }
-        for t in &self.tensors {
+        for (i, t) in self.tensors.iter().enumerate() {
             if with_params {
-                if !t.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+                let usage = self.placed(i).1.buffer.usage();
+                if !usage.contains(wgpu::BufferUsages::COPY_SRC) {
                     return Err(Error::MissingUsage {
                         name: t.spec.name.clone(),
                         needed: wgpu::BufferUsages::COPY_SRC,
-                        have: t.buffer.usage(),
+                        have: usage,
                     });
                 }
                 param_at.push(Some(at));
@@ -122,6 +123,7 @@ impl GpuEma {
                     label: Some("wgpu-ema snapshot"),
                 });
             for (i, t) in self.tensors.iter().enumerate() {
+                let (pieces, binding) = self.placed(i);
                 let sources = [
                     (&self.store.shadows[0], Some(shadow_at[i])),
                     (&self.store.comp, comp_at[i]),
@@ -135,7 +137,7 @@ impl GpuEma {
                 );
                 for (buffers, start) in sources {
                     let Some(mut dst) = start else { continue };
-                    for p in &t.pieces {
+                    for p in pieces {
                         enc.copy_buffer_to_buffer(
                             &buffers[p.buffer],
                             p.offset,
@@ -148,7 +150,7 @@ impl GpuEma {
                 }
                 let n = t.spec.numel();
                 if let (Some(dst), true) = (param_at[i], n > 0) {
-                    enc.copy_buffer_to_buffer(&t.buffer, t.offset, &buffer, dst, n * 4);
+                    enc.copy_buffer_to_buffer(&binding.buffer, binding.offset, &buffer, dst, n * 4);
                 }
             }
             self.queue.submit(Some(enc.finish()));

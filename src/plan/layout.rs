@@ -1,6 +1,6 @@
-//! Where every element lives, and how a step's work is cut into dispatches.
+//! Where every element lives: shadows in crate-owned buffers, parameters read through windows
+//! of the caller's buffers, and the segments that pair the two.
 //!
-//! Pure arithmetic, no GPU. The pieces fit together like this:
 //! - **Shadows** ([`place_shadows`]): each tensor's shadow is one run of f32 (several *pieces*
 //!   only past one storage binding), starting at a storage-aligned offset of a crate-owned
 //!   buffer no larger than one binding, so a whole shadow buffer is always one binding.
@@ -9,24 +9,13 @@
 //!   half a binding lies inside one window.
 //! - **Segments** ([`plan_tensor`]): a run of one tensor's elements whose shadows lie in one
 //!   shadow buffer and whose parameters lie in one window: one row of the chunk table.
-//! - **Dispatches** ([`group_segments`]): segments sharing a shadow buffer and at most `slots`
-//!   distinct windows run in one dispatch, the shader choosing the window by slot number.
-//!   Its work is a list of *items* (4 consecutive elements of one segment), numbered across
-//!   the segments; each invocation takes [`ITEMS_PER_THREAD`] items, so small tensors share
-//!   workgroups instead of leaving lanes idle.
+//!
+//! How segments become dispatches is the parent module's business.
 
 use crate::tensors::ParamDtype;
 
-/// Invocations per workgroup (`@workgroup_size` in `shaders/ema.wgsl`).
-pub(crate) const WORKGROUP: u64 = 256;
-/// Items per invocation (`PER_THREAD` in the shader).
-pub(crate) const ITEMS_PER_THREAD: u64 = 4;
-/// Elements per item: one `vec4<f32>` of shadows.
+/// Elements per item: one `vec4<f32>` of shadows, the unit of the shader's work.
 pub(crate) const ITEM: u64 = 4;
-/// The most workgroups in one dimension of a dispatch (WebGPU's default limit).
-pub(crate) const MAX_GROUPS_PER_DIM: u64 = 65_535;
-/// Bytes of one chunk-table row (`struct Seg` in the shader).
-pub(crate) const ROW_BYTES: u64 = 32;
 
 /// The device limits the planner needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,17 +30,18 @@ pub(crate) struct PlanLimits {
 }
 
 impl PlanLimits {
-    pub fn from_device(limits: &wgpu::Limits) -> Self {
-        let align = u64::from(limits.min_storage_buffer_offset_alignment).max(16);
-        let max_binding = limits
-            .max_storage_buffer_binding_size
-            .min(limits.max_buffer_size)
+    /// The limits from a device's storage offset alignment, largest storage binding and
+    /// largest buffer (all in bytes).
+    pub fn new(offset_alignment: u64, max_storage_binding: u64, max_buffer_size: u64) -> Self {
+        let align = offset_alignment.max(16);
+        let max_binding = max_storage_binding
+            .min(max_buffer_size)
             // Element offsets travel as u32 in the chunk table.
             .min(1 << 32);
         Self {
             align,
             max_binding: max_binding / align * align,
-            max_buffer: limits.max_buffer_size / align * align,
+            max_buffer: max_buffer_size / align * align,
         }
     }
 }
@@ -212,98 +202,6 @@ pub(crate) fn plan_tensor(
     out
 }
 
-/// One dispatch: segments (indices into the planner's input) over one shadow buffer, reading
-/// parameters through at most `slots` windows, each named by (parameter buffer id, window).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct GroupPlan {
-    pub shadow_buffer: usize,
-    pub slots: Vec<(usize, Window)>,
-    pub segments: Vec<usize>,
-}
-
-/// Groups segments, each given with the id of its parameter buffer, into dispatches: per
-/// shadow buffer, its distinct windows in order of first use, `slots` per dispatch, and never
-/// two overlapping windows of one buffer in one dispatch.
-pub(crate) fn group_segments(segs: &[(usize, SegPlan)], slots: usize) -> Vec<GroupPlan> {
-    let slots = slots.max(1);
-    let mut by_shadow: Vec<usize> = segs.iter().map(|(_, s)| s.shadow_buffer).collect();
-    by_shadow.sort_unstable();
-    by_shadow.dedup();
-    let mut out = Vec::new();
-    for sb in by_shadow {
-        let first = out.len();
-        for (i, (buf, s)) in segs.iter().enumerate() {
-            if s.shadow_buffer != sb {
-                continue;
-            }
-            let key = (*buf, s.window);
-            let found = out[first..]
-                .iter()
-                .position(|g: &GroupPlan| g.slots.contains(&key));
-            let g = match found {
-                Some(g) => first + g,
-                None => {
-                    // The first dispatch with room that binds no window of the same buffer
-                    // overlapping this one (the swap and copy passes write the parameters, and
-                    // WebGPU refuses overlapping writable bindings), else a new one.
-                    let fits = |g: &GroupPlan| {
-                        g.slots.len() < slots
-                            && !g
-                                .slots
-                                .iter()
-                                .any(|(b, w)| *b == key.0 && w.overlaps(&key.1))
-                    };
-                    let g = match out[first..].iter().position(fits) {
-                        Some(g) => first + g,
-                        None => {
-                            out.push(GroupPlan {
-                                shadow_buffer: sb,
-                                slots: Vec::new(),
-                                segments: Vec::new(),
-                            });
-                            out.len() - 1
-                        }
-                    };
-                    out[g].slots.push(key);
-                    g
-                }
-            };
-            out[g].segments.push(i);
-        }
-    }
-    out
-}
-
-/// A chunk-table row as the shader reads it (`struct Seg`): first item, element count,
-/// parameter element, shadow element, slot, dtype code, padding.
-pub(crate) fn row(vstart: u64, seg: &SegPlan, slot: usize) -> [u32; 8] {
-    let dtype = match seg.dtype {
-        ParamDtype::F32 => 0,
-        ParamDtype::F16 => 1,
-        ParamDtype::BF16 => 2,
-    };
-    // Every value fits: offsets are below one binding (at most 4 GiB) in elements.
-    [
-        vstart as u32,
-        seg.count as u32,
-        seg.param as u32,
-        seg.shadow as u32,
-        slot as u32,
-        dtype,
-        0,
-        0,
-    ]
-}
-
-/// Workgroups as (x, y) for `items` items: 2-D once one dimension's 65,535 is not enough.
-pub(crate) fn workgroups(items: u64) -> (u32, u32) {
-    let groups = items.div_ceil(WORKGROUP * ITEMS_PER_THREAD).max(1);
-    let x = groups.min(MAX_GROUPS_PER_DIM);
-    let y = groups.div_ceil(x);
-    // A dispatch covers one shadow buffer (at most 4 GiB): y stays far below 65,535.
-    (x as u32, y as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,73 +306,5 @@ mod tests {
         }];
         let s = plan_tensor(&pieces, 8, ParamDtype::BF16, 64, &LAVAPIPE);
         assert_eq!((s[0].param, s[0].count), (4, 9));
-    }
-
-    #[test]
-    fn groups_hold_at_most_slots_windows_per_shadow_buffer() {
-        let seg = |buf: usize, sb: usize| {
-            (
-                buf,
-                SegPlan {
-                    window: Window {
-                        offset: 0,
-                        size: 64,
-                    },
-                    param: 0,
-                    shadow_buffer: sb,
-                    shadow: 0,
-                    count: 4,
-                    dtype: ParamDtype::F32,
-                },
-            )
-        };
-        let segs = [
-            seg(0, 0),
-            seg(1, 0),
-            seg(0, 0),
-            seg(2, 0),
-            seg(3, 1),
-            seg(1, 0),
-        ];
-        let g = group_segments(&segs, 2);
-        assert_eq!(g.len(), 3);
-        assert_eq!(g[0].slots.len(), 2);
-        assert_eq!(g[0].segments, vec![0, 1, 2, 5]);
-        assert_eq!(g[1].segments, vec![3]);
-        assert_eq!((g[2].shadow_buffer, g[2].segments.clone()), (1, vec![4]));
-    }
-
-    #[test]
-    fn overlapping_windows_of_one_buffer_never_share_a_dispatch() {
-        let w = |offset| Window { offset, size: 100 };
-        let seg = |window| {
-            (
-                7,
-                SegPlan {
-                    window,
-                    param: 0,
-                    shadow_buffer: 0,
-                    shadow: 0,
-                    count: 4,
-                    dtype: ParamDtype::F32,
-                },
-            )
-        };
-        // Windows every half binding: 0 and 50 overlap, 0 and 100 do not.
-        let g = group_segments(&[seg(w(0)), seg(w(50)), seg(w(100)), seg(w(0))], 8);
-        assert_eq!(g.len(), 2);
-        assert_eq!(g[0].slots, vec![(7, w(0)), (7, w(100))]);
-        assert_eq!(g[0].segments, vec![0, 2, 3]);
-        assert_eq!(g[1].slots, vec![(7, w(50))]);
-        // Windows of different buffers may overlap in byte offsets: they share.
-        let mut other = seg(w(50));
-        other.0 = 8;
-        assert_eq!(group_segments(&[seg(w(0)), other], 8).len(), 1);
-    }
-
-    #[test]
-    fn workgroups_go_2d_past_65535() {
-        assert_eq!(workgroups(1), (1, 1));
-        assert_eq!(workgroups(65_535 * 1024 + 1), (65_535, 2));
     }
 }
