@@ -1,6 +1,15 @@
 // wgpu-ema: the EMA update and its companions (copy, swap, copy into the parameters) over any
 // set of tensors, in one dispatch per shadow buffer and group of parameter bindings.
 //
+// This file is the hand-written half of the shader. The host (src/shader.rs) generates the
+// other half around it: the constants WG and PER_THREAD, `struct Step` and its declaration
+// `step` (an immediate, or a uniform ring slot), `struct Seg` (the chunk-table row), the
+// storage bindings (`segs`, `shadow`, `comp`, `shadow_b..d`, and per parameter slot `p<i>` /
+// `q<i>` with `load4`, `load2`, `load4_rw`, `load1_rw`, `store_rw` picking one by slot
+// number), and one entry point per op that runs the item loop below and calls the op's body
+// (`update_item`, `init_item`, ...). The contract's tests validate every generated variant
+// with naga.
+//
 // Multi-tensor apply. Each dispatch binds a chunk table `segs`: one row per *segment*, a run
 // of `count` elements of one tensor whose parameters start at element `param` of parameter
 // binding number `slot` and whose shadows start at element `shadow` of the shadow binding.
@@ -12,59 +21,16 @@
 // workgroups with their neighbours instead of leaving lanes idle.
 //
 // Parameter bindings are plain `array<u32>` (f32 bits, or two f16/bf16 per word) at any
-// element offset; the host generates their declarations and the `switch` that picks one by
-// slot (`load4`, `load2`, ... at the end of the source, one case per binding), so one
-// dispatch reads up to as many buffers as the device allows storage bindings, on every
-// backend. Shadows are ours: every segment starts on an item boundary.
-//
-// The per-step values arrive as an immediate (push constant) where the device has
-// `Features::IMMEDIATES`, else from a uniform ring slot chosen by a dynamic offset: the host
-// rewrites the declaration of `step` below for that case.
-
-struct Step {
-    alpha: f32,
-    // Always 1.0, but unknown to the shader compiler: see the compensated updates.
-    one: f32,
-    pad0: f32,
-    pad1: f32,
-    // Several EMAs in one pass: the alpha of each (x: the first, as `alpha`).
-    alphas: vec4<f32>,
-}
-
-var<immediate> step: Step;
+// element offset, so one dispatch reads up to as many buffers as the device allows storage
+// bindings, on every backend. Shadows are ours: every segment starts on an item boundary.
 
 // TensorFlow writes the update as `s - (s - p) * alpha`; our default as `s + alpha * (p - s)`.
 // Without fused multiply-add the two are bitwise identical; the form is kept as TensorFlow
 // writes it in the TensorFlow-compatible mode so that a compiler that fuses sees the same
 // expression TensorFlow's kernels do.
 override TF_FORM: bool = false;
-// How many EMAs an `update_multi` pass updates (2 to 4).
+// How many EMAs a multi-EMA update (`update_item_multi`) touches (2 to 4).
 override K: u32 = 2u;
-
-const WG: u32 = 256u;
-const PER_THREAD: u32 = 4u;
-
-struct Seg {
-    vstart: u32,
-    count: u32,
-    param: u32,
-    shadow: u32,
-    slot: u32,
-    // 0: f32, 1: f16, 2: bf16.
-    dtype: u32,
-    pad0: u32,
-    pad1: u32,
-}
-
-@group(0) @binding(0) var<storage, read> segs: array<Seg>;
-@group(0) @binding(1) var<storage, read_write> shadow: array<vec4<f32>>;
-// Kahan compensation terms, laid out as the shadows.
-@group(0) @binding(2) var<storage, read_write> comp: array<vec4<f32>>;
-// Further EMAs' shadows (EMA 1, 2, 3), laid out as the shadows; unused ones are bound to a
-// small placeholder and never touched (K).
-@group(0) @binding(3) var<storage, read_write> shadow_b: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> shadow_c: array<vec4<f32>>;
-@group(0) @binding(5) var<storage, read_write> shadow_d: array<vec4<f32>>;
 
 // One item: its row, its first element in the row (`e`), how many of its 4 elements are real
 // (`n`), and its shadows' vec4 index (`sh`).
@@ -143,42 +109,16 @@ fn ema4(s: vec4<f32>, p: vec4<f32>, a: f32) -> vec4<f32> {
     return s + a * (p - s);
 }
 
-// Each entry point below runs the same loop over this invocation's items; only the body
-// differs. Padding lanes of a segment's last item compute on whatever lies past the tensor
+// The bodies: one item each. The generated entry points run them over this invocation's
+// items. Padding lanes of a segment's last item compute on whatever lies past the tensor
 // and write only the shadows' padding, never parameters.
 
-@compute @workgroup_size(256)
-fn update(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let total = total_items();
-    var row = 0u;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let it = next_item(wid, nwg, lid, j, total, &row);
-        if it.n == 0u {
-            return;
-        }
-        shadow[it.sh] = ema4(shadow[it.sh], load_params(it), step.alpha);
-    }
+fn update_item(it: Item) {
+    shadow[it.sh] = ema4(shadow[it.sh], load_params(it), step.alpha);
 }
 
-@compute @workgroup_size(256)
-fn init(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let total = total_items();
-    var row = 0u;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let it = next_item(wid, nwg, lid, j, total, &row);
-        if it.n == 0u {
-            return;
-        }
-        shadow[it.sh] = load_params(it);
-    }
+fn init_item(it: Item) {
+    shadow[it.sh] = load_params(it);
 }
 
 // Compensated shadows (Kahan summation): beside each shadow an f32 term `comp` holding the
@@ -189,99 +129,47 @@ fn init(
 // `t * step.one - s`, with `one` = 1.0 arriving at run time, hides the identity from them;
 // the multiplication by 1 is exact. The tests check the accuracy on each backend.
 
-@compute @workgroup_size(256)
-fn update_kahan(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let total = total_items();
-    var row = 0u;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let it = next_item(wid, nwg, lid, j, total, &row);
-        if it.n == 0u {
-            return;
-        }
-        let s = shadow[it.sh];
-        let y = step.alpha * (load_params(it) - s) - comp[it.sh];
-        let t = s + y;
-        comp[it.sh] = (t * step.one - s) - y;
-        shadow[it.sh] = t;
-    }
+fn update_item_kahan(it: Item) {
+    let s = shadow[it.sh];
+    let y = step.alpha * (load_params(it) - s) - comp[it.sh];
+    let t = s + y;
+    comp[it.sh] = (t * step.one - s) - y;
+    shadow[it.sh] = t;
 }
 
-@compute @workgroup_size(256)
-fn init_kahan(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let total = total_items();
-    var row = 0u;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let it = next_item(wid, nwg, lid, j, total, &row);
-        if it.n == 0u {
-            return;
-        }
-        shadow[it.sh] = load_params(it);
-        comp[it.sh] = vec4<f32>(0.0);
-    }
+fn init_item_kahan(it: Item) {
+    shadow[it.sh] = load_params(it);
+    comp[it.sh] = vec4<f32>(0.0);
 }
 
 // Several EMAs of the same parameters in one pass (K = 2..4, e.g. decays 0.999 and 0.9999,
 // or EDM2's two power-function profiles): each parameter is read once and K shadows are
 // updated, 4 + 8K bytes per element instead of 12K for K separate passes.
 
-@compute @workgroup_size(256)
-fn update_multi(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let total = total_items();
-    var row = 0u;
+fn update_item_multi(it: Item) {
     let a = step.alphas;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let it = next_item(wid, nwg, lid, j, total, &row);
-        if it.n == 0u {
-            return;
-        }
-        let p = load_params(it);
-        let i = it.sh;
-        shadow[i] = ema4(shadow[i], p, a.x);
-        shadow_b[i] = ema4(shadow_b[i], p, a.y);
-        if K > 2u {
-            shadow_c[i] = ema4(shadow_c[i], p, a.z);
-        }
-        if K > 3u {
-            shadow_d[i] = ema4(shadow_d[i], p, a.w);
-        }
+    let p = load_params(it);
+    let i = it.sh;
+    shadow[i] = ema4(shadow[i], p, a.x);
+    shadow_b[i] = ema4(shadow_b[i], p, a.y);
+    if K > 2u {
+        shadow_c[i] = ema4(shadow_c[i], p, a.z);
+    }
+    if K > 3u {
+        shadow_d[i] = ema4(shadow_d[i], p, a.w);
     }
 }
 
-@compute @workgroup_size(256)
-fn init_multi(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let total = total_items();
-    var row = 0u;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let it = next_item(wid, nwg, lid, j, total, &row);
-        if it.n == 0u {
-            return;
-        }
-        let p = load_params(it);
-        let i = it.sh;
-        shadow[i] = p;
-        shadow_b[i] = p;
-        if K > 2u {
-            shadow_c[i] = p;
-        }
-        if K > 3u {
-            shadow_d[i] = p;
-        }
+fn init_item_multi(it: Item) {
+    let p = load_params(it);
+    let i = it.sh;
+    shadow[i] = p;
+    shadow_b[i] = p;
+    if K > 2u {
+        shadow_c[i] = p;
+    }
+    if K > 3u {
+        shadow_d[i] = p;
     }
 }
 
@@ -295,70 +183,44 @@ fn store_n(slot: u32, i: u32, v: vec4<u32>, n: u32) {
     }
 }
 
-@compute @workgroup_size(256)
-fn swap(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let total = total_items();
-    var row = 0u;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let it = next_item(wid, nwg, lid, j, total, &row);
-        if it.n == 0u {
-            return;
-        }
-        let i = it.seg.param + it.e;
-        let p = load4_rw(it.seg.slot, i);
-        store_n(it.seg.slot, i, bitcast<vec4<u32>>(shadow[it.sh]), it.n);
-        shadow[it.sh] = bitcast<vec4<f32>>(p);
-    }
+fn swap_item(it: Item) {
+    let i = it.seg.param + it.e;
+    let p = load4_rw(it.seg.slot, i);
+    store_n(it.seg.slot, i, bitcast<vec4<u32>>(shadow[it.sh]), it.n);
+    shadow[it.sh] = bitcast<vec4<f32>>(p);
 }
 
 // Copying f32 shadows into the parameters; into 16-bit ones rounding to nearest, ties to even
 // (WGSL leaves the rounding of its own conversions to the implementation, so it is done by
 // hand). A 16-bit item is 2 words; a half past the tensor's end (in its last word) is kept.
 
-@compute @workgroup_size(256)
-fn to_params(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-) {
-    let total = total_items();
-    var row = 0u;
-    for (var j = 0u; j < PER_THREAD; j++) {
-        let it = next_item(wid, nwg, lid, j, total, &row);
-        if it.n == 0u {
-            return;
+fn to_params_item(it: Item) {
+    let s = shadow[it.sh];
+    let i = it.seg.param + it.e;
+    if it.seg.dtype == 0u {
+        store_n(it.seg.slot, i, bitcast<vec4<u32>>(s), it.n);
+        return;
+    }
+    var h: vec4<u32>;
+    for (var c = 0u; c < 4u; c++) {
+        if it.seg.dtype == 1u {
+            h[c] = f32_to_f16_rne(s[c]);
+        } else {
+            h[c] = f32_to_bf16_rne(s[c]);
         }
-        let s = shadow[it.sh];
-        let i = it.seg.param + it.e;
-        if it.seg.dtype == 0u {
-            store_n(it.seg.slot, i, bitcast<vec4<u32>>(s), it.n);
-            continue;
+    }
+    let w = i >> 1u;
+    var hi0 = h.y;
+    if it.n < 2u {
+        hi0 = load1_rw(it.seg.slot, w) >> 16u;
+    }
+    store_rw(it.seg.slot, w, h.x | (hi0 << 16u));
+    if it.n > 2u {
+        var hi1 = h.w;
+        if it.n < 4u {
+            hi1 = load1_rw(it.seg.slot, w + 1u) >> 16u;
         }
-        var h: vec4<u32>;
-        for (var c = 0u; c < 4u; c++) {
-            if it.seg.dtype == 1u {
-                h[c] = f32_to_f16_rne(s[c]);
-            } else {
-                h[c] = f32_to_bf16_rne(s[c]);
-            }
-        }
-        let w = i >> 1u;
-        var hi0 = h.y;
-        if it.n < 2u {
-            hi0 = load1_rw(it.seg.slot, w) >> 16u;
-        }
-        store_rw(it.seg.slot, w, h.x | (hi0 << 16u));
-        if it.n > 2u {
-            var hi1 = h.w;
-            if it.n < 4u {
-                hi1 = load1_rw(it.seg.slot, w + 1u) >> 16u;
-            }
-            store_rw(it.seg.slot, w + 1u, h.z | (hi1 << 16u));
-        }
+        store_rw(it.seg.slot, w + 1u, h.z | (hi1 << 16u));
     }
 }
 

@@ -37,7 +37,7 @@
 //! Shadows live in crate-owned storage buffers. A step is one compute pass of a few
 //! dispatches (one per `max_storage_buffer_binding_size` chunk of the arena, or per tracked
 //! user buffer), each with a bind group made once; `alpha` is an immediate or a uniform-ring
-//! slot. The WGSL is `shaders/ema.wgsl` ([`EMA_WGSL`]).
+//! slot. The WGSL is `shaders/ema.wgsl`, completed by the host.
 
 #![warn(missing_docs)]
 
@@ -60,11 +60,12 @@ mod plan;
 pub mod posthoc;
 mod readback;
 pub mod schedule;
+mod shader;
 mod tensors;
 
 pub use context::{wanted_features, GpuContext};
 pub use error::{Error, Result};
-pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, Snapshot, EMA_WGSL};
+pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, Snapshot};
 pub use schedule::{Numerics, Schedule};
 pub use tensors::{HostTensors, ParamDtype, TensorSpec, EMA_SUFFIX};
 

@@ -3,10 +3,10 @@
 
 use std::num::NonZeroU64;
 
-use super::bindings::{self, Shape};
-use super::pipelines::STEP_BYTES;
+use super::bindings;
 use super::*;
 use crate::plan::{self, Plan};
+use crate::shader::{self, Shape, STEP_BYTES};
 
 /// The most parameter bindings one dispatch selects between (the `switch` in the shader
 /// grows with it).
@@ -264,7 +264,7 @@ impl<'a> GpuEmaBuilder<'a> {
         // Unused read-write bindings each get a window of their own (WebGPU refuses two
         // writable bindings of overlapping ranges in one dispatch; read-only ones may share).
         let placeholder_align = u64::from(device.limits().min_storage_buffer_offset_alignment);
-        let write_windows = bindings::FIRST_PARAM as u64 + MAX_SLOTS as u64;
+        let write_windows = shader::FIRST_PARAM as u64 + MAX_SLOTS as u64;
         let store = Store {
             shadows,
             comp,
@@ -286,7 +286,7 @@ impl<'a> GpuEmaBuilder<'a> {
         };
         let storage = device.limits().max_storage_buffers_per_shader_stage as usize;
         let max = storage
-            .saturating_sub(bindings::fixed_bindings(&shape))
+            .saturating_sub(shader::fixed_bindings(&shape))
             .clamp(1, MAX_SLOTS);
         let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
         shape.slots = match self.param_slots {
@@ -303,14 +303,14 @@ impl<'a> GpuEmaBuilder<'a> {
         let plan = Plan::new(lim, shape.slots, placed);
         let pipes = Pipelines::new(device, immediates, self.numerics, &shape, plan.tiers());
         let step = match &pipes.ring_layout {
-            None => StepValues::Immediates,
+            None => StepChannel::Immediates,
             Some(ring_layout) => {
                 let stride = plan::align_up(
                     STEP_BYTES,
                     u64::from(device.limits().min_uniform_buffer_offset_alignment),
                 );
                 let (buffer, bind_group) = new_ring(device, ring_layout, stride, self.ring_slots);
-                StepValues::Ring {
+                StepChannel::Ring {
                     buffer,
                     bind_group,
                     stride,

@@ -3,9 +3,10 @@
 //! which window in which slot, which rows change on a rebind) are the plan's; this module
 //! only makes and caches the wgpu objects they call for.
 
-use super::bindings::{bind_group, Family, Place, Shape, Slot, Store};
+use super::bindings::{bind_group, Place, Slot, Store};
 use super::pipelines::Pipelines;
 use crate::plan::{Change, ParamBinding, Plan, ROW_BYTES};
+use crate::shader::{Family, Shape};
 
 /// Bind groups kept per dispatch for sets of parameter windows seen before (a framework that
 /// moves tensors between a few buffers comes back to the same sets).

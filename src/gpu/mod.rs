@@ -17,7 +17,6 @@ mod snapshot;
 
 pub use arena::ParamArena;
 pub use builder::GpuEmaBuilder;
-pub use pipelines::EMA_WGSL;
 pub use snapshot::Snapshot;
 
 use std::collections::HashMap;
@@ -27,10 +26,11 @@ use crate::plan::{ParamBinding, Piece, PlanLimits};
 use crate::readback;
 use crate::schedule::Stepper;
 use crate::schedule::{Action, Numerics, Policy, Schedule};
+use crate::shader::{Family, Op, StepValues, MAX_EMAS};
 use crate::tensors::{HostTensors, ParamDtype, TensorSpec};
 use bindings::Store;
 use dispatch::Dispatches;
-use pipelines::{Op, Pipelines, MAX_EMAS};
+use pipelines::Pipelines;
 
 /// A tracked tensor. Where its parameters and its shadow are is the plan's
 /// ([`GpuEma::placed`]).
@@ -65,8 +65,9 @@ fn param_binding(
     }
 }
 
+/// How the per-step values reach the shader: immediates, or a uniform ring (see `record_pass`).
 #[derive(Debug)]
-enum StepValues {
+enum StepChannel {
     Immediates,
     Ring {
         buffer: wgpu::Buffer,
@@ -95,7 +96,7 @@ pub struct GpuEma {
     queue: wgpu::Queue,
     stepper: Stepper,
     pipes: Pipelines,
-    step: StepValues,
+    step: StepChannel,
     tensors: Vec<Tracked>,
     names: HashMap<String, usize>,
     /// Schedules of EMA 1, 2, ...; their shadows are `store.shadows[1..]`.
@@ -157,14 +158,15 @@ impl GpuEma {
         }
         self.work.flush(&self.queue);
         let family = op.family();
-        if family == bindings::Family::Write {
+        if family == Family::Write {
             self.work
                 .ensure_write(&self.device, &self.pipes, &self.store);
         }
-        let bytes = pipelines::step_bytes(alphas);
+        let values = StepValues::new(alphas);
+        let bytes = bytemuck::bytes_of(&values);
         let ring_offset = match &mut self.step {
-            StepValues::Immediates => None,
-            StepValues::Ring {
+            StepChannel::Immediates => None,
+            StepChannel::Ring {
                 buffer,
                 bind_group,
                 stride,
@@ -184,7 +186,7 @@ impl GpuEma {
                 }
                 let off = *next as u64 * *stride;
                 *next += 1;
-                self.queue.write_buffer(buffer, off, &bytes);
+                self.queue.write_buffer(buffer, off, bytes);
                 Some(off as u32)
             }
         };
@@ -203,10 +205,10 @@ impl GpuEma {
                 tier = Some(slots);
                 pass.set_pipeline(self.pipes.get(op, slots));
                 match (&self.step, ring_offset) {
-                    (StepValues::Ring { bind_group, .. }, Some(off)) => {
+                    (StepChannel::Ring { bind_group, .. }, Some(off)) => {
                         pass.set_bind_group(1, bind_group, &[off]);
                     }
-                    _ => pass.set_immediates(0, &bytes),
+                    _ => pass.set_immediates(0, bytes),
                 }
             }
             pass.set_bind_group(0, group, &[]);
@@ -330,7 +332,7 @@ impl GpuEma {
 
     /// True when `alpha` reaches the shader as an immediate, false on the uniform ring.
     pub fn uses_immediates(&self) -> bool {
-        matches!(self.step, StepValues::Immediates)
+        matches!(self.step, StepChannel::Immediates)
     }
 
     /// The parameter arena, when one is tracked.

@@ -1,69 +1,17 @@
-//! Shader module, layouts and pipelines, made once per [`GpuEma`](crate::GpuEma).
+//! Shader modules, layouts and pipelines, made once per [`GpuEma`](crate::GpuEma) and slot
+//! count, from the sources and tables of the shader contract (`crate::shader`).
 
-use super::bindings::{self, Family, Shape};
+use super::bindings;
 use crate::schedule::Numerics;
-
-/// The WGSL of the update, as shipped in `shaders/ema.wgsl` (the host appends the declarations
-/// of the parameter bindings and the `switch` that picks one; see `src/gpu/bindings.rs`).
-pub const EMA_WGSL: &str = include_str!("../../shaders/ema.wgsl");
-
-const IMMEDIATE_DECL: &str = "var<immediate> step: Step;";
-const RING_DECL: &str = "@group(1) @binding(0) var<uniform> step: Step;";
-
-/// Bytes of the per-step values (`struct Step` in the shader).
-pub(crate) const STEP_BYTES: u64 = 32;
-
-/// The most EMAs one pass updates (`K` in the shader).
-pub(crate) const MAX_EMAS: usize = 4;
-
-/// The per-step values as the shader sees them: the first EMA's `alpha`, `one` = 1.0 (see
-/// the compensated update in `shaders/ema.wgsl`), then every EMA's alpha.
-pub(crate) fn step_bytes(alphas: [f32; MAX_EMAS]) -> [u8; STEP_BYTES as usize] {
-    let [a, b, c, d] = alphas;
-    bytemuck::cast([a, 1.0f32, 0.0, 0.0, a, b, c, d])
-}
-
-/// Which operation a pass runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Op {
-    /// `shadow = ema(shadow, param, alpha)`.
-    Update,
-    /// `shadow = param`.
-    Init,
-    /// Exchange `param` and `shadow` (parameters bound read-write).
-    Swap,
-    /// `param = shadow` (parameters bound read-write).
-    ToParams,
-}
-
-impl Op {
-    /// The bindings this op's pass uses.
-    pub fn family(self) -> Family {
-        match self {
-            Op::Update | Op::Init => Family::Read,
-            Op::Swap | Op::ToParams => Family::Write,
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Op::Update => "wgpu-ema update",
-            Op::Init => "wgpu-ema init",
-            Op::Swap => "wgpu-ema swap",
-            Op::ToParams => "wgpu-ema shadows to params",
-        }
-    }
-}
+use crate::shader::{self, Family, Op, Shape, StepSource, STEP_BYTES};
 
 /// The pipelines of one slot count (a tier: see `plan::tiers`).
 #[derive(Debug)]
 struct Tier {
     layout_read: wgpu::BindGroupLayout,
     layout_write: wgpu::BindGroupLayout,
-    update: wgpu::ComputePipeline,
-    init: wgpu::ComputePipeline,
-    swap: wgpu::ComputePipeline,
-    to_params: wgpu::ComputePipeline,
+    /// One per op, in [`Op::ALL`]'s order.
+    pipelines: Vec<wgpu::ComputePipeline>,
 }
 
 #[derive(Debug)]
@@ -131,14 +79,14 @@ impl Pipelines {
             slots,
             ..self.shape
         };
-        let mut source = if self.immediates {
-            EMA_WGSL.to_string()
+        let step = if self.immediates {
+            StepSource::Immediate
         } else {
-            EMA_WGSL.replace(IMMEDIATE_DECL, RING_DECL)
+            StepSource::Ring
         };
-        source.push_str(&bindings::param_wgsl(slots));
+        let source = shader::source(&shape, step);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some("wgpu-ema shaders/ema.wgsl"),
+            label: Some("wgpu-ema (shaders/ema.wgsl)"),
             source: wgpu::ShaderSource::Wgsl(source.into()),
         });
         let layout_read = bindings::layout(device, Family::Read, &shape);
@@ -160,15 +108,7 @@ impl Pipelines {
         };
         let read = pipeline_layout(&layout_read);
         let write = pipeline_layout(&layout_write);
-        let tf_form = if self.numerics == Numerics::TensorFlow {
-            1.0
-        } else {
-            0.0
-        };
-        let constants = [
-            ("TF_FORM", tf_form),
-            ("K", shape.emas.clamp(2, MAX_EMAS) as f64),
-        ];
+        let constants = shader::overrides(&shape, self.numerics == Numerics::TensorFlow);
         let make = |entry: &str, layout: &wgpu::PipelineLayout| {
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
@@ -183,18 +123,18 @@ impl Pipelines {
                 cache: None,
             })
         };
-        let (update, init) = if shape.emas > 1 {
-            ("update_multi", "init_multi")
-        } else if shape.compensated {
-            ("update_kahan", "init_kahan")
-        } else {
-            ("update", "init")
-        };
+        let pipelines = Op::ALL
+            .iter()
+            .map(|op| {
+                let layout = match op.family() {
+                    Family::Read => &read,
+                    Family::Write => &write,
+                };
+                make(op.entry_point(), layout)
+            })
+            .collect();
         Tier {
-            update: make(update, &read),
-            init: make(init, &read),
-            swap: make("swap", &write),
-            to_params: make("to_params", &write),
+            pipelines,
             layout_read,
             layout_write,
         }
@@ -203,12 +143,8 @@ impl Pipelines {
     /// The pipeline of `op` for dispatches of `slots` parameter bindings.
     pub fn get(&self, op: Op, slots: usize) -> &wgpu::ComputePipeline {
         let t = self.tier(slots);
-        match op {
-            Op::Update => &t.update,
-            Op::Init => &t.init,
-            Op::Swap => &t.swap,
-            Op::ToParams => &t.to_params,
-        }
+        let i = Op::ALL.iter().position(|&o| o == op).unwrap_or_default();
+        &t.pipelines[i]
     }
 
     /// The bind group layout of `family` for dispatches of `slots` parameter bindings.
