@@ -20,6 +20,10 @@ pub enum Error {
     /// A schedule parameter other than a decay is out of its range.
     #[error("invalid schedule: {0}")]
     InvalidSchedule(String),
+    /// A configuration that cannot work: too many EMAs for one pass, compensated shadows with
+    /// several EMAs or with TensorFlow's numerics, an update policy with `update_every = 0`.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
 
     /// Post-hoc EMA: the snapshots or the target cannot give an answer (too few profiles, a
     /// target outside the recorded steps, inconsistent snapshots, ...).
@@ -78,12 +82,30 @@ pub enum Error {
         name: String,
     },
 
-    /// The tensor's shadow is stored in two pieces and has no single binding.
+    /// The tensor's shadow is larger than one storage binding, so it is stored in several
+    /// pieces and has no single binding.
     #[error(
-        "the shadow of tensor `{name}` is stored as a vec4 body and a tail, not one binding; \
-         track it in a ParamArena to bind its shadow directly"
+        "the shadow of tensor `{name}` is larger than one storage binding of this device and \
+         is stored in {pieces} pieces: read it back, or split the tensor"
     )]
     NotContiguous {
+        /// The tensor.
+        name: String,
+        /// How many pieces its shadow is stored in.
+        pieces: usize,
+    },
+    /// The tensor has no shadow to bind (it has no elements).
+    #[error("tensor `{name}` has no elements, so its shadow has no binding")]
+    EmptyTensor {
+        /// The tensor.
+        name: String,
+    },
+    /// Compensation terms were given to an EMA that keeps none.
+    #[error(
+        "tensor `{name}`: compensation terms given, but the EMA is not compensated \
+         (build it with `compensated(true)`)"
+    )]
+    NotCompensated {
         /// The tensor.
         name: String,
     },
@@ -125,24 +147,10 @@ pub enum Error {
     TooLarge {
         /// What was too large.
         what: String,
-        /// Its size.
-        bytes: u64,
+        /// Its size (as u128: a size that overflows u64 is still reported exactly).
+        bytes: u128,
         /// The device limit.
         limit: u64,
-    },
-
-    /// More steps were recorded between two submits than the uniform ring holds. (No longer
-    /// returned: a used-up ring is replaced by a fresh one.)
-    #[error(
-        "{steps} steps recorded in one batch, but the uniform ring holds {slots} \
-         (the device lacks Features::IMMEDIATES): raise `ring_slots` on the builder, \
-         or enable Features::IMMEDIATES on the device"
-    )]
-    RingFull {
-        /// Steps asked for.
-        steps: usize,
-        /// Slots in the ring.
-        slots: usize,
     },
 
     /// An operation that does not support f16/bf16 parameters was asked of a tensor that has
@@ -244,17 +252,58 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// A checkpoint is corrupt, truncated, or does not match what is tracked.
+    /// A checkpoint (or a post-hoc snapshot, or a TensorFlow checkpoint) is corrupt,
+    /// truncated, or does not match what is tracked; or a save was refused before writing.
+    /// Match on `kind` to act on the cause; `message` says it in words, naming the tensor.
     #[error("checkpoint {path}: {message}")]
     Checkpoint {
         /// The file.
         path: PathBuf,
-        /// What is wrong, naming the tensor where there is one.
+        /// The tensor concerned, where there is one.
+        tensor: Option<String>,
+        /// What kind of failure.
+        kind: CheckpointErrorKind,
+        /// What is wrong, in words (the source's own text is not repeated here: it is the
+        /// error's [`source`](std::error::Error::source)).
         message: String,
-        /// The parser's own error, where one caused it (safetensors', serde_json's).
+        /// The parser's own error, where one caused it (safetensors', serde_json's, prost's).
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
+}
+
+/// What kind of checkpoint failure an [`Error::Checkpoint`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CheckpointErrorKind {
+    /// The file ends before what its header or index describes, or is too short to have one.
+    Truncated,
+    /// A stored checksum does not match, or checksums the file should carry are missing: the
+    /// file was changed or damaged.
+    Checksum,
+    /// A tensor that is needed is not in the file.
+    MissingTensor,
+    /// The file holds a tensor that nothing tracked matches.
+    UnexpectedTensor,
+    /// A tensor's shape differs from what is tracked or declared.
+    Shape,
+    /// A tensor's dtype is not one that is read there.
+    Dtype,
+    /// The bytes are not a valid file of the format (header, index, table, JSON).
+    Format,
+    /// A metadata key is missing or its value malformed (`num_updates`, profiles, ...).
+    Metadata,
+    /// The file was written with another configuration (schedule, numerics, policy, EMAs,
+    /// compensation) than the EMA restoring it.
+    Config,
+    /// Values a restore refuses: NaN or infinite.
+    NonFinite,
+    /// Valid, but not supported here (compressed blocks, partitioned variables, ...).
+    Unsupported,
+    /// The files of a set disagree: a shard of another save, snapshots of another run.
+    Inconsistent,
+    /// A save refused before writing anything (colliding names, a tensor too large).
+    Refused,
 }
 
 /// `Result` with this crate's [`Error`].

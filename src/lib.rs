@@ -34,10 +34,11 @@
 //! and the f64 reference the tests compare the GPU with.
 //!
 //! ## Internals
-//! Shadows live in crate-owned storage buffers. A step is one compute pass of a few
-//! dispatches (one per `max_storage_buffer_binding_size` chunk of the arena, or per tracked
-//! user buffer), each with a bind group made once; `alpha` is an immediate or a uniform-ring
-//! slot. The WGSL is `shaders/ema.wgsl`, completed by the host.
+//! Shadows live in crate-owned storage buffers. A pure planner cuts the tracked tensors into
+//! rows of a chunk table and groups them into a few dispatches (one per storage binding of
+//! shadows and group of parameter buffers); a step is one compute pass over them, its `alpha`
+//! an immediate or a uniform-ring slot, with no GPU resource created. The WGSL is
+//! `shaders/ema.wgsl`, completed by generated bindings and entry points. See ARCHITECTURE.md.
 
 #![warn(missing_docs)]
 
@@ -54,6 +55,7 @@ pub mod cpu;
 pub mod debias;
 mod error;
 mod gpu;
+pub mod names;
 mod plan;
 // Post-hoc EMA records and reads snapshot files: native-only (no filesystem on the web).
 #[cfg(not(target_arch = "wasm32"))]
@@ -66,12 +68,28 @@ mod tensors;
 pub use context::{wanted_features, GpuContext};
 pub use error::{Error, Result};
 pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, Snapshot};
+pub use names::EMA_SUFFIX;
 pub use schedule::{Numerics, Schedule};
-pub use tensors::{HostTensors, ParamDtype, TensorSpec, EMA_SUFFIX};
+pub use tensors::{HostTensors, ParamDtype, TensorSpec};
 
-// The README's examples compile as doc tests.
+// The README's and the guide's examples compile as doc tests.
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+#[doc = include_str!("../docs/training.md")]
+#[cfg(doctest)]
+pub struct TrainingDoctests;
+#[doc = include_str!("../docs/checkpoints.md")]
+#[cfg(doctest)]
+pub struct CheckpointsDoctests;
+#[doc = include_str!("../docs/posthoc.md")]
+#[cfg(doctest)]
+pub struct PosthocDoctests;
+#[doc = include_str!("../docs/web.md")]
+#[cfg(doctest)]
+pub struct WebDoctests;
+#[doc = include_str!("../docs/reliability.md")]
+#[cfg(doctest)]
+pub struct ReliabilityDoctests;
 /// The exact `wgpu` this crate is built against: use it to create the buffers you hand in.
 pub use wgpu;

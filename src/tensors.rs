@@ -2,9 +2,6 @@
 
 use crate::error::{Error, Result};
 
-/// The suffix TensorFlow gives a shadow's name: `weight` → `weight/ExponentialMovingAverage`.
-pub const EMA_SUFFIX: &str = "/ExponentialMovingAverage";
-
 /// The element type of parameters in a user buffer. Shadows are always f32: at decay 0.999
 /// alpha is below half an ulp of a bf16 value, and a bf16 shadow would never move.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -68,56 +65,8 @@ impl TensorSpec {
 
     /// The shadow's name as TensorFlow saves it: `<name>/ExponentialMovingAverage`.
     pub fn shadow_name(&self) -> String {
-        format!("{}{EMA_SUFFIX}", self.name)
+        crate::names::ema_shadow_name(&self.name, 0)
     }
-}
-
-/// The name safetensors reserves for the metadata.
-pub(crate) const RESERVED_NAME: &str = "__metadata__";
-
-/// Every name a checkpoint derives from tracked tensor `name` with `emas` EMAs (compensated or
-/// not): the parameter, each EMA's shadow, and the compensation term.
-pub(crate) fn derived_names(name: &str, emas: usize, compensated: bool) -> Vec<String> {
-    let mut v = vec![name.to_string()];
-    v.extend((0..emas.max(1)).map(|k| crate::checkpoint::ema_shadow_name(name, k)));
-    if compensated {
-        v.push(format!(
-            "{}{}",
-            crate::checkpoint::ema_shadow_name(name, 0),
-            crate::checkpoint::COMPENSATION_SUFFIX
-        ));
-    }
-    v
-}
-
-/// Refuses tracked names whose derived names collide with each other's, or with the reserved
-/// `__metadata__`: such a set could be tracked but not saved and loaded back.
-pub(crate) fn check_names<'a>(
-    names: impl IntoIterator<Item = &'a str>,
-    emas: usize,
-    compensated: bool,
-) -> Result<()> {
-    let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
-    for name in names {
-        for derived in derived_names(name, emas, compensated) {
-            if derived == RESERVED_NAME {
-                return Err(Error::NameCollision {
-                    name: name.to_string(),
-                    with: "safetensors' reserved `__metadata__`".into(),
-                });
-            }
-            if let Some(other) = seen.insert(derived.clone(), name) {
-                if other == name {
-                    return Err(Error::DuplicateName { name: name.into() });
-                }
-                return Err(Error::NameCollision {
-                    name: name.to_string(),
-                    with: format!("`{derived}`, derived from tracked tensor `{other}`"),
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Tensors on the host, by name, in a fixed order (the tracking order).

@@ -180,7 +180,7 @@ fn compensation_with_tensorflow_numerics_is_refused() {
     let mut e = CpuEma::new(Schedule::tf(0.99), Numerics::TensorFlow).unwrap();
     assert!(matches!(
         e.set_compensated(true),
-        Err(Error::InvalidSchedule(_))
+        Err(Error::InvalidConfig(_))
     ));
     let Some(ctx) = gpu() else { return };
     let buf = buffer_with(ctx, &random(1, 4), 0);
@@ -189,5 +189,5 @@ fn compensation_with_tensorflow_numerics_is_refused() {
         .compensated(true)
         .track_buffer(TensorSpec::new("w", [4]), &buf, 0)
         .build(&ctx.device, &ctx.queue);
-    assert!(matches!(r, Err(Error::InvalidSchedule(_))));
+    assert!(matches!(r, Err(Error::InvalidConfig(_))));
 }

@@ -116,14 +116,14 @@ fn too_many_or_compensated_multi_emas_are_refused() {
         .track_buffer(TensorSpec::new("w", [8]), &buf, 0)
         .build(&ctx.device, &ctx.queue)
         .unwrap_err();
-    assert!(matches!(e, Error::InvalidSchedule(_)), "{e}");
+    assert!(matches!(e, Error::InvalidConfig(_)), "{e}");
     let e = GpuEma::builder(Schedule::constant(0.9))
         .extra_ema(Schedule::constant(0.99))
         .compensated(true)
         .track_buffer(TensorSpec::new("w", [8]), &buf, 0)
         .build(&ctx.device, &ctx.queue)
         .unwrap_err();
-    assert!(matches!(e, Error::InvalidSchedule(_)), "{e}");
+    assert!(matches!(e, Error::InvalidConfig(_)), "{e}");
     let e = GpuEma::builder(Schedule::constant(0.9))
         .extra_ema(Schedule::constant(f64::NAN))
         .track_buffer(TensorSpec::new("w", [8]), &buf, 0)

@@ -13,27 +13,9 @@ use ::burn::optim::{join_path, LearningRate, Optimizer, RecordState, StateSink, 
 use ::burn::tensor::{DType, Device, FloatDType, Tensor};
 
 use crate::error::{Error, Result};
-use crate::schedule::{Action, Numerics, Policy, Schedule};
+use crate::schedule::{Action, Numerics, Policy, Schedule, Stepper};
 
-/// Leaf names in the optimizer record: EMA `k`'s shadow is `"{param_id}.ema"` (k = 0) or
-/// `"{param_id}.ema_{k}"`, the step counter the scalar `"{param_id}.ema_num_updates"`, the
-/// inner optimizer's state under `"{param_id}.inner."`.
-pub(crate) fn shadow_leaf(k: usize) -> String {
-    match k {
-        0 => "ema".to_string(),
-        _ => format!("ema_{k}"),
-    }
-}
-pub(crate) const COUNTER_LEAF: &str = "ema_num_updates";
-
-/// Leaf name of EMA `k`'s Kahan compensation term: `"{param_id}.ema_comp"`, `"..._comp_{k}"`.
-fn comp_leaf(k: usize) -> String {
-    match k {
-        0 => "ema_comp".to_string(),
-        _ => format!("ema_comp_{k}"),
-    }
-}
-const INNER: &str = "inner";
+use crate::names::{comp_leaf, shadow_leaf, COUNTER_LEAF, INNER_PREFIX as INNER};
 
 /// The most EMAs one optimizer keeps (as [`GpuEmaBuilder::extra_ema`](crate::GpuEmaBuilder::extra_ema)).
 pub const MAX_EMAS: usize = 4;
@@ -93,7 +75,7 @@ impl<O: Optimizer> EmaOptim<O> {
     pub fn extra_ema(mut self, schedule: Schedule) -> Result<Self> {
         schedule.validate()?;
         if self.schedules.len() >= MAX_EMAS {
-            return Err(Error::InvalidSchedule(format!(
+            return Err(Error::InvalidConfig(format!(
                 "at most {MAX_EMAS} EMAs per optimizer"
             )));
         }
@@ -191,10 +173,18 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
         let (param, inner_state) = self.inner.step(lr, tensor, grad, inner_state);
         let n = n + 1;
         let p = as_f32(param.clone().detach());
-        for (i, (shadow, schedule)) in shadows.iter_mut().zip(&self.schedules).enumerate() {
-            // Schedules and policy were validated when the optimizer was built.
-            match self.policy.action(schedule, n, self.numerics) {
-                Ok(Action::Update(alpha)) => {
+        // The one step counter of the crate decides what call `n` does and every EMA's alpha.
+        // Schedules and policy were validated when the optimizer was built; an error skips.
+        let mut alphas = vec![1.0f32; k];
+        let action = Stepper::new(self.schedules[0], self.numerics, self.policy, n - 1)
+            .and_then(|mut s| s.advance_all(n, &self.schedules[1..], &mut alphas))
+            .unwrap_or(Action::Skip);
+        if let Action::Update(alpha) = action {
+            alphas[0] = alpha;
+        }
+        for (i, (shadow, &alpha)) in shadows.iter_mut().zip(&alphas).enumerate() {
+            match action {
+                Action::Update(_) => {
                     let s = shadow.clone();
                     if let Some(c) = comps.get_mut(i) {
                         // Kahan: y = alpha (p - s) - c; t = s + y; c = (t - s) - y; s = t.
@@ -215,13 +205,13 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
                         };
                     }
                 }
-                Ok(Action::Copy) => {
+                Action::Copy => {
                     *shadow = p.clone();
                     if let Some(c) = comps.get_mut(i) {
                         *c = p.zeros_like();
                     }
                 }
-                Ok(Action::Skip) | Err(_) => {}
+                Action::Skip => {}
             }
         }
         (

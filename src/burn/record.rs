@@ -8,10 +8,10 @@ use ::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use ::burn::optim::OptimizerRecord;
 use ::burn::tensor::{DType, Tensor, TensorData};
 
-use super::optim::{shadow_leaf, COUNTER_LEAF};
 use super::{burn_error, PathStack};
 use crate::checkpoint::{write_safetensors, Entry, META_KIND, META_NUM_UPDATES, META_VERSION};
 use crate::error::{Error, Result};
+use crate::names::{shadow_leaf, COUNTER_LEAF};
 
 /// The shadows an [`EmaOptim`](super::EmaOptim) left in a burn optimizer record (a
 /// `Learner` checkpoint's `optim-<epoch>.bpk`, or `ModuleOptimizer::to_record()`), keyed by
@@ -46,6 +46,8 @@ impl EmaWeights {
         let path = path.as_ref();
         let reader = burn_pack::Reader::from_file(path).map_err(|e| Error::Checkpoint {
             path: path.to_path_buf(),
+            tensor: None,
+            kind: crate::error::CheckpointErrorKind::Format,
             message: format!("not a burn optimizer record: {e:?}"),
             source: None,
         })?;

@@ -1,15 +1,17 @@
 //! What restores take from a loaded checkpoint: tensors by the names TensorFlow gives them,
 //! checked against what is tracked, borrowed from the file rather than copied.
 
-use super::errors::bad;
+use super::errors::{bad, bad_tensor};
 use super::load::Checkpoint;
 use super::{
-    describe_policy, ema_shadow_name, Config, RestoreOptions, COMPENSATION_SUFFIX,
-    META_EXTRA_SCHEDULES, META_NUMERICS, META_NUM_UPDATES, META_POLICY, META_SCHEDULE,
+    describe_policy, ema_shadow_name, Config, RestoreOptions, META_EXTRA_SCHEDULES, META_NUMERICS,
+    META_NUM_UPDATES, META_POLICY, META_SCHEDULE,
 };
+use crate::error::CheckpointErrorKind as K;
 use crate::error::Result;
+use crate::names::EMA_SUFFIX;
 use crate::schedule::Numerics;
-use crate::tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
+use crate::tensors::{HostTensors, TensorSpec};
 
 /// Everything a restore takes from a checkpoint, borrowed from the file and checked.
 pub(crate) struct RestoreSet<'a> {
@@ -67,10 +69,11 @@ impl Checkpoint {
         let v = self
             .metadata()
             .get(META_NUM_UPDATES)
-            .ok_or_else(|| bad(self.path(), "metadata has no `num_updates`"))?;
+            .ok_or_else(|| bad(self.path(), K::Metadata, "metadata has no `num_updates`"))?;
         v.parse().map_err(|_| {
             bad(
                 self.path(),
+                K::Metadata,
                 format!("metadata `num_updates` = {v:?} is not a count"),
             )
         })
@@ -104,6 +107,7 @@ impl Checkpoint {
                 if theirs != mine {
                     return Err(bad(
                         self.path(),
+                        K::Config,
                         format!(
                             "{key} differs: the checkpoint's is {theirs:?}, this EMA's {mine:?} \
                              (RestoreOptions::allow_config_mismatch restores it anyway)"
@@ -115,10 +119,7 @@ impl Checkpoint {
         if !opts.allow_non_finite {
             for (name, v) in values {
                 if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-                    return Err(bad(
-                        self.path(),
-                        format!(
-                            "tensor `{name}`: element {i} is {} (RestoreOptions::allow_non_finite restores it anyway)",
+                    return Err(bad_tensor(self.path(), K::NonFinite, name, format!("tensor `{name}`: element {i} is {} (RestoreOptions::allow_non_finite restores it anyway)",
                             v[i]
                         ),
                     ));
@@ -138,12 +139,24 @@ impl Checkpoint {
     /// `name` with the shape of `spec`, or an error naming the file and the tensor.
     pub fn tensor_as(&self, name: &str, spec: &TensorSpec) -> Result<&[f32]> {
         let (shape, values) = self.get(name).ok_or_else(|| match self.unsupported(name) {
-            Some(why) => bad(self.path(), format!("tensor `{name}`: {why}")),
-            None => bad(self.path(), format!("tensor `{name}` is missing")),
+            Some(why) => bad_tensor(
+                self.path(),
+                K::Unsupported,
+                name,
+                format!("tensor `{name}`: {why}"),
+            ),
+            None => bad_tensor(
+                self.path(),
+                K::MissingTensor,
+                name,
+                format!("tensor `{name}` is missing"),
+            ),
         })?;
         if shape != spec.shape.as_slice() {
-            return Err(bad(
+            return Err(bad_tensor(
                 self.path(),
+                K::Shape,
+                name,
                 format!(
                     "tensor `{name}` has shape {shape:?}, expected {:?}",
                     spec.shape
@@ -185,6 +198,7 @@ impl Checkpoint {
                 if !specs.iter().any(|s| s.name == base) {
                     return Err(bad(
                         self.path(),
+                        K::UnexpectedTensor,
                         format!("unexpected tensor `{name}`: `{base}` is not tracked"),
                     ));
                 }
@@ -195,7 +209,7 @@ impl Checkpoint {
 
     /// [`compensation_for`](Self::compensation_for), borrowed.
     pub(crate) fn compensation_slices(&self, specs: &[TensorSpec]) -> Result<Option<Vec<&[f32]>>> {
-        let name = |s: &TensorSpec| format!("{}{COMPENSATION_SUFFIX}", s.shadow_name());
+        let name = |s: &TensorSpec| crate::names::compensation_name(&s.name);
         if !specs.iter().any(|s| self.get(&name(s)).is_some()) {
             return Ok(None);
         }
@@ -216,7 +230,7 @@ impl Checkpoint {
     /// checkpoint of an uncompensated EMA: resuming starts the terms at zero). Some but not
     /// all present is an error.
     pub fn compensation_for(&self, specs: &[TensorSpec]) -> Result<Option<HostTensors>> {
-        let name = |s: &TensorSpec| format!("{}{COMPENSATION_SUFFIX}", s.shadow_name());
+        let name = |s: &TensorSpec| crate::names::compensation_name(&s.name);
         if !specs.iter().any(|s| self.get(&name(s)).is_some()) {
             return Ok(None);
         }

@@ -4,11 +4,10 @@
 //! tensor; files written by other tools (no checksums) still load, and say so
 //! ([`Checkpoint::verified`](super::Checkpoint::verified)).
 
+use crate::error::CheckpointErrorKind as K;
 use std::collections::HashMap;
 
-/// Metadata key holding the checksums: `v1;meta=<crc>;<crc>,<crc>,...`, one CRC32C (8 hex
-/// digits) per tensor in name order.
-pub const META_CHECKSUMS: &str = "wgpu_ema_crc32c";
+pub use crate::names::META_CHECKSUMS;
 
 const PREFIX: &str = "v1;meta=";
 
@@ -84,23 +83,25 @@ pub(crate) fn verify_metadata(
     let Some(v) = meta.get(META_CHECKSUMS) else {
         if required(meta) {
             return Err(bad(
-                path,
+                path, K::Checksum,
                 "written by wgpu-ema 0.2 or later but without checksums: the file was changed or damaged",
             ));
         }
         return Ok(None);
     };
     let (meta_crc, crcs) =
-        parse(v).ok_or_else(|| bad(path, "malformed checksums in the metadata"))?;
+        parse(v).ok_or_else(|| bad(path, K::Checksum, "malformed checksums in the metadata"))?;
     if metadata_crc(meta) != meta_crc {
         return Err(bad(
             path,
+            K::Checksum,
             "metadata checksum mismatch: the file was changed or damaged",
         ));
     }
     if crcs.len() != tensors {
         return Err(bad(
             path,
+            K::Checksum,
             format!(
                 "{} checksums for {tensors} tensors: the file was changed or damaged",
                 crcs.len()
@@ -117,9 +118,7 @@ pub(crate) fn mismatch(
     got: u32,
     want: u32,
 ) -> crate::error::Error {
-    super::errors::bad(
-        path,
-        format!("tensor `{name}`: checksum mismatch (crc32c {got:08x}, written {want:08x}): the file was changed or damaged"),
+    super::errors::bad_tensor(path, K::Checksum, name, format!("tensor `{name}`: checksum mismatch (crc32c {got:08x}, written {want:08x}): the file was changed or damaged"),
     )
 }
 

@@ -1,6 +1,7 @@
 //! The safetensors encoding of our checkpoints, to any seekable writer: a file being written
 //! atomically (`write`), or bytes in memory, which is how a browser page saves one.
 
+use crate::error::CheckpointErrorKind as K;
 use std::collections::HashMap;
 use std::io::{Cursor, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -11,7 +12,8 @@ use safetensors::Dtype;
 use super::checksum;
 use super::errors::{bad, bad_from, io};
 use crate::error::{Error, Result};
-use crate::tensors::{ParamDtype, RESERVED_NAME};
+use crate::names::RESERVED_NAME;
+use crate::tensors::ParamDtype;
 
 /// A tensor to write: its name, shape, and a function producing its values when the writer
 /// reaches it (so only one tensor is in host memory at a time).
@@ -101,6 +103,7 @@ impl<'a> Encoder<'a> {
                 .ok_or_else(|| {
                     bad(
                         path,
+                        K::Refused,
                         format!("tensor `{}`: shape {:?} is too large", e.name, e.shape),
                     )
                 })?;
@@ -119,9 +122,9 @@ impl<'a> Encoder<'a> {
         let placeholder = checksum::placeholder(checksum::metadata_crc(&metadata), entries.len());
         metadata.insert(checksum::META_CHECKSUMS.to_string(), placeholder.clone());
         let header = Metadata::new(Some(metadata), infos)
-            .map_err(|e| bad_from(path, "cannot describe the tensors", e))?;
+            .map_err(|e| bad_from(path, K::Format, "cannot describe the tensors", e))?;
         let mut header = serde_json::to_string(&header)
-            .map_err(|e| bad_from(path, "cannot encode the header", e))?
+            .map_err(|e| bad_from(path, K::Format, "cannot encode the header", e))?
             .into_bytes();
         header.resize(header.len().next_multiple_of(8), b' ');
         // Where the tensors' checksums go once they are known (the placeholder needs no escaping).
@@ -129,7 +132,7 @@ impl<'a> Encoder<'a> {
             .windows(placeholder.len())
             .position(|w| w == placeholder.as_bytes())
             .map(|p| 8 + (p + checksum::tensors_at()) as u64)
-            .ok_or_else(|| bad(path, "cannot place the checksums in the header"))?;
+            .ok_or_else(|| bad(path, K::Format, "cannot place the checksums in the header"))?;
         Ok(Self {
             path: path.to_path_buf(),
             entries,
@@ -161,6 +164,7 @@ impl<'a> Encoder<'a> {
             if Some((values.len() as u64) * 4) != e.bytes() {
                 return Err(bad(
                     path,
+                    K::Shape,
                     format!(
                         "tensor `{}`: {} values for shape {:?}",
                         e.name,
@@ -175,7 +179,7 @@ impl<'a> Encoder<'a> {
                 _ => {
                     let bytes = to_half_le(&values, dtype).map_err(|i| {
                         bad(
-                            path,
+                            path, K::Refused,
                             format!(
                                 "tensor `{}`: element {i} ({}) does not fit f16; store the snapshots as f32 or bf16",
                                 e.name, values[i]

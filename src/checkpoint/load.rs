@@ -1,5 +1,6 @@
 //! Reading checkpoints back: one file or a sharded set, validated before anything is used.
 
+use crate::error::CheckpointErrorKind as K;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use safetensors::SafeTensors;
 
 use super::checksum;
-use super::errors::{bad, bad_from};
+use super::errors::{bad, bad_from, bad_tensor};
 #[cfg(not(target_arch = "wasm32"))]
 use super::write::META_GENERATION;
 
@@ -85,6 +86,7 @@ pub(super) fn check_header_size(path: &Path, n: u64, len: u64) -> Result<()> {
     if n > len - 8 || n > MAX_HEADER || (n > 1 << 20 && n > len - 8 - n) {
         return Err(bad(
             path,
+            K::Format,
             format!(
                 "not a valid safetensors file: header of {n} bytes in a file of {len} \
                  (at most {MAX_HEADER})"
@@ -139,6 +141,7 @@ impl Checkpoint {
         std::io::Read::read_exact(&mut file, &mut head).map_err(|_| {
             bad(
                 path,
+                K::Truncated,
                 format!("not a valid safetensors file: {len} bytes, too short for a header"),
             )
         })?;
@@ -163,6 +166,7 @@ impl Checkpoint {
             .ok_or_else(|| {
                 bad(
                     path,
+                    K::Truncated,
                     format!("not a valid safetensors file: {len} bytes, too short for a header"),
                 )
             })?;
@@ -174,14 +178,16 @@ impl Checkpoint {
     fn parse(path: &Path, map: Arc<Bytes>) -> Result<Self> {
         let bytes: &[u8] = &map;
         let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad_from(path, "not a valid safetensors file", e))?;
+            .map_err(|e| bad_from(path, K::Format, "not a valid safetensors file", e))?;
         let (_, meta) = SafeTensors::read_metadata(bytes)
-            .map_err(|e| bad_from(path, "not a valid safetensors file", e))?;
+            .map_err(|e| bad_from(path, K::Format, "not a valid safetensors file", e))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.iter() {
             if view.dtype() != safetensors::Dtype::F32 {
-                return Err(bad(
+                return Err(bad_tensor(
                     path,
+                    K::Dtype,
+                    name,
                     format!(
                         "tensor `{name}` has dtype {:?}; wgpu-ema stores F32",
                         view.dtype()
@@ -215,7 +221,7 @@ impl Checkpoint {
                 for ((name, (shape, _)), want) in tensors.iter().zip(crcs) {
                     let view = st
                         .tensor(name)
-                        .map_err(|e| bad_from(path, format!("tensor `{name}`"), e))?;
+                        .map_err(|e| bad_from(path, K::Format, format!("tensor `{name}`"), e))?;
                     let got =
                         crc32c::crc32c_append(checksum::tensor_start(name, shape), view.data());
                     if got != want {
@@ -240,21 +246,28 @@ impl Checkpoint {
             path: path.to_path_buf(),
             source,
         })?;
-        let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad_from(path, "index is not JSON", e))?;
+        let index: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| bad_from(path, K::Format, "index is not JSON", e))?;
         let map = index
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| bad(path, "index has no `weight_map` object"))?;
+            .ok_or_else(|| bad(path, K::Format, "index has no `weight_map` object"))?;
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
         let mut by_file: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for (name, file) in map {
-            let file = file
-                .as_str()
-                .ok_or_else(|| bad(path, format!("tensor `{name}`: shard name is not a string")))?;
-            if file.contains('/') || file.contains('\\') || file.starts_with("..") {
-                return Err(bad(
+            let file = file.as_str().ok_or_else(|| {
+                bad_tensor(
                     path,
+                    K::Format,
+                    name,
+                    format!("tensor `{name}`: shard name is not a string"),
+                )
+            })?;
+            if file.contains('/') || file.contains('\\') || file.starts_with("..") {
+                return Err(bad_tensor(
+                    path,
+                    K::Format,
+                    name,
                     format!("tensor `{name}`: shard `{file}` is not a file name"),
                 ));
             }
@@ -276,14 +289,17 @@ impl Checkpoint {
             if !shard_path.exists() {
                 return Err(bad(
                     path,
+                    K::MissingTensor,
                     format!("shard `{file}` (holding `{}`) is missing", names[0]),
                 ));
             }
             let shard = Self::load_file(&shard_path)?;
             for name in names {
                 if !shard.tensors.contains_key(name) {
-                    return Err(bad(
+                    return Err(bad_tensor(
                         &shard_path,
+                        K::Inconsistent,
+                        name,
                         format!("tensor `{name}` listed in the index is not in this shard"),
                     ));
                 }
@@ -292,7 +308,7 @@ impl Checkpoint {
             let shard_gen = shard.metadata.get(META_GENERATION).map(String::as_str);
             if generation.is_some() && shard_gen != generation {
                 return Err(bad(
-                    &shard_path,
+                    &shard_path, K::Inconsistent,
                     format!(
                         "shard of save {:?}, but the index is of save {:?}: a torn sharded checkpoint",
                         shard_gen.unwrap_or("(none)"),
@@ -306,8 +322,10 @@ impl Checkpoint {
             }
             for (name, t) in shard.tensors {
                 if out.tensors.insert(name.clone(), t).is_some() {
-                    return Err(bad(
+                    return Err(bad_tensor(
                         &shard_path,
+                        K::Inconsistent,
+                        &name,
                         format!("tensor `{name}` is in two shards"),
                     ));
                 }

@@ -55,37 +55,13 @@ pub const IN_MEMORY: &str = "(in memory)";
 
 use crate::error::{Error, Result};
 use crate::schedule::{Numerics, Policy, Schedule};
-use crate::tensors::{HostTensors, TensorSpec, EMA_SUFFIX};
+use crate::tensors::{HostTensors, TensorSpec};
 
-/// Suffix of a compensated shadow's Kahan term: `weight/ExponentialMovingAverage/Compensation`.
-pub const COMPENSATION_SUFFIX: &str = "/Compensation";
-
-/// Metadata key: the schedules of further EMAs kept in the same pass, `; `-separated, EMA 1
-/// first (absent with one EMA).
-pub const META_EXTRA_SCHEDULES: &str = "extra_schedules";
-
-/// The name of a shadow of EMA `k`: TensorFlow's `<name>/ExponentialMovingAverage` for the
-/// first, `<name>/ExponentialMovingAverage_<k>` for the others (as TensorFlow names the
-/// shadows of a second `ExponentialMovingAverage` object).
-pub fn ema_shadow_name(name: &str, k: usize) -> String {
-    match k {
-        0 => format!("{name}{EMA_SUFFIX}"),
-        _ => format!("{name}{EMA_SUFFIX}_{k}"),
-    }
-}
-
-/// Metadata key: the step counter (`num_updates`), decimal.
-pub const META_NUM_UPDATES: &str = "num_updates";
-/// Metadata key: the schedule and its parameters, e.g. `num_updates(decay=0.9999)`.
-pub const META_SCHEDULE: &str = "schedule";
-/// Metadata key: when updates happen, `update_after_step=M,update_every=K`.
-pub const META_POLICY: &str = "policy";
-/// Metadata key: `exact` or `tensorflow`.
-pub const META_NUMERICS: &str = "numerics";
-/// Metadata key: the version of wgpu-ema that wrote the file.
-pub const META_VERSION: &str = "wgpu_ema_version";
-/// Metadata key: `training` or `ema_export`.
-pub const META_KIND: &str = "format";
+// The names and metadata keys are `crate::names`'; re-exported here where users found them.
+pub use crate::names::{
+    ema_shadow_name, COMPENSATION_SUFFIX, META_EXTRA_SCHEDULES, META_KIND, META_NUMERICS,
+    META_NUM_UPDATES, META_POLICY, META_SCHEDULE, META_VERSION,
+};
 
 /// The policy as the metadata stores it: `update_after_step=M,update_every=K`.
 pub fn describe_policy(p: Policy) -> String {
@@ -118,9 +94,9 @@ impl<'a> Config<'a> {
     /// An EMA's: its step counter's schedule, numerics and policy, and its further EMAs.
     pub fn of(stepper: &crate::schedule::Stepper, extra: &'a [Schedule]) -> Self {
         Self {
-            schedule: stepper.schedule,
-            numerics: stepper.numerics,
-            policy: stepper.policy,
+            schedule: stepper.schedule(),
+            numerics: stepper.numerics(),
+            policy: stepper.policy(),
             extra,
         }
     }
@@ -133,7 +109,7 @@ impl<'a> Config<'a> {
 pub trait EmaState {
     /// The tracked tensors, in order.
     fn specs(&self) -> Vec<TensorSpec>;
-    /// Updates applied so far.
+    /// The step counter (calls so far; see [`schedule`](crate::schedule)).
     fn num_updates(&self) -> u64;
     /// The schedule.
     fn schedule(&self) -> Schedule;
@@ -227,7 +203,7 @@ fn training_entries<'a>(
             names.push(name);
         }
         if state.compensated() {
-            let name = format!("{}{COMPENSATION_SUFFIX}", spec.shadow_name());
+            let name = crate::names::compensation_name(&spec.name);
             let missing = name.clone();
             entries.push(Entry {
                 name: name.clone(),
@@ -275,7 +251,7 @@ fn training_entries<'a>(
     // Every name once, none reserved: checked before anything is written.
     let mut seen = std::collections::HashSet::with_capacity(names.len());
     for name in &names {
-        if name == crate::tensors::RESERVED_NAME {
+        if name == crate::names::RESERVED_NAME {
             return Err(Error::NameCollision {
                 name: name.clone(),
                 with: "safetensors' reserved `__metadata__`".into(),

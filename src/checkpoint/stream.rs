@@ -2,6 +2,7 @@
 //! memory for the header and one chunk, whatever the file's size. What post-hoc synthesis
 //! streams its snapshots through, and what `wgpu-ema inspect` lists.
 
+use crate::error::CheckpointErrorKind as K;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
@@ -11,7 +12,7 @@ use safetensors::tensor::Metadata;
 use safetensors::Dtype;
 
 use super::checksum;
-use super::errors::{bad, bad_from, io};
+use super::errors::{bad, bad_from, bad_tensor, io};
 use super::load::check_header_size;
 use crate::error::Result;
 use crate::tensors::ParamDtype;
@@ -64,6 +65,7 @@ impl TensorFile {
         file.read_exact(&mut head).map_err(|_| {
             bad(
                 path,
+                K::Truncated,
                 format!("not a valid safetensors file: {len} bytes, too short for a header"),
             )
         })?;
@@ -72,10 +74,10 @@ impl TensorFile {
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header).map_err(io(path))?;
         let parsed: Metadata = serde_json::from_slice(&header)
-            .map_err(|e| bad_from(path, "not a valid safetensors header", e))?;
+            .map_err(|e| bad_from(path, K::Format, "not a valid safetensors header", e))?;
         if parsed.data_len() as u64 != len - 8 - n {
             return Err(bad(
-                path,
+                path, K::Truncated,
                 format!(
                     "the header describes {} bytes of data, the file holds {}: truncated or extended",
                     parsed.data_len(),
@@ -160,8 +162,10 @@ impl TensorFile {
     ) -> Result<()> {
         let (t, dtype) = self.float_entry(name)?;
         if acc.len() as u64 != t.numel() {
-            return Err(bad(
+            return Err(bad_tensor(
                 &self.path,
+                K::Shape,
+                name,
                 format!(
                     "tensor `{name}` has {} elements, the accumulator {}",
                     t.numel(),
@@ -208,12 +212,19 @@ impl TensorFile {
     /// Tensor `name` and its element type, or an error naming it: missing, or not a float
     /// type this crate reads.
     fn float_entry(&self, name: &str) -> Result<(&TensorEntry, ParamDtype)> {
-        let t = self
-            .entry(name)
-            .ok_or_else(|| bad(&self.path, format!("tensor `{name}` is missing")))?;
-        let dtype = t.float.ok_or_else(|| {
-            bad(
+        let t = self.entry(name).ok_or_else(|| {
+            bad_tensor(
                 &self.path,
+                K::MissingTensor,
+                name,
+                format!("tensor `{name}` is missing"),
+            )
+        })?;
+        let dtype = t.float.ok_or_else(|| {
+            bad_tensor(
+                &self.path,
+                K::Dtype,
+                name,
                 format!("tensor `{name}` has dtype {}, not a float type", t.dtype),
             )
         })?;

@@ -1,6 +1,7 @@
 //! Writing safetensors files atomically, one tensor in memory at a time, and sharded (the
 //! encoding itself is in `encode`).
 
+use crate::error::CheckpointErrorKind as K;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -59,7 +60,7 @@ pub(crate) fn atomic_write(
     };
     let file_name = path
         .file_name()
-        .ok_or_else(|| bad(path, "not a file path"))?
+        .ok_or_else(|| bad(path, K::Refused, "not a file path"))?
         .to_string_lossy()
         .into_owned();
     remove_stale_temporaries(&dir);
@@ -116,12 +117,9 @@ pub fn write_safetensors_as(
     Ok(bytes)
 }
 
-/// The index file of a sharded checkpoint, in Hugging Face's layout.
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub use crate::names::INDEX_FILE;
 
-/// Metadata key of every shard and of the index of a sharded checkpoint: the save it belongs
-/// to.
-pub const META_GENERATION: &str = "wgpu_ema_generation";
+pub use crate::names::META_GENERATION;
 
 /// A token no other save of this process or machine uses: time, process and a counter.
 fn generation() -> String {
@@ -171,7 +169,7 @@ pub fn write_sharded(
     for e in entries {
         let b = e
             .bytes()
-            .ok_or_else(|| bad(dir, format!("tensor `{}` is too large", e.name)))?;
+            .ok_or_else(|| bad(dir, K::Refused, format!("tensor `{}` is too large", e.name)))?;
         if shards.is_empty() || (used.saturating_add(b) > max_shard_bytes && used > 0) {
             shards.push(Vec::new());
             used = 0;
@@ -214,7 +212,7 @@ pub fn write_sharded(
     let index = serde_json::json!({ "metadata": meta, "weight_map": weight_map });
     let path = dir.join(INDEX_FILE);
     let text = serde_json::to_string_pretty(&index)
-        .map_err(|e| bad_from(&path, "cannot encode the index", e))?;
+        .map_err(|e| bad_from(&path, K::Format, "cannot encode the index", e))?;
     if let Err(e) = atomic_write(&path, |w| w.write_all(text.as_bytes()).map_err(io(&path))) {
         for f in &files {
             let _ = fs::remove_file(dir.join(f));

@@ -40,7 +40,7 @@ impl CpuEma {
     /// An EMA tracking nothing yet. Fails on an invalid schedule.
     pub fn new(schedule: Schedule, numerics: Numerics) -> Result<Self> {
         Ok(Self {
-            stepper: Stepper::new(schedule, numerics)?,
+            stepper: Stepper::new(schedule, numerics, Policy::default(), 0)?,
             specs: Vec::new(),
             shadows: Vec::new(),
             comps: Vec::new(),
@@ -72,8 +72,8 @@ impl CpuEma {
     /// [`GpuEmaBuilder::compensated`](crate::GpuEmaBuilder::compensated). Turning it on starts
     /// every term at zero; refused with [`Numerics::TensorFlow`].
     pub fn set_compensated(&mut self, yes: bool) -> Result<()> {
-        if yes && self.stepper.numerics == Numerics::TensorFlow {
-            return Err(Error::InvalidSchedule(
+        if yes && self.stepper.numerics() == Numerics::TensorFlow {
+            return Err(Error::InvalidConfig(
                 "compensated shadows use Numerics::Exact".into(),
             ));
         }
@@ -94,9 +94,7 @@ impl CpuEma {
 
     /// Sets when updates happen (delayed start, interval); see [`Policy`].
     pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
-        policy.validate()?;
-        self.stepper.policy = policy;
-        Ok(())
+        self.stepper.set_policy(policy)
     }
 
     /// The tracked tensors, in tracking order.
@@ -106,7 +104,7 @@ impl CpuEma {
 
     /// The schedule.
     pub fn schedule(&self) -> Schedule {
-        self.stepper.schedule
+        self.stepper.schedule()
     }
 
     /// Changes the schedule from the next update on, keeping the shadows and the counter: a
@@ -119,23 +117,24 @@ impl CpuEma {
 
     /// The numerics.
     pub fn numerics(&self) -> Numerics {
-        self.stepper.numerics
+        self.stepper.numerics()
     }
 
-    /// Updates applied so far (the `n` of the last update).
+    /// The step counter: calls so far, skipped and copying ones included (the `n` of the
+    /// last call; see [`schedule`](crate::schedule)'s "What `n` counts").
     pub fn num_updates(&self) -> u64 {
-        self.stepper.num_updates
+        self.stepper.num_updates()
     }
 
     /// Sets the step counter (after restoring a checkpoint, say): the next
     /// [`update`](Self::update) uses `n + 1`.
     pub fn set_num_updates(&mut self, n: u64) {
-        self.stepper.num_updates = n;
+        self.stepper.set_num_updates(n);
     }
 
     /// One update with the internal counter: one slice per tracked tensor, in tracking order.
     pub fn update(&mut self, params: &[&[f32]]) -> Result<()> {
-        let n = self.stepper.num_updates.saturating_add(1);
+        let n = self.stepper.next();
         self.update_at(n, params)
     }
 
@@ -165,7 +164,7 @@ impl CpuEma {
             return Ok(());
         }
         for (s, p) in self.shadows.iter_mut().zip(params) {
-            match (action, self.stepper.numerics) {
+            match (action, self.stepper.numerics()) {
                 (Action::Skip, _) => {}
                 (Action::Copy, _) => s.copy_from_slice(p),
                 (Action::Update(alpha), Numerics::Exact) => ema_step(s, p, alpha)?,
@@ -227,7 +226,7 @@ impl CpuEma {
         for (i, values) in set.comps.iter().flatten().enumerate() {
             self.comps[i].copy_from_slice(values);
         }
-        self.stepper.num_updates = set.num_updates;
+        self.stepper.set_num_updates(set.num_updates);
         Ok(())
     }
 
@@ -246,16 +245,16 @@ impl crate::checkpoint::EmaState for CpuEma {
         self.specs.clone()
     }
     fn num_updates(&self) -> u64 {
-        self.stepper.num_updates
+        self.stepper.num_updates()
     }
     fn schedule(&self) -> Schedule {
-        self.stepper.schedule
+        self.stepper.schedule()
     }
     fn numerics(&self) -> Numerics {
-        self.stepper.numerics
+        self.stepper.numerics()
     }
     fn policy(&self) -> Policy {
-        self.stepper.policy
+        self.stepper.policy()
     }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
         self.shadows

@@ -18,7 +18,7 @@ impl ReferenceEma {
     /// Shadows start equal to `initial` (one slice per tensor).
     pub fn new(schedule: Schedule, numerics: Numerics, initial: &[&[f32]]) -> Result<Self> {
         Ok(Self {
-            stepper: Stepper::new(schedule, numerics)?,
+            stepper: Stepper::new(schedule, numerics, Policy::default(), 0)?,
             shadows: initial
                 .iter()
                 .map(|t| t.iter().map(|&x| x as f64).collect())
@@ -28,9 +28,7 @@ impl ReferenceEma {
 
     /// Sets when updates happen; see [`Policy`].
     pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
-        policy.validate()?;
-        self.stepper.policy = policy;
-        Ok(())
+        self.stepper.set_policy(policy)
     }
 
     /// Changes the schedule from the next update on (as
@@ -41,7 +39,7 @@ impl ReferenceEma {
 
     /// One update with the internal counter.
     pub fn update(&mut self, params: &[&[f32]]) -> Result<()> {
-        let n = self.stepper.num_updates.saturating_add(1);
+        let n = self.stepper.next();
         self.update_at(n, params)
     }
 

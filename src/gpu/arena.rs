@@ -46,23 +46,23 @@ impl ParamArena {
                 });
             }
             offsets.push(at);
-            let end = s
-                .numel()
-                .checked_mul(4)
-                .and_then(|b| b.checked_add(at))
-                .filter(|&e| e <= lim.max_buffer)
-                .ok_or_else(|| Error::TooLarge {
+            let end = u128::from(s.numel()) * 4 + u128::from(at);
+            if end > u128::from(lim.max_buffer) {
+                return Err(Error::TooLarge {
                     what: format!("parameter arena (at tensor `{}`)", s.name),
-                    bytes: u64::MAX,
+                    bytes: end,
                     limit: lim.max_buffer,
-                })?;
+                });
+            }
+            // Fits u64: at most max_buffer.
+            let end = end as u64;
             at = align_up(end, lim.align);
         }
         let size = at.max(lim.align);
         if size > lim.max_buffer {
             return Err(Error::TooLarge {
                 what: "parameter arena".into(),
-                bytes: size,
+                bytes: size.into(),
                 limit: lim.max_buffer,
             });
         }

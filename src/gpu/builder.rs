@@ -91,7 +91,7 @@ impl<'a> GpuEmaBuilder<'a> {
         self
     }
 
-    /// The step counter's starting value (updates already applied): the first update
+    /// The step counter's starting value (calls already made): the first call
     /// recorded with the internal counter is number `n + 1`.
     pub fn num_updates(mut self, n: u64) -> Self {
         self.num_updates = n;
@@ -169,26 +169,22 @@ impl<'a> GpuEmaBuilder<'a> {
         }
         let emas = 1 + self.extra_emas.len();
         if emas > MAX_EMAS {
-            return Err(Error::InvalidSchedule(format!(
+            return Err(Error::InvalidConfig(format!(
                 "{emas} EMAs asked for; one pass updates at most {MAX_EMAS}"
             )));
         }
         if emas > 1 && self.compensated {
-            return Err(Error::InvalidSchedule(
+            return Err(Error::InvalidConfig(
                 "several EMAs in one pass cannot also be compensated".into(),
             ));
         }
         if self.compensated && self.numerics == Numerics::TensorFlow {
-            return Err(Error::InvalidSchedule(
+            return Err(Error::InvalidConfig(
                 "compensated shadows use Numerics::Exact; TensorFlow's mode replays its own rounding"
                     .into(),
             ));
         }
-        let stepper = Stepper {
-            num_updates: self.num_updates,
-            policy: self.policy,
-            ..Stepper::new(self.schedule, self.numerics)?
-        };
+        let stepper = Stepper::new(self.schedule, self.numerics, self.policy, self.num_updates)?;
         let lim = plan_limits(device);
         // Every tensor as (spec, binding, in arena): the arena's first.
         let mut all: Vec<(TensorSpec, ParamBinding<wgpu::Buffer>, bool)> = Vec::new();
@@ -210,7 +206,7 @@ impl<'a> GpuEmaBuilder<'a> {
                 });
             }
         }
-        crate::tensors::check_names(
+        crate::names::check_names(
             all.iter().map(|(s, ..)| s.name.as_str()),
             emas,
             self.compensated,
@@ -226,7 +222,7 @@ impl<'a> GpuEmaBuilder<'a> {
         let (pieces, buffer_sizes) =
             plan::place_shadows(&numels, &lim).ok_or_else(|| Error::TooLarge {
                 what: "shadows".into(),
-                bytes: u64::MAX,
+                bytes: numels.iter().map(|&n| u128::from(n) * 4).sum(),
                 limit: lim.max_buffer,
             })?;
         let make_buffers = |label: &str| -> Vec<wgpu::Buffer> {

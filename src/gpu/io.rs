@@ -87,7 +87,7 @@ impl GpuEma {
     /// The schedule of EMA `k` (0: the builder's).
     pub fn ema_schedule(&self, k: usize) -> Option<Schedule> {
         match k {
-            0 => Some(self.stepper.schedule),
+            0 => Some(self.stepper.schedule()),
             _ => self.extra.get(k - 1).copied(),
         }
     }
@@ -208,14 +208,15 @@ impl GpuEma {
         self.not_swapped()?;
         let i = self.index(name)?;
         let spec = &self.tensors[i].spec;
-        if values.len() as u64 != spec.numel() || !self.is_compensated() {
+        if !self.is_compensated() {
+            return Err(Error::NotCompensated {
+                name: spec.name.clone(),
+            });
+        }
+        if values.len() as u64 != spec.numel() {
             return Err(Error::LengthMismatch {
                 name: spec.name.clone(),
-                expected: if !self.is_compensated() {
-                    0
-                } else {
-                    spec.numel()
-                },
+                expected: spec.numel(),
                 got: values.len() as u64,
             });
         }
@@ -269,7 +270,7 @@ impl GpuEma {
                 flush(self, values.len() * 4);
             }
         }
-        self.stepper.num_updates = set.num_updates;
+        self.stepper.set_num_updates(set.num_updates);
         Ok(())
     }
 
@@ -321,18 +322,17 @@ impl GpuEma {
     /// ([`Error::NotContiguous`]).
     pub fn shadow_binding(&self, name: &str) -> Result<wgpu::BufferBinding<'_>> {
         match self.placed(self.index(name)?).0 {
-            [] => Err(Error::LengthMismatch {
+            [] => Err(Error::EmptyTensor {
                 name: name.to_string(),
-                expected: 1,
-                got: 0,
             }),
             [p] => Ok(wgpu::BufferBinding {
                 buffer: &self.shadow_buffers()[p.buffer],
                 offset: p.offset,
                 size: NonZeroU64::new(p.len * 4),
             }),
-            _ => Err(Error::NotContiguous {
+            pieces => Err(Error::NotContiguous {
                 name: name.to_string(),
+                pieces: pieces.len(),
             }),
         }
     }

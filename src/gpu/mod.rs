@@ -223,7 +223,7 @@ impl GpuEma {
     /// `alpha` (an immediate recorded in the pass, or on devices without
     /// `Features::IMMEDIATES` a uniform ring slot of its own, never rewritten).
     pub fn record_update(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
-        let n = self.stepper.num_updates.saturating_add(1);
+        let n = self.stepper.next();
         self.record_update_at(encoder, n)
     }
 
@@ -236,7 +236,8 @@ impl GpuEma {
         if self.swapped {
             return Err(Error::Swapped);
         }
-        let (action, mut alphas) = self.stepper.advance_all::<MAX_EMAS>(n, &self.extra)?;
+        let mut alphas = [1.0f32; MAX_EMAS];
+        let action = self.stepper.advance_all(n, &self.extra, &mut alphas)?;
         match action {
             Action::Skip => {}
             Action::Copy => self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS])?,
@@ -299,7 +300,7 @@ impl GpuEma {
 
     /// The schedule.
     pub fn schedule(&self) -> Schedule {
-        self.stepper.schedule
+        self.stepper.schedule()
     }
 
     /// Changes the schedule from the next update on, keeping the shadows and the counter: a
@@ -312,22 +313,23 @@ impl GpuEma {
 
     /// The numerics.
     pub fn numerics(&self) -> Numerics {
-        self.stepper.numerics
+        self.stepper.numerics()
     }
 
     /// When updates happen.
     pub fn update_policy(&self) -> Policy {
-        self.stepper.policy
+        self.stepper.policy()
     }
 
-    /// Updates applied so far: the `n` of the last update recorded.
+    /// The step counter: calls so far, skipped and copying ones included (the `n` of the
+    /// last call recorded; see [`schedule`](crate::schedule)'s "What `n` counts").
     pub fn num_updates(&self) -> u64 {
-        self.stepper.num_updates
+        self.stepper.num_updates()
     }
 
     /// Sets the step counter (after restoring a checkpoint): the next update is `n + 1`.
     pub fn set_num_updates(&mut self, n: u64) {
-        self.stepper.num_updates = n;
+        self.stepper.set_num_updates(n);
     }
 
     /// True when `alpha` reaches the shader as an immediate, false on the uniform ring.

@@ -105,7 +105,7 @@ impl GpuEma {
         if at > max {
             return Err(Error::TooLarge {
                 what: "checkpoint snapshot".into(),
-                bytes: at,
+                bytes: at.into(),
                 limit: max,
             });
         }

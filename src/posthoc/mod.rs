@@ -50,16 +50,7 @@ use crate::schedule::Schedule;
 /// EDM2's recorded profiles: `sigma_rel` 0.05 and 0.10.
 pub const EDM2_SIGMA_RELS: [f64; 2] = [0.05, 0.10];
 
-/// Metadata `format` of a snapshot file.
-pub const SNAPSHOT_FORMAT: &str = "posthoc_snapshot";
-/// Metadata key: the step (`num_updates`) the snapshot was taken at.
-pub const META_T: &str = "posthoc_t";
-/// Metadata key: the snapshot's number in its directory (0, 1, ...).
-pub const META_INDEX: &str = "posthoc_index";
-/// Metadata key: the profiles, a JSON list of `{"suffix", "gamma", "sigma_rel"}`.
-pub const META_PROFILES: &str = "posthoc_profiles";
-/// Metadata key: the stored dtype (`F32`, `F16`, `BF16`).
-pub const META_DTYPE: &str = "posthoc_dtype";
+pub use crate::names::{META_DTYPE, META_INDEX, META_PROFILES, META_T, SNAPSHOT_FORMAT};
 
 /// `gamma` of `sigma_rel`, validated (`0 < sigma_rel < 0.2887`).
 pub fn gamma_of_sigma_rel(sigma_rel: f64) -> Result<f64> {

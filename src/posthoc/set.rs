@@ -1,6 +1,7 @@
 //! A directory of post-hoc snapshots: each file's header read and the set checked for
 //! consistency before anything is synthesized from it.
 
+use crate::error::CheckpointErrorKind as K;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -54,6 +55,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
     if meta.get(META_KIND).map(String::as_str) != Some(SNAPSHOT_FORMAT) {
         return Err(bad(
             path,
+            K::Metadata,
             format!(
                 "not a post-hoc snapshot (no `{META_KIND}: {SNAPSHOT_FORMAT}` in its metadata)"
             ),
@@ -65,6 +67,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
         .ok_or_else(|| {
             bad(
                 path,
+                K::Metadata,
                 format!("metadata `{META_T}` is missing or not a step"),
             )
         })?;
@@ -74,6 +77,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
         .ok_or_else(|| {
             bad(
                 path,
+                K::Metadata,
                 format!("metadata `{META_PROFILES}` is missing or not a JSON list"),
             )
         })?;
@@ -82,11 +86,16 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
         let suffix = p.get("suffix").and_then(|v| v.as_str());
         let gamma = p.get("gamma").and_then(|v| v.as_f64());
         let (Some(suffix), Some(gamma)) = (suffix, gamma) else {
-            return Err(bad(path, format!("profile {p} lacks `suffix` or `gamma`")));
+            return Err(bad(
+                path,
+                K::Metadata,
+                format!("profile {p} lacks `suffix` or `gamma`"),
+            ));
         };
         if !(gamma.is_finite() && gamma > 0.0) || suffix.is_empty() {
             return Err(bad(
                 path,
+                K::Metadata,
                 format!("profile {p}: gamma must be a positive number and the suffix non-empty"),
             ));
         }
@@ -97,7 +106,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
         });
     }
     if profiles.is_empty() {
-        return Err(bad(path, "the snapshot lists no profiles"));
+        return Err(bad(path, K::Metadata, "the snapshot lists no profiles"));
     }
     let mut dtype = None;
     let mut params: BTreeMap<String, Vec<usize>> = BTreeMap::new();
@@ -106,6 +115,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
         let Some(d) = t.float else {
             return Err(bad(
                 path,
+                K::Dtype,
                 format!(
                     "tensor `{}` has dtype {}, not a float type",
                     t.name, t.dtype
@@ -115,6 +125,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
         if *dtype.get_or_insert(d) != d {
             return Err(bad(
                 path,
+                K::Dtype,
                 format!(
                     "tensor `{}` is {} but others are {:?}: one dtype per snapshot",
                     t.name, t.dtype, dtype
@@ -129,6 +140,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
         else {
             return Err(bad(
                 path,
+                K::UnexpectedTensor,
                 format!(
                     "tensor `{}` belongs to none of the snapshot's profiles",
                     t.name
@@ -139,6 +151,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
             Some(shape) if *shape != t.shape => {
                 return Err(bad(
                     path,
+                    K::Shape,
                     format!(
                         "tensor `{}` has shape {:?}, the other profiles of `{name}` {:?}",
                         t.name, t.shape, shape
@@ -157,6 +170,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
             if file.entry(&format!("{name}{}", p.suffix)).is_none() {
                 return Err(bad(
                     path,
+                    K::MissingTensor,
                     format!(
                         "`{name}{}` is missing (profile sigma_rel {:.4} of `{name}`)",
                         p.suffix, p.sigma_rel
@@ -168,6 +182,7 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
     if seen != params.len() * profiles.len() {
         return Err(bad(
             path,
+            K::Inconsistent,
             format!(
                 "{seen} tensors for {} parameters x {} profiles: ambiguous profile suffixes",
                 params.len(),
@@ -232,6 +247,7 @@ impl SnapshotSet {
                         .unwrap_or_default();
                     return Err(bad(
                         &path,
+                        K::Inconsistent,
                         format!("does not match {}: {why}", first_path.display()),
                     ));
                 }
@@ -241,6 +257,7 @@ impl SnapshotSet {
                 if first.dtype != info.dtype {
                     return Err(bad(
                         &path,
+                        K::Inconsistent,
                         format!(
                             "stored as {:?}, {} as {:?}: one dtype for all snapshots",
                             info.dtype,
@@ -253,6 +270,7 @@ impl SnapshotSet {
             if let Some(other) = snapshots.iter().find(|s| s.t == info.t) {
                 return Err(bad(
                     &path,
+                    K::Inconsistent,
                     format!(
                         "a second snapshot of step {} (also {}): two runs in one directory?",
                         info.t,

@@ -2,10 +2,21 @@
 //!
 //! The GPU never sees a decay: it receives `alpha = 1 - decay`, computed here, because
 //! `1 - decay` in f32 loses most of the digits of a decay close to 1 (see [`Numerics`]).
+//!
+//! ## What `n` counts
+//! Every EMA of this crate ([`GpuEma`](crate::GpuEma), [`CpuEma`](crate::cpu::CpuEma), the
+//! f64 reference, burn's `EmaOptim`) keeps one step counter, `num_updates`. It counts *calls*
+//! (optimizer steps), whether they updated the shadows or not: under a [`Policy`], a call up to
+//! `update_after_step` copies the parameters and a call between two updates of `update_every`
+//! skips, and both still advance it. The first call is `n = 1`. A caller may pass its own
+//! global step as `n` instead (`record_update_at`, `update_at`; as TensorFlow reads its
+//! `num_updates` variable), and the counter becomes that `n`. Checkpoints save it as
+//! `num_updates`; a restore sets it back, so the next call continues the sequence.
 
+mod counter;
 mod policy;
 
-pub(crate) use policy::Stepper;
+pub(crate) use counter::Stepper;
 pub use policy::{Action, Policy};
 
 use crate::error::{Error, Result};

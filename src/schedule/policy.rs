@@ -48,7 +48,7 @@ impl Policy {
     /// Checks `update_every >= 1`.
     pub fn validate(&self) -> Result<()> {
         if self.update_every == 0 {
-            return Err(Error::InvalidSchedule(
+            return Err(Error::InvalidConfig(
                 "update_every must be at least 1".into(),
             ));
         }
@@ -111,59 +111,5 @@ mod tests {
             update_every: 0,
         };
         assert!(bad.action(&s, 1, Numerics::Exact).is_err());
-    }
-}
-
-/// A step counter with the schedule and numerics: what turns "one more update" into an
-/// `alpha`. Shared by the CPU and GPU paths, so both see the same `n`.
-#[derive(Clone, Debug)]
-pub(crate) struct Stepper {
-    pub schedule: Schedule,
-    pub numerics: Numerics,
-    pub policy: Policy,
-    /// Updates applied so far; the next update is number `num_updates + 1`.
-    pub num_updates: u64,
-}
-
-impl Stepper {
-    pub fn new(schedule: Schedule, numerics: Numerics) -> Result<Self> {
-        schedule.validate()?;
-        Ok(Self {
-            schedule,
-            numerics,
-            policy: Policy::default(),
-            num_updates: 0,
-        })
-    }
-
-    /// Replaces the schedule from the next update on; an invalid one changes nothing.
-    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<()> {
-        schedule.validate()?;
-        self.schedule = schedule;
-        Ok(())
-    }
-
-    /// What call `n` does, then the counter set to `n`. An error leaves the counter alone.
-    pub fn advance_to(&mut self, n: u64) -> Result<Action> {
-        let a = self.policy.action(&self.schedule, n, self.numerics)?;
-        self.num_updates = n;
-        Ok(a)
-    }
-
-    /// [`advance_to`](Self::advance_to) for several EMAs sharing the counter and the policy:
-    /// also the alpha of each schedule of `extra` at the same point (slots `1..`; slot 0 is
-    /// left at 1), all computed before the counter moves, so that an invalid schedule changes
-    /// nothing.
-    pub fn advance_all<const N: usize>(
-        &mut self,
-        n: u64,
-        extra: &[Schedule],
-    ) -> Result<(Action, [f32; N])> {
-        let k = n.saturating_sub(self.policy.update_after_step);
-        let mut alphas = [1.0f32; N];
-        for (slot, schedule) in alphas.iter_mut().skip(1).zip(extra) {
-            *slot = schedule.alpha(k, self.numerics)?;
-        }
-        Ok((self.advance_to(n)?, alphas))
     }
 }

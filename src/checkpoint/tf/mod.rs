@@ -10,6 +10,7 @@
 mod proto;
 mod table;
 
+use crate::error::CheckpointErrorKind as K;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use super::encode::write_f32_le;
-use super::errors::{bad, io};
+use super::errors::{bad, bad_tensor, io};
 use super::write::atomic_write;
 use super::{training_entries, EmaState, META_NUM_UPDATES};
 use crate::error::{Error, Result};
@@ -27,11 +28,7 @@ use proto::{
     BundleEntry, BundleHeader, Dim, TensorShape, VersionDef, DT_FLOAT, DT_INT32, DT_INT64,
 };
 
-/// The step counter's name in TensorFlow checkpoints (an int64 scalar).
-pub const GLOBAL_STEP: &str = "global_step";
-
-/// The directory's checkpoint state file, read by `tf.train.latest_checkpoint`.
-pub const STATE_FILE: &str = "checkpoint";
+pub use crate::names::{GLOBAL_STEP, STATE_FILE};
 
 fn with_suffix(prefix: &Path, suffix: &str) -> PathBuf {
     let mut s = prefix.as_os_str().to_os_string();
@@ -119,6 +116,7 @@ pub fn save_tf(
             if values.len() != numel {
                 return Err(bad(
                     &data,
+                    K::Shape,
                     format!(
                         "tensor `{}`: {} values for shape {:?}",
                         e.name,
@@ -172,7 +170,7 @@ fn write_state(prefix: &Path) -> Result<()> {
     let name = prefix
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .ok_or_else(|| bad(prefix, "not a checkpoint prefix"))?;
+        .ok_or_else(|| bad(prefix, K::Format, "not a checkpoint prefix"))?;
     let path = dir.join(STATE_FILE);
     let mut all: Vec<String> = std::fs::read_to_string(&path)
         .unwrap_or_default()
@@ -204,18 +202,26 @@ pub(crate) struct Loaded {
 pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
     let index = with_suffix(prefix, ".index");
     let bytes = std::fs::read(&index).map_err(io(&index))?;
-    let kv = table::read(&bytes).map_err(|m| bad(&index, m))?;
+    let kv = table::read(&bytes).map_err(|m| bad(&index, K::Format, m))?;
     let mut it = kv.into_iter();
     let header = match it.next() {
         Some((k, v)) if k.is_empty() => BundleHeader::decode(v.as_slice())
-            .map_err(|e| bad(&index, format!("bundle header: {e}")))?,
-        _ => return Err(bad(&index, "no bundle header (key \"\")")),
+            .map_err(|e| bad(&index, K::Format, format!("bundle header: {e}")))?,
+        _ => return Err(bad(&index, K::Format, "no bundle header (key \"\")")),
     };
     if header.endianness != 0 {
-        return Err(bad(&index, "big-endian checkpoints are not read"));
+        return Err(bad(
+            &index,
+            K::Unsupported,
+            "big-endian checkpoints are not read",
+        ));
     }
     if header.num_shards < 1 {
-        return Err(bad(&index, format!("{} data shards", header.num_shards)));
+        return Err(bad(
+            &index,
+            K::Format,
+            format!("{} data shards", header.num_shards),
+        ));
     }
     let mut files: HashMap<i32, File> = HashMap::new();
     let mut tensors = Vec::new();
@@ -227,8 +233,10 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
         if key.contains(&0) {
             continue;
         }
-        let name = String::from_utf8(key).map_err(|_| bad(&index, "a tensor name is not UTF-8"))?;
-        let what = |m: String| bad(&index, format!("tensor `{name}`: {m}"));
+        let name = String::from_utf8(key)
+            .map_err(|_| bad(&index, K::Format, "a tensor name is not UTF-8"))?;
+        let what =
+            |m: String| bad_tensor(&index, K::Format, &name, format!("tensor `{name}`: {m}"));
         let e =
             BundleEntry::decode(value.as_slice()).map_err(|err| what(format!("entry: {err}")))?;
         if !e.slices.is_empty() {
@@ -285,6 +293,7 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
                 v.insert(File::open(&path).map_err(|err| {
                     bad(
                         &path,
+                        K::MissingTensor,
                         format!("data shard holding `{name}` cannot be opened: {err}"),
                     )
                 })?)
@@ -294,8 +303,10 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
         file.seek(SeekFrom::Start(e.offset as u64))
             .and_then(|_| file.read_exact(&mut buf))
             .map_err(|_| {
-                bad(
+                bad_tensor(
                     &path,
+                    K::Truncated,
+                    &name,
                     format!(
                         "tensor `{name}`: {} bytes at {} run past the file",
                         e.size, e.offset
@@ -303,8 +314,10 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
                 )
             })?;
         if table::mask(crc32c::crc32c(&buf)) != e.crc32c {
-            return Err(bad(
+            return Err(bad_tensor(
                 &path,
+                K::Checksum,
+                &name,
                 format!("tensor `{name}`: checksum mismatch: the file was changed or damaged"),
             ));
         }

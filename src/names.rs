@@ -1,0 +1,158 @@
+//! Every name the crate derives or reserves, in one place: the names of shadows and their
+//! companions in checkpoints (TensorFlow's), the metadata keys of the files we write, and the
+//! names of post-hoc snapshots, TensorFlow's state file and burn's optimizer records.
+//!
+//! Checkpoints name the shadow of tracked tensor `weight` as TensorFlow saves it,
+//! `weight/ExponentialMovingAverage` ([`ema_shadow_name`]); further EMAs add `_1`, `_2`, ...;
+//! a compensated shadow's Kahan term is `weight/ExponentialMovingAverage/Compensation`
+//! ([`compensation_name`]). Tracked names whose derived names would collide are refused when an
+//! EMA is built.
+//!
+//! ```
+//! use wgpu_ema::names;
+//! assert_eq!(names::ema_shadow_name("w", 0), "w/ExponentialMovingAverage");
+//! assert_eq!(names::ema_shadow_name("w", 2), "w/ExponentialMovingAverage_2");
+//! assert_eq!(names::compensation_name("w"), "w/ExponentialMovingAverage/Compensation");
+//! ```
+
+use crate::error::{Error, Result};
+
+/// The suffix TensorFlow gives a shadow's name: `weight` → `weight/ExponentialMovingAverage`.
+pub const EMA_SUFFIX: &str = "/ExponentialMovingAverage";
+
+/// Suffix of a compensated shadow's Kahan term: `weight/ExponentialMovingAverage/Compensation`.
+pub const COMPENSATION_SUFFIX: &str = "/Compensation";
+
+/// The name of a shadow of EMA `k`: TensorFlow's `<name>/ExponentialMovingAverage` for the
+/// first, `<name>/ExponentialMovingAverage_<k>` for the others (as TensorFlow names the
+/// shadows of a second `ExponentialMovingAverage` object).
+pub fn ema_shadow_name(name: &str, k: usize) -> String {
+    match k {
+        0 => format!("{name}{EMA_SUFFIX}"),
+        _ => format!("{name}{EMA_SUFFIX}_{k}"),
+    }
+}
+
+/// The name of the Kahan term of `name`'s (first) shadow.
+pub fn compensation_name(name: &str) -> String {
+    format!("{name}{EMA_SUFFIX}{COMPENSATION_SUFFIX}")
+}
+
+/// The name safetensors reserves for the metadata.
+pub(crate) const RESERVED_NAME: &str = "__metadata__";
+
+/// Every name a checkpoint derives from tracked tensor `name` with `emas` EMAs (compensated or
+/// not): the parameter, each EMA's shadow, and the compensation term.
+pub(crate) fn derived_names(name: &str, emas: usize, compensated: bool) -> Vec<String> {
+    let mut v = vec![name.to_string()];
+    v.extend((0..emas.max(1)).map(|k| ema_shadow_name(name, k)));
+    if compensated {
+        v.push(compensation_name(name));
+    }
+    v
+}
+
+/// Refuses tracked names whose derived names collide with each other's, or with the reserved
+/// `__metadata__`: such a set could be tracked but not saved and loaded back.
+pub(crate) fn check_names<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    emas: usize,
+    compensated: bool,
+) -> Result<()> {
+    let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
+    for name in names {
+        for derived in derived_names(name, emas, compensated) {
+            if derived == RESERVED_NAME {
+                return Err(Error::NameCollision {
+                    name: name.to_string(),
+                    with: "safetensors' reserved `__metadata__`".into(),
+                });
+            }
+            if let Some(other) = seen.insert(derived.clone(), name) {
+                if other == name {
+                    return Err(Error::DuplicateName { name: name.into() });
+                }
+                return Err(Error::NameCollision {
+                    name: name.to_string(),
+                    with: format!("`{derived}`, derived from tracked tensor `{other}`"),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+// Metadata keys of the safetensors files we write.
+
+/// Metadata key: the step counter (`num_updates`), decimal.
+pub const META_NUM_UPDATES: &str = "num_updates";
+/// Metadata key: the schedule and its parameters, e.g. `num_updates(decay=0.9999)`.
+pub const META_SCHEDULE: &str = "schedule";
+/// Metadata key: the schedules of further EMAs kept in the same pass, `; `-separated, EMA 1
+/// first (absent with one EMA).
+pub const META_EXTRA_SCHEDULES: &str = "extra_schedules";
+/// Metadata key: when updates happen, `update_after_step=M,update_every=K`.
+pub const META_POLICY: &str = "policy";
+/// Metadata key: `exact` or `tensorflow`.
+pub const META_NUMERICS: &str = "numerics";
+/// Metadata key: the version of wgpu-ema that wrote the file.
+pub const META_VERSION: &str = "wgpu_ema_version";
+/// Metadata key: what the file is: `training`, `ema_export`, or [`SNAPSHOT_FORMAT`].
+pub const META_KIND: &str = "format";
+/// Metadata key holding the checksums: `v1;meta=<crc>;<crc>,<crc>,...`, one CRC32C (8 hex
+/// digits) per tensor in name order.
+pub const META_CHECKSUMS: &str = "wgpu_ema_crc32c";
+/// Metadata key of every shard and of the index of a sharded checkpoint: the save it belongs
+/// to.
+pub const META_GENERATION: &str = "wgpu_ema_generation";
+/// The index file of a sharded checkpoint, in Hugging Face's layout.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+// Post-hoc EMA snapshots.
+
+/// Metadata `format` of a post-hoc snapshot file.
+pub const SNAPSHOT_FORMAT: &str = "posthoc_snapshot";
+/// Metadata key: the step (`num_updates`) the snapshot was taken at.
+pub const META_T: &str = "posthoc_t";
+/// Metadata key: the snapshot's number in its directory (0, 1, ...).
+pub const META_INDEX: &str = "posthoc_index";
+/// Metadata key: the profiles, a JSON list of `{"suffix", "gamma", "sigma_rel"}`.
+pub const META_PROFILES: &str = "posthoc_profiles";
+/// Metadata key: the stored dtype (`F32`, `F16`, `BF16`).
+pub const META_DTYPE: &str = "posthoc_dtype";
+
+// TensorFlow checkpoints.
+
+/// The step counter's name in TensorFlow checkpoints (an int64 scalar).
+pub const GLOBAL_STEP: &str = "global_step";
+/// The directory's checkpoint state file, read by `tf.train.latest_checkpoint`.
+pub const STATE_FILE: &str = "checkpoint";
+
+// burn's optimizer records (feature `burn`): leaf names under each parameter id, as
+// `EmaOptim` saves its state and `EmaWeights` reads it back.
+
+/// Leaf of EMA `k`'s shadow: `"{param_id}.ema"` (k = 0) or `"{param_id}.ema_{k}"`.
+#[cfg(feature = "burn")]
+pub(crate) fn shadow_leaf(k: usize) -> String {
+    match k {
+        0 => "ema".to_string(),
+        _ => format!("ema_{k}"),
+    }
+}
+
+/// Leaf of EMA `k`'s Kahan compensation term: `"{param_id}.ema_comp"`, `"..._comp_{k}"`.
+#[cfg(feature = "burn")]
+pub(crate) fn comp_leaf(k: usize) -> String {
+    match k {
+        0 => "ema_comp".to_string(),
+        _ => format!("ema_comp_{k}"),
+    }
+}
+
+/// Leaf of the step counter, a scalar: `"{param_id}.ema_num_updates"`.
+#[cfg(feature = "burn")]
+pub(crate) const COUNTER_LEAF: &str = "ema_num_updates";
+
+/// Where the inner optimizer's state lives: under `"{param_id}.inner."`.
+#[cfg(feature = "burn")]
+pub(crate) const INNER_PREFIX: &str = "inner";

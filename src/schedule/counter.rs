@@ -1,0 +1,160 @@
+//! The step counter: the one place where "one more call" becomes an [`Action`] and each EMA's
+//! `alpha`. The GPU path, the CPU path, the f64 reference and burn's `EmaOptim` each hold one.
+//! What it counts is documented once, in the parent module ("What `n` counts").
+
+use super::{Action, Numerics, Policy, Schedule};
+use crate::error::Result;
+
+/// A step counter with the schedule, numerics and policy it drives. Its state is private: it
+/// moves only by a call ([`advance_to`](Self::advance_to)), a restore
+/// ([`set_num_updates`](Self::set_num_updates)) or a configuration change, each validated.
+#[derive(Clone, Debug)]
+pub(crate) struct Stepper {
+    schedule: Schedule,
+    numerics: Numerics,
+    policy: Policy,
+    /// Calls so far (see the module docs); the next call is number `num_updates + 1`.
+    num_updates: u64,
+}
+
+impl Stepper {
+    /// A counter at `num_updates` calls; the schedule and the policy are validated.
+    pub fn new(
+        schedule: Schedule,
+        numerics: Numerics,
+        policy: Policy,
+        num_updates: u64,
+    ) -> Result<Self> {
+        schedule.validate()?;
+        policy.validate()?;
+        Ok(Self {
+            schedule,
+            numerics,
+            policy,
+            num_updates,
+        })
+    }
+
+    /// The schedule (of EMA 0).
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
+    }
+
+    /// The numerics.
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Calls so far.
+    pub fn num_updates(&self) -> u64 {
+        self.num_updates
+    }
+
+    /// The number of the next call.
+    pub fn next(&self) -> u64 {
+        self.num_updates.saturating_add(1)
+    }
+
+    /// Sets the counter (restoring a checkpoint): the next call is `n + 1`.
+    pub fn set_num_updates(&mut self, n: u64) {
+        self.num_updates = n;
+    }
+
+    /// Replaces the schedule from the next call on; an invalid one changes nothing.
+    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<()> {
+        schedule.validate()?;
+        self.schedule = schedule;
+        Ok(())
+    }
+
+    /// Replaces the policy; an invalid one changes nothing.
+    pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
+        policy.validate()?;
+        self.policy = policy;
+        Ok(())
+    }
+
+    /// What call `n` does, then the counter set to `n`. An error leaves the counter alone.
+    pub fn advance_to(&mut self, n: u64) -> Result<Action> {
+        let a = self.policy.action(&self.schedule, n, self.numerics)?;
+        self.num_updates = n;
+        Ok(a)
+    }
+
+    /// [`advance_to`](Self::advance_to) for several EMAs sharing the counter and the policy:
+    /// writes the alpha of each schedule of `extra` at the same point into `alphas[1..]`
+    /// (`alphas[0]` is left alone: it is in the returned action), all computed before the
+    /// counter moves, so that an invalid schedule changes nothing.
+    pub fn advance_all(
+        &mut self,
+        n: u64,
+        extra: &[Schedule],
+        alphas: &mut [f32],
+    ) -> Result<Action> {
+        let k = n.saturating_sub(self.policy.update_after_step);
+        for (slot, schedule) in alphas.iter_mut().skip(1).zip(extra) {
+            *slot = schedule.alpha(k, self.numerics)?;
+        }
+        self.advance_to(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_calls_skips_and_copies_included() {
+        let policy = Policy {
+            update_after_step: 2,
+            update_every: 2,
+        };
+        let mut s = Stepper::new(Schedule::constant(0.5), Numerics::Exact, policy, 0).unwrap();
+        let actions: Vec<Action> = (0..6)
+            .map(|_| {
+                let n = s.next();
+                s.advance_to(n).unwrap()
+            })
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                Action::Copy,
+                Action::Copy,
+                Action::Skip,
+                Action::Update(0.5),
+                Action::Skip,
+                Action::Update(0.5)
+            ]
+        );
+        assert_eq!(s.num_updates(), 6);
+    }
+
+    #[test]
+    fn an_invalid_schedule_moves_nothing() {
+        let mut s = Stepper::new(
+            Schedule::constant(0.9),
+            Numerics::Exact,
+            Policy::default(),
+            7,
+        )
+        .unwrap();
+        let mut alphas = [1.0f32; 3];
+        let bad = [Schedule::constant(0.5), Schedule::constant(2.0)];
+        assert!(s.advance_all(8, &bad, &mut alphas).is_err());
+        assert_eq!(s.num_updates(), 7);
+        assert!(s.set_schedule(Schedule::constant(-1.0)).is_err());
+        assert_eq!(s.schedule(), Schedule::constant(0.9));
+        let zero = Policy {
+            update_after_step: 0,
+            update_every: 0,
+        };
+        assert!(s.set_policy(zero).is_err());
+        assert!(Stepper::new(Schedule::constant(0.9), Numerics::Exact, zero, 0).is_err());
+    }
+}
