@@ -66,7 +66,7 @@ mod shader;
 mod tensors;
 
 pub use context::{wanted_features, GpuContext};
-pub use error::{Error, Result};
+pub use error::{CheckpointErrorKind, Error, Result};
 pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, Snapshot};
 pub use names::EMA_SUFFIX;
 pub use schedule::{Numerics, Schedule};

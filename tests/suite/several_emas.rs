@@ -1,9 +1,7 @@
 //! Several EMAs of the same parameters in one pass: each equals its own single-EMA pass bit
 //! for bit, on arenas and on user buffers at odd offsets, with a delayed start.
 
-mod common;
-
-use common::{buffer_with, gpu, random, write};
+use crate::common::{buffer_with, gpu, random, write};
 use wgpu_ema::schedule::Policy;
 use wgpu_ema::{Error, GpuEma, ParamArena, Schedule, TensorSpec};
 
@@ -82,7 +80,7 @@ fn k_emas_in_one_pass_equal_k_separate_passes() {
                     let worst = a
                         .iter()
                         .zip(b)
-                        .map(|(x, y)| common::ulps(*x, *y))
+                        .map(|(x, y)| crate::common::ulps(*x, *y))
                         .max()
                         .unwrap_or(0);
                     assert_eq!(

@@ -1,9 +1,7 @@
 //! Every schedule, with a delayed start and an update interval, on the GPU against the f64
 //! reference fed the same alphas.
 
-mod common;
-
-use common::{assert_close, buffer_with, gpu, random, write};
+use crate::common::{assert_close, buffer_with, gpu, random, write};
 use wgpu_ema::cpu::{CpuEma, ReferenceEma};
 use wgpu_ema::schedule::Policy;
 use wgpu_ema::{GpuEma, Numerics, Schedule, TensorSpec};

@@ -1,11 +1,9 @@
 //! Checkpoints: TensorFlow's names, resume that continues bitwise, export, shards, atomic
 //! saves, and every kind of bad input.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{gpu, random};
+use crate::common::{gpu, random};
 use wgpu_ema::checkpoint::{self, Checkpoint, EmaState, Entry};
 use wgpu_ema::cpu::CpuEma;
 use wgpu_ema::{Error, GpuEma, HostTensors, Numerics, ParamArena, Schedule, TensorSpec};

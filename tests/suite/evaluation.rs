@@ -1,9 +1,7 @@
 //! Evaluation with the EMA weights: swap (exact, twice restores both sides bit for bit) and
 //! copy into the parameters, on arenas and on user buffers at odd offsets.
 
-mod common;
-
-use common::{buffer_with, gpu, random, write};
+use crate::common::{buffer_with, gpu, random, write};
 use wgpu_ema::{wgpu, Error, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
 
 fn read_buffer(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, n: usize) -> Vec<f32> {

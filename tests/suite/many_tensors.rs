@@ -3,9 +3,7 @@
 //! EMA of that tensor alone computes, bit for bit, and the f64 reference within a stated
 //! tolerance; parameters between the tensors are NaN, so reading a wrong element shows.
 
-mod common;
-
-use common::{assert_close, gpu};
+use crate::common::{assert_close, gpu};
 use half::{bf16, f16};
 use wgpu_ema::cpu::ReferenceEma;
 use wgpu_ema::{wgpu, GpuContext, GpuEma, Numerics, ParamDtype, Schedule, TensorSpec};
@@ -312,11 +310,11 @@ fn rebinding(slots: Option<usize>) {
         );
     }
     // Swapping twice over the multi-tensor table restores the parameters bit for bit.
-    let before = common::read_words(ctx, &a.buffers[0]);
+    let before = crate::common::read_words(ctx, &a.buffers[0]);
     ema.swap().unwrap();
-    let swapped = common::read_words(ctx, &a.buffers[0]);
+    let swapped = crate::common::read_words(ctx, &a.buffers[0]);
     ema.swap().unwrap();
-    assert_eq!(common::read_words(ctx, &a.buffers[0]), before);
+    assert_eq!(crate::common::read_words(ctx, &a.buffers[0]), before);
     let t0 = a.tensors.iter().position(|t| t.buffer == 0).unwrap();
     let o = a.tensors[t0].offset as usize / 4;
     let shadow = got.try_get(&format!("t{t0}")).unwrap();

@@ -1,9 +1,7 @@
 //! The GPU update against the f64 reference: sizes, offsets, arena and user buffers, both
 //! numerics, both ways of passing `alpha`, several steps per encoder, rebinding, readback.
 
-mod common;
-
-use common::{assert_close, assert_shadows_close, buffer_with, gpu, random, write};
+use crate::common::{assert_close, assert_shadows_close, buffer_with, gpu, random, write};
 use wgpu_ema::cpu::ReferenceEma;
 use wgpu_ema::{wgpu, GpuContext, GpuEma, Numerics, ParamArena, Schedule, TensorSpec};
 
@@ -194,7 +192,7 @@ fn a_model_in_user_buffers_matches_the_arena_bitwise() {
         // vec4 and scalar kernels compute the same expression per element.
         for (i, (p, q)) in x.iter().zip(y).enumerate() {
             assert!(
-                common::ulps(*p, *q) <= 1,
+                crate::common::ulps(*p, *q) <= 1,
                 "{} element {i}: arena {p} vs user buffer {q}",
                 s.name
             );

@@ -1,8 +1,6 @@
 //! Bad input gives a clear `Error` naming the tensor, and changes nothing.
 
-mod common;
-
-use common::{buffer_with, gpu, random};
+use crate::common::{buffer_with, gpu, random};
 use wgpu_ema::{wgpu, Error, GpuEma, ParamArena, Schedule, TensorSpec};
 
 #[test]

@@ -2,11 +2,9 @@
 //! readback of snapshots, and a schedule changed mid-run: on the native GPU and CPU paths, the
 //! same code the web target runs.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::{assert_close, assert_shadows_close, gpu, random};
+use crate::common::{assert_close, assert_shadows_close, gpu, random};
 use wgpu_ema::checkpoint::{self, Checkpoint, Entry};
 use wgpu_ema::cpu::{CpuEma, ReferenceEma};
 use wgpu_ema::{wgpu, GpuEma, HostTensors, Numerics, ParamArena, ParamDtype, Schedule, TensorSpec};

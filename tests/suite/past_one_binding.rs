@@ -3,9 +3,7 @@
 //! workgroups in one dimension needs more than 256 MiB of shadows in one binding, beyond
 //! these drivers: `layout`'s unit tests check the 2-D split.)
 
-mod common;
-
-use common::{assert_close, assert_shadows_close, buffer_with, gpu, random, write};
+use crate::common::{assert_close, assert_shadows_close, buffer_with, gpu, random, write};
 use wgpu_ema::cpu::ReferenceEma;
 use wgpu_ema::{GpuEma, Numerics, ParamArena, Schedule, TensorSpec};
 
@@ -100,14 +98,14 @@ fn one_past_the_storage_binding_limit() {
     // back out, bit for bit (and, in debug builds, no two writable bindings of a dispatch
     // overlap: WebGPU's rule).
     ema.swap().unwrap();
-    let words = common::read_words(ctx, &buf);
+    let words = crate::common::read_words(ctx, &buf);
     let swapped: Vec<f32> = words[2..2 + n].iter().map(|&w| f32::from_bits(w)).collect();
     assert!(swapped
         .iter()
         .zip(&shadow)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
     ema.swap().unwrap();
-    let words = common::read_words(ctx, &buf);
+    let words = crate::common::read_words(ctx, &buf);
     assert!(words[2..2 + n]
         .iter()
         .zip(&p[1])
@@ -232,7 +230,7 @@ fn rebind_next_to_an_overlapping_window() {
     assert_shadows_close(&shadows, &ema.specs(), &reference, TOL);
 
     let read = |at: u64| -> Vec<u32> {
-        let words = common::read_words(ctx, &buf);
+        let words = crate::common::read_words(ctx, &buf);
         words[(at / 4) as usize..][..n].to_vec()
     };
     let bits = |v: &[f32]| -> Vec<u32> { v.iter().map(|x| x.to_bits()).collect() };

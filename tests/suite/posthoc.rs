@@ -1,10 +1,8 @@
 //! Post-hoc EMA: snapshots recorded on the GPU, synthesized back into the EMA of any length.
 
-mod common;
-
 use std::path::Path;
 
-use common::{gpu, random, Seeded};
+use crate::common::{gpu, random, Seeded};
 use wgpu_ema::checkpoint::{save_training, Checkpoint, TensorFile};
 use wgpu_ema::posthoc::{self, Recorder, SnapshotSet};
 use wgpu_ema::{

@@ -1,9 +1,7 @@
 //! f16 and bf16 parameters with f32 shadows, on every adapter (no SHADER_F16 needed), against
 //! the f64 reference fed the same decoded values.
 
-mod common;
-
-use common::{assert_close, gpu};
+use crate::common::{assert_close, gpu};
 use half::{bf16, f16};
 use wgpu_ema::cpu::ReferenceEma;
 use wgpu_ema::{wgpu, Error, GpuContext, GpuEma, Numerics, ParamDtype, Schedule, TensorSpec};
@@ -204,7 +202,7 @@ fn copying_shadows_into_half_params_rounds_to_nearest_even() {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             ema.record_copy_to_params(&mut enc).unwrap();
             ctx.queue.submit(Some(enc.finish()));
-            let words = common::read_words(ctx, &buf);
+            let words = crate::common::read_words(ctx, &buf);
             let halves: Vec<u16> = words
                 .iter()
                 .flat_map(|w| [*w as u16, (*w >> 16) as u16])

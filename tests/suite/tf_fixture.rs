@@ -2,8 +2,6 @@
 //! `tf.train.ExponentialMovingAverage` on seeded trajectories): the TensorFlow-compatible mode
 //! reproduces them bit for bit on the CPU, and within 1 ulp per step on the GPU.
 
-mod common;
-
 use serde_json::Value;
 use wgpu_ema::cpu::CpuEma;
 use wgpu_ema::{GpuEma, Numerics, ParamArena, Schedule, TensorSpec};
@@ -27,7 +25,7 @@ fn flatten(v: &Value, out: &mut Vec<f32>) {
 }
 
 fn cases() -> Vec<Case> {
-    let text = include_str!("data/tf_ema_public.json");
+    let text = include_str!("../data/tf_ema_public.json");
     let root: Value = serde_json::from_str(text).expect("fixture parses");
     root["cases"]
         .as_array()
@@ -137,7 +135,9 @@ fn exact_mode_differs_from_tensorflow_by_the_alpha_rounding_only() {
 
 #[test]
 fn gpu_tensorflow_mode_is_within_one_ulp_per_step() {
-    let Some(ctx) = common::gpu() else { return };
+    let Some(ctx) = crate::common::gpu() else {
+        return;
+    };
     for case in cases() {
         let arena = ParamArena::new(&ctx.device, case.specs.clone()).unwrap();
         for (spec, v) in case.specs.iter().zip(&case.params[0]) {
@@ -164,7 +164,7 @@ fn gpu_tensorflow_mode_is_within_one_ulp_per_step() {
                     .zip(&case.shadows[k][t])
                     .enumerate()
                 {
-                    let u = common::ulps(*g, *w);
+                    let u = crate::common::ulps(*g, *w);
                     assert!(
                         u <= k as u64,
                         "{} step {k} {}[{i}]: {g} vs TF {w} ({u} ulps)",

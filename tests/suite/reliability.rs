@@ -2,13 +2,11 @@
 //! sharded and single-file saves killed at random points, refusals of what would corrupt the
 //! GPU state, names that cannot break a file, sizes that overflow.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{buffer_with, gpu, random};
+use crate::common::{buffer_with, gpu, random};
 use wgpu_ema::checkpoint::{self, Checkpoint, RestoreOptions};
 use wgpu_ema::cpu::CpuEma;
 use wgpu_ema::{Error, GpuEma, HostTensors, Numerics, ParamArena, Schedule, TensorSpec};
@@ -311,7 +309,7 @@ fn kill_during_saves(sharded: bool) {
         let mut child = Command::new(&exe)
             .args([
                 "--exact",
-                "save_loop_child",
+                "reliability::save_loop_child",
                 "--nocapture",
                 "--test-threads=1",
             ])

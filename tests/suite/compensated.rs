@@ -2,9 +2,7 @@
 //! close to 1, on the CPU path and on the GPU (which must not reassociate the compensation
 //! away), and checkpoints that keep the compensation so a resume stays exact.
 
-mod common;
-
-use common::{buffer_with, gpu, random};
+use crate::common::{buffer_with, gpu, random};
 use wgpu_ema::checkpoint::{self, Checkpoint};
 use wgpu_ema::cpu::{CpuEma, ReferenceEma};
 use wgpu_ema::{wgpu, Error, GpuEma, HostTensors, Numerics, Schedule, TensorSpec};

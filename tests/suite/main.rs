@@ -1,0 +1,41 @@
+//! The integration tests, one binary (one link of wgpu instead of one per file): a module per
+//! area. GPU tests share one device (`common::gpu`) and skip with a `SKIPPED` line when there
+//! is no adapter, or fail with `WGPU_EMA_REQUIRE_ADAPTER=1`.
+//!
+//! Apart, as their own binaries: `streaming` (it measures the process's memory, which other
+//! tests running beside it would disturb), `cli` (feature `cli`), `burn` and `burn_learner`
+//! (features `burn`, `burn-learner`).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+/// Safetensors checkpoints: save, shards, export, restore, resume.
+mod checkpoint;
+/// Compensated (Kahan) shadows against f64 over long runs.
+mod compensated;
+/// Bad input gets a clear error.
+mod errors;
+/// Swapping the EMA weights in and back, copying them into the parameters.
+mod evaluation;
+/// f16 and bf16 parameters with f32 shadows.
+mod half_precision;
+/// Checkpoints as bytes, async readback, a schedule changed mid-run.
+mod in_memory;
+/// Many tensors in many buffers: the multi-tensor dispatch and rebinding.
+mod many_tensors;
+/// Tensors and buffers larger than one storage binding.
+mod past_one_binding;
+/// Post-hoc EMA: recording, solving, synthesis.
+mod posthoc;
+/// Corruption, killed saves, refusals, a destroyed device.
+mod reliability;
+/// Schedules and policies end to end.
+mod schedules;
+/// Several EMAs (K schedules) updated in one pass.
+mod several_emas;
+/// TensorFlow's checkpoint format, both ways.
+mod tf_checkpoint;
+/// TensorFlow 2.21's own shadows, replayed.
+mod tf_fixture;
+/// The GPU update against the f64 reference: sizes, offsets, numerics, immediates and the ring.
+mod update;
