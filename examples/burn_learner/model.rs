@@ -13,7 +13,12 @@ use burn::nn::{Linear, LinearConfig, Relu};
 use burn::optim::{AdamConfig, ModuleOptimizer};
 use burn::tensor::{Device, Tensor, TensorData};
 use burn::train::checkpoint::KeepLastNCheckpoints;
-use burn::train::metric::LossMetric;
+use burn::train::logger::{EvaluationProgressLogger, TrainingProgressLogger};
+use burn::train::metric::{LossMetric, MetricDefinition};
+use burn::train::renderer::{
+    EvaluationName, MetricState, MetricsRenderer, MetricsRendererEvaluation,
+    MetricsRendererTraining,
+};
 use burn::train::{
     InferenceStep, Learner, LearningResult, RegressionOutput, SupervisedTraining, TrainOutput,
     TrainStep,
@@ -146,6 +151,7 @@ pub fn train(
         .with_default_checkpointers()
         .with_checkpointing_strategy(KeepLastNCheckpoints::new(2))
         .with_application_logger(None)
+        .renderer(Box::new(EpochLines::default()))
         .num_epochs(epochs);
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
@@ -161,4 +167,57 @@ pub fn mse(model: &Mlp, items: &[Item], device: &Device) -> f32 {
         .into_data()
         .try_to_vec::<f32>()
         .map_or(f32::NAN, |v| v[0])
+}
+
+/// Progress as one line per epoch: burn's default renderer off a terminal prints a Debug dump of
+/// its progress for every batch, which buries the example's output in a log.
+#[derive(Default)]
+struct EpochLines {
+    epochs: usize,
+}
+
+impl MetricsRendererTraining for EpochLines {
+    fn update_train(&mut self, _state: MetricState) {}
+    fn update_valid(&mut self, _state: MetricState) {}
+}
+
+impl TrainingProgressLogger for EpochLines {
+    fn start(
+        &mut self,
+        total: usize,
+        starting: usize,
+        _items: Option<usize>,
+        _label: Option<&str>,
+    ) {
+        self.epochs = total;
+        if starting > 0 {
+            println!("resuming after epoch {starting} of {total}");
+        }
+    }
+    fn update_epoch(&mut self, epoch: usize) {
+        println!("epoch {}/{} done", epoch + 1, self.epochs);
+    }
+    fn start_split(&mut self, _split: &str, _items: usize) {}
+    fn update_split(&mut self, _items: usize) {}
+    fn end_split(&mut self) {}
+    fn end(&mut self) {}
+    fn log_event_training(&mut self, _event: String) {}
+}
+
+impl EvaluationProgressLogger for EpochLines {
+    fn start_global_progress(&mut self, _tests: usize) {}
+    fn start_test(&mut self, _name: &str, _items: usize) {}
+    fn update_test_progress(&mut self, _items: usize) {}
+    fn end_test(&mut self) {}
+    fn end_global_progress(&mut self) {}
+    fn log_event_evaluation(&mut self, _event: String) {}
+}
+
+impl MetricsRendererEvaluation for EpochLines {
+    fn update_test(&mut self, _name: EvaluationName, _state: MetricState) {}
+}
+
+impl MetricsRenderer for EpochLines {
+    fn manual_close(&mut self) {}
+    fn register_metric(&mut self, _definition: MetricDefinition) {}
 }
