@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU benchmark, for a machine with an NVIDIA GPU, PyTorch and timm, but no Rust toolchain
 # and no network. Build the bench binary beforehand where Rust is:
-#   cargo build --release --example gpu_bench
-# and bring it along with the Vulkan loader's Debian packages (libvulkan1 ...) in `.gl/`
-# (see README, "Benchmarks on a real GPU"). Then, from the repository root:
+#   cargo bench --bench gpu_bench --no-run
+# (it prints the binary's path, target/release/deps/gpu_bench-<hash>) and bring it along with the Vulkan loader's Debian packages (libvulkan1 ...) in `.gl/`
+# (see docs/benchmarks.md). Then, from the repository root:
 #   benches/gpu.sh [OUT_DIR]
 # One run of a few minutes: our update (GPU time from timestamp queries) on 2^16..2^28 f32 and on
 # ResNet-50's and GPT-2 small's tensor lists (arena / own buffers / 4 pooled buffers), then in
@@ -12,7 +12,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/gpu-bench}"
-bin="${GPU_BENCH_BIN:-target/release/examples/gpu_bench}"
+# The newest gpu_bench binary cargo built, unless GPU_BENCH_BIN names one.
+bin="${GPU_BENCH_BIN:-$(ls -t target/release/deps/gpu_bench-* 2>/dev/null | grep -v '\.d$' | head -n 1)}"
 mkdir -p "$out"
 if ! ldconfig -p | grep -q 'libvulkan.so.1'; then
   for f in .gl/*.deb; do dpkg -x "$f" /; done

@@ -2,7 +2,7 @@
 
     python benches/numpy_ema.py [--quick]
 
-Runs `cargo run --release --example bench -- --cpu-only` for our numbers (its bench.csv), then
+Runs `cargo bench --bench bandwidth -- --cpu-only` for our numbers (its bench.csv), then
 times NumPy's in-place expressions on the same sizes, and prints both with the ratio. Needs
 numpy (`pip install numpy`).
 """
@@ -31,7 +31,7 @@ def main():
     quick = "--quick" in sys.argv
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tempfile.mkdtemp(prefix="wgpu-ema-numpy-")
-    cmd = ["cargo", "run", "--release", "--quiet", "--example", "bench", "--", "--cpu-only", "--out", out]
+    cmd = ["cargo", "bench", "--quiet", "--bench", "bandwidth", "--", "--cpu-only", "--out", out]
     if quick:
         cmd.append("--quick")
     subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL)

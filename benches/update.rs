@@ -8,6 +8,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wgpu_ema::{cpu, wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
 
+#[path = "shared/models.rs"]
 mod models;
 
 fn max_log2() -> u32 {
@@ -186,5 +187,11 @@ fn bench_gpu(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_cpu, bench_gpu);
+criterion_group! {
+    name = benches;
+    // Criterion draws its plots with plotters, which needs a system font: on a machine without
+    // one (CI, containers) it panicked after the first measurement. The numbers are the point.
+    config = Criterion::default().without_plots();
+    targets = bench_cpu, bench_gpu
+}
 criterion_main!(benches);

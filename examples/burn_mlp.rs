@@ -23,7 +23,7 @@ const N_EVAL: usize = 512;
 const BATCH: usize = 64;
 const STEPS: usize = 300;
 
-#[path = "../benches/models.rs"]
+#[path = "../benches/shared/models.rs"]
 #[allow(dead_code)]
 mod models;
 

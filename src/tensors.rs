@@ -69,6 +69,16 @@ impl TensorSpec {
     }
 }
 
+/// The position of the tensor named `name` in `specs`, or [`Error::UnknownName`].
+pub(crate) fn index_of(specs: &[TensorSpec], name: &str) -> Result<usize> {
+    specs
+        .iter()
+        .position(|s| s.name == name)
+        .ok_or_else(|| Error::UnknownName {
+            name: name.to_string(),
+        })
+}
+
 /// Tensors on the host, by name, in a fixed order (the tracking order).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct HostTensors {

@@ -43,18 +43,20 @@ impl Checkpoint {
         let extras = (1..=config.extra.len())
             .map(|k| self.slices(specs, |s| ema_shadow_name(&s.name, k)))
             .collect::<Result<Vec<_>>>()?;
-        let mut all: Vec<(&str, &[f32])> = Vec::new();
-        for set in std::iter::once(&shadows)
-            .chain(comps.iter())
-            .chain(extras.iter())
-        {
-            all.extend(
-                specs
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .zip(set.iter().copied()),
-            );
+        // Each value under its name in the file, so that a refusal names what to look at.
+        let mut named: Vec<(String, &[f32])> = Vec::new();
+        for (spec, v) in specs.iter().zip(&shadows) {
+            named.push((ema_shadow_name(&spec.name, 0), v));
         }
+        for (spec, v) in specs.iter().zip(comps.iter().flatten()) {
+            named.push((crate::names::compensation_name(&spec.name), v));
+        }
+        for (k, set) in extras.iter().enumerate() {
+            for (spec, v) in specs.iter().zip(set) {
+                named.push((ema_shadow_name(&spec.name, k + 1), v));
+            }
+        }
+        let all: Vec<(&str, &[f32])> = named.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         self.check_restore(config, opts, &all)?;
         Ok(RestoreSet {
             num_updates,

@@ -10,7 +10,7 @@ use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 
 use super::checksum;
-use super::errors::{bad, bad_from, io};
+use super::errors::{bad, bad_from, bad_tensor, io};
 use crate::error::{Error, Result};
 use crate::names::RESERVED_NAME;
 use crate::tensors::ParamDtype;
@@ -24,6 +24,29 @@ pub struct Entry<'a> {
     pub shape: Vec<usize>,
     /// Produces the values; called once, in file order.
     pub produce: Box<dyn FnMut() -> Result<Vec<f32>> + 'a>,
+}
+
+impl Entry<'_> {
+    /// Calls `produce` and checks that it gave as many values as the shape holds: what a
+    /// writer of any format puts in a file (named after `path`) must match its header.
+    pub(crate) fn produce_checked(&mut self, path: &std::path::Path) -> Result<Vec<f32>> {
+        let values = (self.produce)()?;
+        let numel = self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if numel != Some(values.len()) {
+            return Err(bad_tensor(
+                path,
+                K::Shape,
+                &self.name,
+                format!(
+                    "tensor `{}`: {} values for shape {:?}",
+                    self.name,
+                    values.len(),
+                    self.shape
+                ),
+            ));
+        }
+        Ok(values)
+    }
 }
 
 impl std::fmt::Debug for Entry<'_> {
@@ -160,19 +183,7 @@ impl<'a> Encoder<'a> {
         w.write_all(&self.header).map_err(io(path))?;
         let mut crcs = Vec::with_capacity(entries.len());
         for e in entries.iter_mut() {
-            let values = (e.produce)()?;
-            if Some((values.len() as u64) * 4) != e.bytes() {
-                return Err(bad(
-                    path,
-                    K::Shape,
-                    format!(
-                        "tensor `{}`: {} values for shape {:?}",
-                        e.name,
-                        values.len(),
-                        e.shape
-                    ),
-                ));
-            }
+            let values = e.produce_checked(path)?;
             let crc = checksum::tensor_start(&e.name, &e.shape);
             crcs.push(match dtype {
                 ParamDtype::F32 => write_f32_le(w, &values, crc).map_err(io(path))?,

@@ -79,14 +79,38 @@ pub struct Checkpoint {
 /// The largest safetensors header we read (safetensors' own limit).
 const MAX_HEADER: u64 = 100_000_000;
 
+/// A file of `len` bytes, too short to hold a safetensors header's size.
+pub(super) fn too_short(path: &Path, len: u64) -> Error {
+    bad(
+        path,
+        K::Truncated,
+        format!("not a valid safetensors file: {len} bytes, too short for a header"),
+    )
+}
+
+/// The kind of a safetensors parse error: data that does not reach the end its header
+/// declares is a truncated (or extended) file; anything else is not a valid file.
+pub(super) fn parse_kind(e: &safetensors::SafeTensorError) -> K {
+    match e {
+        safetensors::SafeTensorError::MetadataIncompleteBuffer => K::Truncated,
+        _ => K::Format,
+    }
+}
+
 /// Refuses a header size `n` that no real file of `len` bytes has, before anything is parsed:
 /// a file cannot make us read or parse more than it holds.
 pub(super) fn check_header_size(path: &Path, n: u64, len: u64) -> Result<()> {
     // A header larger than the data it describes (and than a megabyte) is no model's.
     if n > len - 8 || n > MAX_HEADER || (n > 1 << 20 && n > len - 8 - n) {
+        // A header that would end past the file (and is not absurd) is a truncated file.
+        let kind = if n > len - 8 && n <= MAX_HEADER {
+            K::Truncated
+        } else {
+            K::Format
+        };
         return Err(bad(
             path,
-            K::Format,
+            kind,
             format!(
                 "not a valid safetensors file: header of {n} bytes in a file of {len} \
                  (at most {MAX_HEADER})"
@@ -138,13 +162,7 @@ impl Checkpoint {
         let mut file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let mut head = [0u8; 8];
-        std::io::Read::read_exact(&mut file, &mut head).map_err(|_| {
-            bad(
-                path,
-                K::Truncated,
-                format!("not a valid safetensors file: {len} bytes, too short for a header"),
-            )
-        })?;
+        std::io::Read::read_exact(&mut file, &mut head).map_err(|_| too_short(path, len))?;
         check_header_size(path, u64::from_le_bytes(head), len)?;
         // SAFETY: the map is read-only and lives in an Arc as long as a tensor borrows from
         // it. Our writers replace files by rename, never in place; another program truncating
@@ -163,13 +181,7 @@ impl Checkpoint {
         let head: [u8; 8] = bytes
             .get(..8)
             .and_then(|h| h.try_into().ok())
-            .ok_or_else(|| {
-                bad(
-                    path,
-                    K::Truncated,
-                    format!("not a valid safetensors file: {len} bytes, too short for a header"),
-                )
-            })?;
+            .ok_or_else(|| too_short(path, len))?;
         check_header_size(path, u64::from_le_bytes(head), len)?;
         Self::parse(path, Arc::new(Bytes::Heap(bytes)))
     }
@@ -178,7 +190,7 @@ impl Checkpoint {
     fn parse(path: &Path, map: Arc<Bytes>) -> Result<Self> {
         let bytes: &[u8] = &map;
         let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| bad_from(path, K::Format, "not a valid safetensors file", e))?;
+            .map_err(|e| bad_from(path, parse_kind(&e), "not a valid safetensors file", e))?;
         let (_, meta) = SafeTensors::read_metadata(bytes)
             .map_err(|e| bad_from(path, K::Format, "not a valid safetensors file", e))?;
         let mut tensors = BTreeMap::new();

@@ -13,7 +13,7 @@ use safetensors::Dtype;
 
 use super::checksum;
 use super::errors::{bad, bad_from, bad_tensor, io};
-use super::load::check_header_size;
+use super::load::{check_header_size, too_short};
 use crate::error::Result;
 use crate::tensors::ParamDtype;
 
@@ -62,13 +62,8 @@ impl TensorFile {
         let mut file = File::open(path).map_err(io(path))?;
         let len = file.metadata().map_err(io(path))?.len();
         let mut head = [0u8; 8];
-        file.read_exact(&mut head).map_err(|_| {
-            bad(
-                path,
-                K::Truncated,
-                format!("not a valid safetensors file: {len} bytes, too short for a header"),
-            )
-        })?;
+        file.read_exact(&mut head)
+            .map_err(|_| too_short(path, len))?;
         let n = u64::from_le_bytes(head);
         check_header_size(path, n, len)?;
         let mut header = vec![0u8; n as usize];

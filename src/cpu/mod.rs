@@ -231,12 +231,7 @@ impl CpuEma {
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.specs
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| Error::UnknownName {
-                name: name.to_string(),
-            })
+        crate::tensors::index_of(&self.specs, name)
     }
 }
 

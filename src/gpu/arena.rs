@@ -102,12 +102,7 @@ impl ParamArena {
     }
 
     fn index(&self, name: &str) -> Result<usize> {
-        self.specs
-            .iter()
-            .position(|s| s.name == name)
-            .ok_or_else(|| Error::UnknownName {
-                name: name.to_string(),
-            })
+        crate::tensors::index_of(&self.specs, name)
     }
 
     /// The byte offset of tensor `name`.

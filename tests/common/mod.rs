@@ -173,3 +173,22 @@ impl wgpu_ema::checkpoint::EmaState for Seeded {
         Ok(self.values(k, i))
     }
 }
+
+/// Asserts that `e` is a checkpoint error of `kind` (and, when given, about `tensor`).
+pub fn assert_checkpoint_kind(
+    e: &wgpu_ema::Error,
+    kind: wgpu_ema::CheckpointErrorKind,
+    tensor: Option<&str>,
+) {
+    match e {
+        wgpu_ema::Error::Checkpoint {
+            kind: k, tensor: t, ..
+        } => {
+            assert_eq!(*k, kind, "{e}");
+            if let Some(name) = tensor {
+                assert_eq!(t.as_deref(), Some(name), "{e}");
+            }
+        }
+        other => panic!("expected a checkpoint error of kind {kind:?}, got {other}"),
+    }
+}

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use crate::common::{gpu, random};
 use wgpu_ema::checkpoint::{self, Checkpoint, EmaState, Entry};
 use wgpu_ema::cpu::CpuEma;
-use wgpu_ema::{Error, GpuEma, HostTensors, Numerics, ParamArena, Schedule, TensorSpec};
+use wgpu_ema::{
+    CheckpointErrorKind, Error, GpuEma, HostTensors, Numerics, ParamArena, Schedule, TensorSpec,
+};
 
 fn specs() -> Vec<TensorSpec> {
     vec![
@@ -227,7 +229,11 @@ fn sharded_checkpoints_load_through_the_index() {
     assert!(e.contains(&victim) && e.contains("missing"), "{e}");
 }
 
-fn expect_checkpoint_error(path: &std::path::Path, needle: &str) -> Error {
+fn expect_checkpoint_error(
+    path: &std::path::Path,
+    needle: &str,
+    kind: CheckpointErrorKind,
+) -> Error {
     let e = Checkpoint::load(path).unwrap_err();
     let text = e.to_string();
     assert!(
@@ -235,6 +241,7 @@ fn expect_checkpoint_error(path: &std::path::Path, needle: &str) -> Error {
         "error does not name the file: {text}"
     );
     assert!(text.contains(needle), "{text}");
+    crate::common::assert_checkpoint_kind(&e, kind, None);
     e
 }
 
@@ -249,23 +256,44 @@ fn corrupt_truncated_and_wrong_files_are_errors() {
 
     let truncated = dir.path().join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() - 5]).unwrap();
-    expect_checkpoint_error(&truncated, "not a valid safetensors file");
+    expect_checkpoint_error(
+        &truncated,
+        "not a valid safetensors file",
+        CheckpointErrorKind::Truncated,
+    );
 
     let short = dir.path().join("short.safetensors");
     std::fs::write(&short, &bytes[..6]).unwrap();
-    expect_checkpoint_error(&short, "not a valid safetensors file");
+    expect_checkpoint_error(
+        &short,
+        "not a valid safetensors file",
+        CheckpointErrorKind::Truncated,
+    );
 
     let garbage = dir.path().join("garbage.safetensors");
     let mut g = bytes.clone();
     g[8..16].copy_from_slice(b"#!garbag");
     std::fs::write(&garbage, &g).unwrap();
-    expect_checkpoint_error(&garbage, "not a valid safetensors file");
+    expect_checkpoint_error(
+        &garbage,
+        "not a valid safetensors file",
+        CheckpointErrorKind::Format,
+    );
 
     let huge_header = dir.path().join("huge.safetensors");
     let mut h = bytes.clone();
     h[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     std::fs::write(&huge_header, &h).unwrap();
-    expect_checkpoint_error(&huge_header, "not a valid safetensors file");
+    expect_checkpoint_error(
+        &huge_header,
+        "not a valid safetensors file",
+        CheckpointErrorKind::Format,
+    );
+    // A header that would end past the file: the file was cut inside its header.
+    let cut = dir.path().join("cut.safetensors");
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    std::fs::write(&cut, &bytes[..8 + header_len / 2]).unwrap();
+    expect_checkpoint_error(&cut, "header of", CheckpointErrorKind::Truncated);
 
     // A wrong dtype, written by the safetensors crate itself.
     let f64_path = dir.path().join("f64.safetensors");
@@ -274,7 +302,16 @@ fn corrupt_truncated_and_wrong_files_are_errors() {
         safetensors::tensor::TensorView::new(safetensors::Dtype::F64, vec![2], &data).unwrap();
     safetensors::serialize_to_file([("weight/ExponentialMovingAverage", view)], None, &f64_path)
         .unwrap();
-    expect_checkpoint_error(&f64_path, "weight/ExponentialMovingAverage");
+    let e = expect_checkpoint_error(
+        &f64_path,
+        "weight/ExponentialMovingAverage",
+        CheckpointErrorKind::Dtype,
+    );
+    crate::common::assert_checkpoint_kind(
+        &e,
+        CheckpointErrorKind::Dtype,
+        Some("weight/ExponentialMovingAverage"),
+    );
 
     let missing = dir.path().join("nope.safetensors");
     let e = Checkpoint::load(&missing).unwrap_err();
@@ -326,7 +363,13 @@ fn restore_checks_everything_before_changing_anything() {
         ],
         &n,
     );
-    let e = ema.restore(&shape).unwrap_err().to_string();
+    let e = ema.restore(&shape).unwrap_err();
+    crate::common::assert_checkpoint_kind(
+        &e,
+        CheckpointErrorKind::Shape,
+        Some("weight/ExponentialMovingAverage"),
+    );
+    let e = e.to_string();
     assert!(
         e.contains("weight/ExponentialMovingAverage") && e.contains("shape"),
         "{e}"
@@ -339,7 +382,13 @@ fn restore_checks_everything_before_changing_anything() {
         ],
         &n,
     );
-    let e = ema.restore(&missing).unwrap_err().to_string();
+    let e = ema.restore(&missing).unwrap_err();
+    crate::common::assert_checkpoint_kind(
+        &e,
+        CheckpointErrorKind::MissingTensor,
+        Some("weight/ExponentialMovingAverage"),
+    );
+    let e = e.to_string();
     assert!(
         e.contains("weight/ExponentialMovingAverage") && e.contains("missing"),
         "{e}"
@@ -354,7 +403,9 @@ fn restore_checks_everything_before_changing_anything() {
         ],
         &n,
     );
-    let e = ema.restore(&unexpected).unwrap_err().to_string();
+    let e = ema.restore(&unexpected).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, CheckpointErrorKind::UnexpectedTensor, None);
+    let e = e.to_string();
     assert!(
         e.contains("other/ExponentialMovingAverage") && e.contains("unexpected"),
         "{e}"
@@ -368,11 +419,9 @@ fn restore_checks_everything_before_changing_anything() {
         ],
         &[],
     );
-    assert!(ema
-        .restore(&no_counter)
-        .unwrap_err()
-        .to_string()
-        .contains("num_updates"));
+    let e = ema.restore(&no_counter).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, CheckpointErrorKind::Metadata, None);
+    assert!(e.to_string().contains("num_updates"));
     assert_eq!(ema.shadows(), before, "failed restores changed nothing");
     assert_eq!(ema.num_updates(), 4);
 }

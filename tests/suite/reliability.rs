@@ -37,6 +37,7 @@ fn bit_flips_in_a_saved_checkpoint_are_refused_or_change_nothing() {
     let good = Checkpoint::load(&path).unwrap();
     assert!(good.verified());
     let bytes = std::fs::read(&path).unwrap();
+    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let mut rng = fastrand::Rng::with_seed(99);
     let (mut refused, mut same) = (0, 0);
     for _ in 0..3000 {
@@ -48,6 +49,14 @@ fn bit_flips_in_a_saved_checkpoint_are_refused_or_change_nothing() {
         match Checkpoint::load(&bad) {
             Err(e) => {
                 assert!(e.to_string().contains("flipped.safetensors"), "{e}");
+                if at >= data_start {
+                    // A flipped value is caught by its tensor's checksum, and says so.
+                    crate::common::assert_checkpoint_kind(
+                        &e,
+                        wgpu_ema::CheckpointErrorKind::Checksum,
+                        None,
+                    );
+                }
                 refused += 1;
             }
             Ok(c) => {
@@ -85,6 +94,7 @@ fn restore_refuses_another_configuration_and_non_finite_values() {
     let c = Checkpoint::load(&path).unwrap();
     let mut other = cpu_state(0, Schedule::tf(0.999));
     let e = other.restore(&c).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, wgpu_ema::CheckpointErrorKind::Config, None);
     assert!(e.to_string().contains("schedule differs"), "{e}");
     let opts = RestoreOptions {
         allow_config_mismatch: true,
@@ -100,6 +110,11 @@ fn restore_refuses_another_configuration_and_non_finite_values() {
     let c = Checkpoint::load(&path).unwrap();
     let mut same = cpu_state(0, Schedule::tf(0.99));
     let e = same.restore(&c).unwrap_err();
+    crate::common::assert_checkpoint_kind(
+        &e,
+        wgpu_ema::CheckpointErrorKind::NonFinite,
+        Some("b/ExponentialMovingAverage"),
+    );
     assert!(e.to_string().contains("element 2 is NaN"), "{e}");
     let opts = RestoreOptions {
         allow_non_finite: true,

@@ -111,20 +111,7 @@ pub fn save_tf(
             offset += size;
         };
         for e in &mut entries {
-            let values = (e.produce)()?;
-            let numel: usize = e.shape.iter().product();
-            if values.len() != numel {
-                return Err(bad(
-                    &data,
-                    K::Shape,
-                    format!(
-                        "tensor `{}`: {} values for shape {:?}",
-                        e.name,
-                        values.len(),
-                        e.shape
-                    ),
-                ));
-            }
+            let values = e.produce_checked(&data)?;
             // The safetensors writer's little-endian write, which also gives the CRC32C.
             let crc = write_f32_le(w, &values, 0).map_err(io(&data))?;
             put(&e.name, DT_FLOAT, &e.shape, values.len() as i64 * 4, crc);

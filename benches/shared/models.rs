@@ -1,4 +1,4 @@
-//! Parameter lists of real models, shared by `benches/update.rs` and `examples/bench.rs`.
+//! Parameter lists of real models, shared by the benches.
 
 use wgpu_ema::TensorSpec;
 

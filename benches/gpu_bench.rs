@@ -4,7 +4,7 @@
 //! beside PyTorch's `_foreach_lerp_` and timm's `ModelEmaV3` (`benches/torch_ema.py`).
 //!
 //! ```text
-//! cargo run --release --example gpu_bench -- [--quick] [--max-log2 N] [--out DIR]
+//! cargo bench --bench gpu_bench -- [--quick] [--max-log2 N] [--out DIR]
 //! ```
 //!
 //! Writes `DIR/wgpu.csv` (columns shared with the PyTorch script) and `DIR/shapes.json` (the
@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use wgpu_ema::{wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
 
-#[path = "../benches/models.rs"]
+#[path = "shared/models.rs"]
 mod models;
 
 type Error = Box<dyn std::error::Error>;
@@ -111,7 +111,7 @@ impl Bench {
         (median(wall), median(host))
     }
 
-    /// A plain kernel from `examples/bench_kernels.wgsl` over `n` elements (vec4).
+    /// A plain kernel from `benches/bench_kernels.wgsl` over `n` elements (vec4).
     fn kernel(&self, entry: &str, n: u64) -> impl FnMut(&mut wgpu::CommandEncoder) {
         let dev = &self.ctx.device;
         let pipe = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -304,6 +304,7 @@ fn main() -> Result<(), Error> {
             "--quick" => quick = true,
             "--out" => out = args.next().ok_or("--out needs a value")?.into(),
             "--max-log2" => max_log2 = args.next().ok_or("--max-log2 needs a value")?.parse()?,
+            "--bench" => {} // passed by `cargo bench`
             other => return Err(format!("unknown argument {other:?}").into()),
         }
     }

@@ -1,16 +1,16 @@
 //! Post-hoc synthesis at GPT-2-small size: time and peak host memory.
 //!
 //! ```text
-//! cargo run --release --example posthoc_bench -- make DIR [--snapshots 20] [--dtype f16|f32]
-//! cargo run --release --example posthoc_bench -- synth DIR [--sigma-rel 0.08]
+//! cargo bench --bench posthoc_synth -- make DIR [--snapshots 20] [--dtype f16|f32]
+//! cargo bench --bench posthoc_synth -- synth DIR [--sigma-rel 0.08]
 //! ```
 //! `make` writes a snapshot set of GPT-2 small's 148 tensors (124M parameters) with EDM2's two
 //! profiles, from seeded values; `synth` (run it as its own process, so the peak is its own)
 //! opens the set, solves for the weights, synthesizes one EMA, and prints the time, the bytes
 //! read, the same bytes read plainly in the same run, and the process's peak resident memory.
 
-#[path = "../benches/models.rs"]
 #[allow(dead_code)]
+#[path = "shared/models.rs"]
 mod models;
 
 use std::path::{Path, PathBuf};
@@ -102,10 +102,18 @@ fn plain_read(paths: &[PathBuf]) -> Result<u64, Error> {
 }
 
 fn main() -> Result<(), Error> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` passes `--bench`.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let (mode, dir) = match args.as_slice() {
         [m, d, ..] => (m.as_str(), PathBuf::from(d)),
-        _ => return Err("usage: posthoc_bench make|synth DIR [options]".into()),
+        _ => {
+            return Err(
+                "usage: cargo bench --bench posthoc_synth -- make|synth DIR [options]".into(),
+            )
+        }
     };
     let opt = |name: &str| {
         args.iter()

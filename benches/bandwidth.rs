@@ -2,7 +2,7 @@
 //! bandwidth for the same access pattern, and against what users would write instead.
 //!
 //! ```text
-//! cargo run --release --example bench -- [--quick] [--cpu-only] [--out DIR]
+//! cargo bench --bench bandwidth -- [--quick] [--cpu-only] [--out DIR]
 //! ```
 //!
 //! The update moves 12 bytes per f32 element (read param, read shadow, write shadow); the
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use wgpu_ema::{cpu, wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
 
-#[path = "../benches/models.rs"]
+#[path = "shared/models.rs"]
 mod models;
 use models::{gpt2_small, resnet50};
 
