@@ -73,9 +73,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let scale = reference.shadows()[i]
             .iter()
             .fold(0.0f64, |m, r| m.max(r.abs()));
+        if shadow.len() != cpu_shadow.len() || shadow.len() != reference.shadows()[i].len() {
+            return Err(format!("`{}`: lengths differ", spec.name).into());
+        }
         for ((&g, &r), &c) in shadow.iter().zip(&reference.shadows()[i]).zip(cpu_shadow) {
-            worst_ref = worst_ref.max((g as f64 - r).abs() / scale);
-            worst_cpu = worst_cpu.max((g - c).abs() as f64 / scale);
+            // NaN-aware: `f64::max` would drop a NaN and report 0.
+            let (er, ec) = ((g as f64 - r).abs() / scale, (g - c).abs() as f64 / scale);
+            if !er.is_finite() || !ec.is_finite() {
+                return Err(
+                    format!("`{}`: non-finite shadow {g} (reference {r})", spec.name).into(),
+                );
+            }
+            worst_ref = worst_ref.max(er);
+            worst_cpu = worst_cpu.max(ec);
         }
     }
     println!(
@@ -89,7 +99,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  (relative to each tensor's largest value; f32 epsilon is {:.3e})",
         f32::EPSILON
     );
-    if worst_ref > 1e-4 {
+    // f32 rounding over 300 steps stays near 4e-7 (see docs/examples.md); 1e-5 leaves room for
+    // fused multiply-adds on real GPUs and still fails an update that is off.
+    if worst_ref > 1e-5 {
         return Err(format!("GPU shadows differ from the reference by {worst_ref:e}").into());
     }
     Ok(())

@@ -488,9 +488,18 @@ fn real_main() -> Result<(), Error> {
     let ctx = if args.cpu {
         None
     } else {
-        GpuContext::new()
-            .map_err(|e| println!("no GPU adapter ({e})"))
-            .ok()
+        match GpuContext::new() {
+            Ok(ctx) => Some(ctx),
+            // Where a GPU is required (CI sets this), a missing one is a failure, not a
+            // quiet run on the CPU path.
+            Err(e) if std::env::var("WGPU_EMA_REQUIRE_ADAPTER").as_deref() == Ok("1") => {
+                return Err(format!("WGPU_EMA_REQUIRE_ADAPTER=1 and {e}").into());
+            }
+            Err(e) => {
+                println!("no GPU adapter ({e})");
+                None
+            }
+        }
     };
     let run = match &ctx {
         Some(ctx) => {

@@ -326,11 +326,7 @@ fn compensated_shadows_keep_small_updates() {
             .into_data()
             .try_to_vec::<f32>()
             .unwrap();
-        let worst = got
-            .iter()
-            .zip(&reference.shadows()[0])
-            .map(|(g, w)| (*g as f64 - w).abs())
-            .fold(0.0, f64::max);
+        let worst = common::max_error(&got, &reference.shadows()[0], 1.0);
         eprintln!("compensated {compensated}: worst error {worst:.3e} after {steps} steps at decay 0.9999");
         errors.push(worst);
     }

@@ -1,19 +1,26 @@
 //! The EMA on the GPU: [`GpuEma`], built by [`GpuEmaBuilder`].
 //!
-//! Internals: shadows live in crate-owned buffers. Each step is one compute pass; the work is
-//! cut into *segments* (see `layout`), each a bind group made once, so a step only writes the
-//! step's `alpha` (an immediate, or a slot of a uniform ring), sets bind groups and
-//! dispatches: no GPU resource is created and nothing waits for the host.
+//! The executor of the plan (`crate::plan`): shadows live in crate-owned buffers; each step
+//! is one compute pass over the plan's dispatches, each with a bind group made once, so a step
+//! only writes the step's `alpha` (an immediate, or a slot of a uniform ring), sets bind groups
+//! and dispatches: no GPU resource is created and nothing waits for the host.
+//!
+//! Here: the EMA and its step (`mod.rs`), building it (`builder`), evaluation (`eval`:
+//! swaps, copies), values between host and GPU (`transfer`), where things are bound
+//! (`placement`), snapshots for checkpoints (`snapshot`), the parameter arena (`arena`), the
+//! overlap check (`overlaps`), and the wgpu objects of the plan and the shader contract
+//! (`dispatch`, `bindings`, `pipelines`).
 
 mod arena;
 mod bindings;
 mod builder;
 mod dispatch;
 mod eval;
-mod io;
 mod overlaps;
 mod pipelines;
+mod placement;
 mod snapshot;
+mod transfer;
 
 pub use arena::ParamArena;
 pub use builder::GpuEmaBuilder;
@@ -330,6 +337,25 @@ impl GpuEma {
     /// Sets the step counter (after restoring a checkpoint): the next update is `n + 1`.
     pub fn set_num_updates(&mut self, n: u64) {
         self.stepper.set_num_updates(n);
+    }
+
+    /// How many EMAs one pass updates (1 + the [`extra_ema`](GpuEmaBuilder::extra_ema)s).
+    pub fn ema_count(&self) -> usize {
+        1 + self.extra.len()
+    }
+
+    /// The schedule of EMA `k` (0: the builder's).
+    pub fn ema_schedule(&self, k: usize) -> Option<Schedule> {
+        match k {
+            0 => Some(self.stepper.schedule()),
+            _ => self.extra.get(k - 1).copied(),
+        }
+    }
+
+    /// True when the shadows carry Kahan compensation terms
+    /// ([`GpuEmaBuilder::compensated`]).
+    pub fn is_compensated(&self) -> bool {
+        !self.store.comp.is_empty()
     }
 
     /// True when `alpha` reaches the shader as an immediate, false on the uniform ring.

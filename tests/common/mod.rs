@@ -192,3 +192,29 @@ pub fn assert_checkpoint_kind(
         other => panic!("expected a checkpoint error of kind {kind:?}, got {other}"),
     }
 }
+
+/// The largest `|got - reference|` divided by `scale`, seeing NaN: a non-finite value on either
+/// side, or slices of different lengths, measure as an infinite error (`f64::max` would drop a
+/// NaN and report 0, and an empty zip would report 0 too).
+pub fn max_error(got: &[f32], reference: &[f64], scale: f64) -> f64 {
+    if got.len() != reference.len() || !scale.is_finite() || scale <= 0.0 {
+        return f64::INFINITY;
+    }
+    let mut worst = 0.0f64;
+    for (&g, &r) in got.iter().zip(reference) {
+        let e = (g as f64 - r).abs() / scale;
+        if !e.is_finite() {
+            return f64::INFINITY;
+        }
+        worst = worst.max(e);
+    }
+    worst
+}
+
+#[test]
+fn max_error_sees_nan_and_length() {
+    assert_eq!(max_error(&[1.0, 2.0], &[1.0, 2.5], 1.0), 0.5);
+    assert_eq!(max_error(&[f32::NAN, 2.0], &[1.0, 2.0], 1.0), f64::INFINITY);
+    assert_eq!(max_error(&[1.0], &[f64::NAN], 1.0), f64::INFINITY);
+    assert_eq!(max_error(&[], &[1.0], 1.0), f64::INFINITY);
+}

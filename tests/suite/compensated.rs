@@ -7,13 +7,10 @@ use wgpu_ema::checkpoint::{self, Checkpoint};
 use wgpu_ema::cpu::{CpuEma, ReferenceEma};
 use wgpu_ema::{wgpu, Error, GpuEma, HostTensors, Numerics, Schedule, TensorSpec};
 
-/// Max |x - reference| over the reference's scale.
+/// Max |x - reference| over the reference's scale (NaN measures as infinite).
 fn error(x: &[f32], reference: &[f64]) -> f64 {
     let scale = reference.iter().fold(0.0f64, |m, r| m.max(r.abs()));
-    x.iter()
-        .zip(reference)
-        .fold(0.0f64, |m, (&a, &r)| m.max((a as f64 - r).abs()))
-        / scale
+    crate::common::max_error(x, reference, scale)
 }
 
 #[test]

@@ -27,6 +27,14 @@ fn run_user_buffer(
         .track_buffer(TensorSpec::new("t", [n]), &buf, offset)
         .build(&ctx.device, &ctx.queue)
         .expect("build");
+    // The path asked for is the path taken: immediates wherever the device has them (Mesa's
+    // Vulkan and GL drivers do), the ring otherwise.
+    let device_has = ctx.device.features().contains(wgpu::Features::IMMEDIATES);
+    assert_eq!(ema.uses_immediates(), immediates && device_has);
+    if std::env::var("WGPU_EMA_REQUIRE_ADAPTER").as_deref() == Ok("1") {
+        // CI's drivers have immediates: both paths are tested there, not the ring twice.
+        assert!(device_has, "the device lacks Features::IMMEDIATES");
+    }
     let mut reference = ReferenceEma::new(schedule, numerics, &[&p0]).unwrap();
     for step in 0..steps {
         let p = random(1000 + step as u64, n);
