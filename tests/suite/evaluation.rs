@@ -147,10 +147,10 @@ fn gap_words(
     for (_, n, off) in layout {
         let first = (*off / 4) as usize;
         let bytes = n * dtype.size() as usize;
-        for w in first..first + bytes.div_ceil(4) {
-            inside[w] = true;
+        for w in inside.iter_mut().skip(first).take(bytes.div_ceil(4)) {
+            *w = true;
         }
-        if bytes % 4 != 0 {
+        if !bytes.is_multiple_of(4) {
             half_words.push(first + bytes / 4);
         }
     }
