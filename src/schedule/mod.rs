@@ -54,7 +54,9 @@ pub enum Schedule {
         min_decay: f64,
     },
     /// Warm-up as in timm's `ModelEmaV3`, diffusers (`use_ema_warmup`) and ema-pytorch:
-    /// `decay(n) = clamp(1 - (1 + n / inv_gamma)^(-power), min_decay, max_decay)`.
+    /// `decay(n) = clamp(1 - (1 + n / inv_gamma)^(-power), min_decay, max_decay)`, `n` counted
+    /// from the policy's start. Those peers average from their call `update_after_step + 2`:
+    /// give ours their `update_after_step + 1` (the guide's "Porting a peer's settings").
     ///
     /// `inv_gamma = 1` and `power = 2/3` (the defaults) suit training runs of about a million
     /// steps (decay 0.999 near 31.6k steps, 0.9999 near 1M); `power = 3/4` suits shorter runs
@@ -69,7 +71,8 @@ pub enum Schedule {
         /// Upper clamp, in `[0, 1]`.
         max_decay: f64,
     },
-    /// The power-function EMA of Karras et al. (EDM2; ema-pytorch's `KarrasEMA`), whose
+    /// The power-function EMA of Karras et al. (EDM2, exactly; ema-pytorch's `KarrasEMA` runs
+    /// one step behind: start ours with `num_updates(2)` after its first call), whose
     /// averaging window grows with training: `decay(n) = (1 - 1/n)^(1 + gamma)` for update `n`
     /// (1-based; with a 0-based step count `s = n - 1` this is EDM2's `(1 - 1/(s+1))^(1+gamma)`),
     /// so the first update copies the parameters. [`Schedule::power_sigma_rel`] sets `gamma`

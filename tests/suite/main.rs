@@ -25,6 +25,8 @@ mod in_memory;
 mod many_tensors;
 /// Tensors and buffers larger than one storage binding.
 mod past_one_binding;
+/// The peers' own EMA code (diffusers, timm, ema-pytorch, EDM2) as the reference.
+mod peers;
 /// Post-hoc EMA: recording, solving, synthesis.
 mod posthoc;
 /// Corruption, killed saves, refusals, a destroyed device.
