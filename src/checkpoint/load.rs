@@ -80,7 +80,7 @@ pub struct Checkpoint {
 const MAX_HEADER: u64 = 100_000_000;
 
 /// A file of `len` bytes, too short to hold a safetensors header's size.
-pub(super) fn too_short(path: &Path, len: u64) -> Error {
+pub(super) fn too_short(path: &Path, len: u64) -> crate::error::Error {
     bad(
         path,
         K::Truncated,
