@@ -12,8 +12,9 @@
 //! wgpu's native backends do not check, so that unit tests find what only a browser would:
 //! - no two windows of one buffer that overlap are bound in one dispatch (the swap and copy
 //!   passes bind the parameters read-write, and a writable binding may not overlap another);
-//! - every dispatch binds all `slots` windows (free ones are `None`), so its bind group
-//!   matches a pipeline of [`Plan::tier_of`] parameter bindings.
+//! - every dispatch has `slots` slots (free ones are `None`, kept for later rebinds); its bind
+//!   group binds the first [`DispatchPlan::tier`] of them, which holds every bound one, and
+//!   runs the pipelines made for that many parameter bindings.
 //!
 //! Rebinding is O(the moved tensor's segments): its rows are rewritten in place and marked
 //! dirty; its new window takes a slot the dispatch already binds, else a free one. Only when

@@ -287,6 +287,8 @@ fn save_loop_child() {
         }
         ema.set_num_updates(step);
         let p = params(&ema);
+        // The parent reads these lines to kill inside a save and to know which saves ended.
+        println!("saving {step}");
         if sharded {
             checkpoint::save_training_sharded(&dir, &ema, Some(&p), &HostTensors::new(), 9000)
                 .unwrap();
@@ -294,19 +296,46 @@ fn save_loop_child() {
             let path = Path::new(&dir).join("c.safetensors");
             checkpoint::save_training(&path, &ema, Some(&p), &HostTensors::new()).unwrap();
         }
+        println!("saved {step}");
     }
 }
 
-/// Loads what the killed child left: a whole checkpoint of one step, never a mix.
-fn check_consistent(path: &Path) {
+/// Loads what the killed child left: a whole checkpoint of one step, never a mix. Returns
+/// that step.
+fn check_consistent(path: &Path) -> u64 {
     let c = Checkpoint::load(path).unwrap_or_else(|e| panic!("after a kill: {e}"));
-    let n = c.num_updates().unwrap() as f32;
+    let step = c.num_updates().unwrap();
+    let n = step as f32;
     for name in c.names() {
         let (_, v) = c.get(name).unwrap();
         assert!(
             v.iter().all(|&x| x == n),
             "`{name}` is not from step {n}: torn checkpoint"
         );
+    }
+    step
+}
+
+/// What a child said: the steps whose save it started and ended, with the time each line
+/// arrived.
+#[derive(Default)]
+struct Progress {
+    started: Vec<(u64, std::time::Instant)>,
+    ended: Vec<(u64, std::time::Instant)>,
+}
+
+impl Progress {
+    fn take(&mut self, line: &str, at: std::time::Instant) {
+        let mut words = line.split_whitespace();
+        let (Some(what), Some(step)) = (words.next(), words.next()) else {
+            return;
+        };
+        let Ok(step) = step.parse() else { return };
+        match what {
+            "saving" => self.started.push((step, at)),
+            "saved" => self.ended.push((step, at)),
+            _ => {}
+        }
     }
 }
 
@@ -320,7 +349,9 @@ fn kill_during_saves(sharded: bool) {
     };
     let mut rng = fastrand::Rng::with_seed(if sharded { 1 } else { 2 });
     let mut start = 1u64;
-    for round in 0..100 {
+    let rounds = 100;
+    let mut inside = 0;
+    for _ in 0..rounds {
         let mut child = Command::new(&exe)
             .args([
                 "--exact",
@@ -331,20 +362,74 @@ fn kill_during_saves(sharded: bool) {
             .env("WGPU_EMA_SAVE_LOOP", dir.path())
             .env("WGPU_EMA_SAVE_START", start.to_string())
             .envs(sharded.then_some(("WGPU_EMA_SAVE_SHARDED", "1")))
-            .stdout(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.u64(5..40)));
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send((std::time::Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        // Learn how long a save takes from two whole ones, then kill at a random point of
+        // the next: after it says it started, within the time a save takes.
+        let mut seen = Progress::default();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let kill_after = loop {
+            let (at, line) = rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("the child stopped saving");
+            seen.take(&line, at);
+            if seen.ended.len() >= 2 && line.starts_with("saving") {
+                let took: Vec<Duration> = seen
+                    .ended
+                    .iter()
+                    .filter_map(|(s, end)| {
+                        let (_, begin) = seen.started.iter().find(|(b, _)| b == s)?;
+                        Some(end.duration_since(*begin))
+                    })
+                    .collect();
+                let longest = took
+                    .iter()
+                    .max()
+                    .copied()
+                    .unwrap_or(Duration::from_millis(1));
+                break longest.mul_f64(rng.f64());
+            }
+        };
+        std::thread::sleep(kill_after);
         let _ = child.kill();
         let _ = child.wait();
-        start += 1000;
-        if target.exists() {
-            check_consistent(&target);
-        } else {
-            assert!(round < 5, "no checkpoint after {round} rounds");
+        let _ = reader.join();
+        for (at, line) in rx.try_iter() {
+            seen.take(&line, at);
         }
+        let last_started = seen.started.iter().map(|s| s.0).max().unwrap_or(0);
+        let last_ended = seen.ended.iter().map(|s| s.0).max().unwrap_or(0);
+        if last_started > last_ended {
+            inside += 1;
+        }
+        // The survivor is the last save that ended, or the one under way if it got as far
+        // as its commit before the kill; never older, never a mix.
+        let survivor = check_consistent(&target);
+        assert!(
+            survivor == last_ended || survivor == last_started,
+            "after a kill the checkpoint is of step {survivor}; the child had ended the save \
+             of {last_ended} and started {last_started}"
+        );
+        start += 1000;
     }
+    // Most kills must land inside a save, or the test checks little.
+    assert!(
+        inside * 2 >= rounds,
+        "only {inside} of {rounds} kills landed inside a save"
+    );
+    eprintln!("kills inside a save: {inside} of {rounds} (sharded: {sharded})");
     // The next save removes what the killed saves left behind.
     let mut ema = CpuEma::new(Schedule::constant(0.9), Numerics::Exact).unwrap();
     ema.track(TensorSpec::new("t0", [4]), &[1.0; 4]).unwrap();
