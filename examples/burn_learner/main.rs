@@ -63,6 +63,7 @@ fn main() -> Result<(), Error> {
         // The EMA's validation loss in burn's own metrics output.
         EvaluatorBuilder::new(dir.join("eval"))
             .metrics((LossMetric::new(),))
+            .renderer(Box::new(model::EpochLines::default()))
             .build(ema.clone())
             .eval(
                 format!("EMA weights, epoch {epoch}"),

@@ -169,10 +169,11 @@ pub fn mse(model: &Mlp, items: &[Item], device: &Device) -> f32 {
         .map_or(f32::NAN, |v| v[0])
 }
 
-/// Progress as one line per epoch: burn's default renderer off a terminal prints a Debug dump of
-/// its progress for every batch, which buries the example's output in a log.
+/// Progress as one line per epoch, and nothing for evaluations: burn's default renderer off a
+/// terminal prints a Debug dump of its progress for every batch, which buries the example's
+/// output in a log.
 #[derive(Default)]
-struct EpochLines {
+pub struct EpochLines {
     epochs: usize,
 }
 
@@ -185,17 +186,15 @@ impl TrainingProgressLogger for EpochLines {
     fn start(
         &mut self,
         total: usize,
-        starting: usize,
+        _starting: usize,
         _items: Option<usize>,
         _label: Option<&str>,
     ) {
         self.epochs = total;
-        if starting > 0 {
-            println!("resuming after epoch {starting} of {total}");
-        }
     }
+    // burn numbers epochs from 1.
     fn update_epoch(&mut self, epoch: usize) {
-        println!("epoch {}/{} done", epoch + 1, self.epochs);
+        println!("epoch {epoch}/{} trained", self.epochs);
     }
     fn start_split(&mut self, _split: &str, _items: usize) {}
     fn update_split(&mut self, _items: usize) {}

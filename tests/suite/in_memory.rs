@@ -118,6 +118,15 @@ fn half_precision_bytes_round_to_nearest_even() {
     // 8-byte length, header, then 2 bytes per element.
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8")) as usize;
     assert_eq!(bytes.len(), 8 + n + 2 * 257);
+    // Each value is the nearest bf16, ties to even (the `half` crate's rounding), little-endian.
+    for (i, (&x, pair)) in v.iter().zip(bytes[8 + n..].chunks_exact(2)).enumerate() {
+        let stored = u16::from_le_bytes([pair[0], pair[1]]);
+        assert_eq!(
+            stored,
+            half::bf16::from_f32(x).to_bits(),
+            "element {i} ({x})"
+        );
+    }
     // Our loader reads f32 checkpoints only, and says so.
     let err = Checkpoint::from_bytes(bytes).expect_err("bf16 is not a checkpoint dtype");
     assert!(err.to_string().contains("BF16"), "{err}");
@@ -144,8 +153,11 @@ fn corrupt_bytes_are_errors_never_panics() {
     flipped[last] ^= 0x10;
     let err = Checkpoint::from_bytes(flipped).expect_err("checksum");
     assert!(err.to_string().contains("checksum"), "{err}");
-    // Seeded random damage anywhere: an error or a checkpoint, never a panic.
+    // Seeded random damage anywhere: an error, or (damage to the header's padding) a
+    // checkpoint with exactly the good one's tensors and metadata; never a panic.
+    let reference = Checkpoint::from_bytes(good.clone()).expect("the good bytes load");
     let mut rng = fastrand::Rng::with_seed(77);
+    let mut refused = 0;
     for _ in 0..500 {
         let mut b = good.clone();
         for _ in 0..rng.usize(1..4) {
@@ -155,8 +167,25 @@ fn corrupt_bytes_are_errors_never_panics() {
         if rng.bool() {
             b.truncate(rng.usize(..b.len()));
         }
-        let _ = Checkpoint::from_bytes(b);
+        match Checkpoint::from_bytes(b) {
+            Err(_) => refused += 1,
+            Ok(c) => {
+                assert_eq!(c.metadata(), reference.metadata());
+                assert_eq!(
+                    c.names().collect::<Vec<_>>(),
+                    reference.names().collect::<Vec<_>>()
+                );
+                for name in reference.names() {
+                    assert_eq!(
+                        c.get(name),
+                        reference.get(name),
+                        "`{name}` changed silently"
+                    );
+                }
+            }
+        }
     }
+    assert!(refused > 400, "only {refused} of 500 damaged files refused");
 }
 
 #[test]

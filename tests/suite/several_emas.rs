@@ -76,7 +76,9 @@ fn k_emas_in_one_pass_equal_k_separate_passes() {
             for (j, single) in singles.iter().enumerate() {
                 let want = single.read_shadows_blocking().unwrap();
                 let got = multi.read_ema_blocking(j).unwrap();
+                assert_eq!(got.len(), want.len(), "K={k} EMA {j}: tensors read back");
                 for ((spec, a), (_, b)) in got.iter().zip(want.iter()) {
+                    assert_eq!(a.len(), b.len(), "K={k} EMA {j} `{}`: length", spec.name);
                     let worst = a
                         .iter()
                         .zip(b)

@@ -98,6 +98,13 @@ fn cpu_tensorflow_mode_is_bit_exact() {
             for (t, spec) in case.specs.iter().enumerate() {
                 let got = ema.shadow(&spec.name).unwrap();
                 let want = &case.shadows[k][t];
+                assert_eq!(
+                    got.len(),
+                    want.len(),
+                    "{} `{}`: length",
+                    case.name,
+                    spec.name
+                );
                 for (i, (g, w)) in got.iter().zip(want).enumerate() {
                     assert_eq!(
                         g.to_bits(),
@@ -157,13 +164,14 @@ fn gpu_tensorflow_mode_is_within_one_ulp_per_step() {
             ema.update().unwrap();
             let got = ema.read_shadows_blocking().unwrap();
             for (t, spec) in case.specs.iter().enumerate() {
-                for (i, (g, w)) in got
-                    .try_get(&spec.name)
-                    .unwrap()
-                    .iter()
-                    .zip(&case.shadows[k][t])
-                    .enumerate()
-                {
+                let values = got.try_get(&spec.name).unwrap();
+                assert_eq!(
+                    values.len(),
+                    case.shadows[k][t].len(),
+                    "`{}`: length",
+                    spec.name
+                );
+                for (i, (g, w)) in values.iter().zip(&case.shadows[k][t]).enumerate() {
                     let u = crate::common::ulps(*g, *w);
                     assert!(
                         u <= k as u64,

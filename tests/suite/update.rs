@@ -128,6 +128,7 @@ fn a_model_in_an_arena_matches_the_reference_over_many_steps() {
     let slices: Vec<&[f32]> = init.iter().map(|v| v.as_slice()).collect();
     let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &slices).unwrap();
     let steps = 150;
+    let mut last = Vec::new();
     for step in 0..steps {
         let params: Vec<Vec<f32>> = specs
             .iter()
@@ -140,13 +141,16 @@ fn a_model_in_an_arena_matches_the_reference_over_many_steps() {
         ema.update().unwrap();
         let slices: Vec<&[f32]> = params.iter().map(|v| v.as_slice()).collect();
         reference.update(&slices).unwrap();
+        last = params;
     }
     assert_eq!(ema.num_updates(), steps as u64);
     let shadows = ema.read_shadows_blocking().unwrap();
     assert_shadows_close(&shadows, &specs, &reference, TOL_PER_STEP * steps as f64);
-    // The parameters read back are the last written.
+    // The parameters read back are the last written, every tensor, bit for bit.
     let p = arena.read_blocking(&ctx.device, &ctx.queue).unwrap();
-    assert_eq!(p.try_get("l1.bias").unwrap().len(), 1);
+    for (s, v) in specs.iter().zip(&last) {
+        assert_eq!(p.try_get(&s.name).unwrap(), v.as_slice(), "`{}`", s.name);
+    }
 }
 
 #[test]
@@ -290,8 +294,10 @@ fn several_steps_in_one_encoder_equal_separate_submits() {
     }
 }
 
+// (That a rebind into a window already bound makes no new bind group is the planner's unit
+// test `a_rebind_into_a_bound_window_patches_one_row`: a GPU test cannot see it.)
 #[test]
-fn rebinding_follows_the_new_buffer_and_reuses_bind_groups() {
+fn rebinding_follows_the_new_buffer() {
     let Some(ctx) = gpu() else { return };
     let n = 300;
     let schedule = Schedule::constant(0.75);
