@@ -164,7 +164,8 @@ fn an_in_between_length_is_reconstructed() {
     let spread = rms(&a, &b);
     let ratio = err / spread;
     eprintln!("sigma_rel {target}: rms error {err:.3e}, distance 0.05-0.10 {spread:.3e}, ratio {ratio:.4}");
-    assert!(ratio < 0.05, "ratio {ratio}");
+    // Measured 0.0027 here (the guide says so): 0.01 fails a synthesis several times worse.
+    assert!(ratio < 0.01, "ratio {ratio}");
     // Both recorded profiles are further from the target than the synthesis.
     assert!(rms(&a, &want) > 5.0 * err && rms(&b, &want) > 5.0 * err);
 }

@@ -64,7 +64,8 @@ fn every_schedule_and_policy_matches_the_reference_on_the_gpu() {
                 }
             }
             let what = format!("{schedule:?} {policy:?}");
-            let tol = 4.0 * f32::EPSILON as f64 * steps as f64;
+            // As in `update`: 16 epsilon, about 10 times the worst rounding measured.
+            let tol = 16.0 * f32::EPSILON as f64;
             assert_close(
                 &what,
                 &ema.read_shadow_blocking("w").unwrap(),
