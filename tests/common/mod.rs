@@ -218,3 +218,32 @@ fn max_error_sees_nan_and_length() {
     assert_eq!(max_error(&[1.0], &[f64::NAN], 1.0), f64::INFINITY);
     assert_eq!(max_error(&[], &[1.0], 1.0), f64::INFINITY);
 }
+
+/// A second device on the same adapter with storage bindings capped at 128 MiB (WebGPU's
+/// default, which every adapter supports), so that tests go past one binding on any GPU, not
+/// only on Mesa's drivers (whose limit is 128 MiB): GPUs allow up to 4 GiB, more than a test
+/// can fill.
+pub fn gpu_small_bindings() -> Option<&'static GpuContext> {
+    static CTX: OnceLock<Option<GpuContext>> = OnceLock::new();
+    let base = gpu()?;
+    CTX.get_or_init(|| {
+        let mut limits = base.device.limits();
+        limits.max_storage_buffer_binding_size =
+            limits.max_storage_buffer_binding_size.min(128 << 20);
+        let (device, queue) =
+            pollster::block_on(base.adapter.request_device(&wgpu::DeviceDescriptor {
+                label: Some("tests: 128 MiB bindings"),
+                required_features: base.device.features(),
+                required_limits: limits,
+                ..Default::default()
+            }))
+            .expect("a second device on the test adapter");
+        Some(GpuContext {
+            instance: base.instance.clone(),
+            adapter: base.adapter.clone(),
+            device,
+            queue,
+        })
+    })
+    .as_ref()
+}

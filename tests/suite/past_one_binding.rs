@@ -1,9 +1,12 @@
-//! Large sizes: a 16.7-million-element tensor at an odd offset, and one element past the
-//! 128 MiB storage binding that Mesa's lavapipe and llvmpipe allow. (A dispatch past 65,535
-//! workgroups in one dimension needs more than 256 MiB of shadows in one binding, beyond
-//! these drivers: `layout`'s unit tests check the 2-D split.)
+//! Large sizes: a 16.7-million-element tensor at an odd offset, and tensors past one storage
+//! binding, on a device whose bindings are capped at 128 MiB (`gpu_small_bindings`) so that
+//! the split happens on every GPU, not only on Mesa's drivers. (A dispatch past 65,535
+//! workgroups in one dimension needs more than 256 MiB of shadows in one binding: the
+//! planner's unit tests check the 2-D split.)
 
-use crate::common::{assert_close, assert_shadows_close, buffer_with, gpu, random, write};
+use crate::common::{
+    assert_close, assert_shadows_close, buffer_with, gpu, gpu_small_bindings, random, write,
+};
 use wgpu_ema::cpu::ReferenceEma;
 use wgpu_ema::{GpuEma, Numerics, ParamArena, Schedule, TensorSpec};
 
@@ -40,12 +43,11 @@ fn a_large_tensor_at_an_odd_offset() {
 
 #[test]
 fn one_past_the_storage_binding_limit() {
-    let Some(ctx) = gpu() else { return };
-    let limit = ctx.device.limits().max_storage_buffer_binding_size;
-    if limit > 256 << 20 {
-        eprintln!("SKIPPED: binding limit {limit} bytes is too large to exceed in a test");
+    let Some(ctx) = gpu_small_bindings() else {
         return;
-    }
+    };
+    let limit = ctx.device.limits().max_storage_buffer_binding_size;
+    assert!(limit <= 128 << 20, "the test device's bindings are capped");
     let n = (limit / 4) as usize + 1;
     let schedule = Schedule::tf(0.9);
     // An arena with a small tensor first, so the big one's chunks do not start at 0.
@@ -118,12 +120,11 @@ fn one_past_the_storage_binding_limit() {
 /// forbids; such windows go to separate dispatches.
 #[test]
 fn adjacent_windows_of_one_buffer() {
-    let Some(ctx) = gpu() else { return };
-    let limit = ctx.device.limits().max_storage_buffer_binding_size;
-    if limit > 256 << 20 {
-        eprintln!("SKIPPED: binding limit {limit} bytes is too large to exceed in a test");
+    let Some(ctx) = gpu_small_bindings() else {
         return;
-    }
+    };
+    let limit = ctx.device.limits().max_storage_buffer_binding_size;
+    assert!(limit <= 128 << 20, "the test device's bindings are capped");
     let quarter = (limit / 16) as usize; // elements in a quarter binding
                                          // a: window 0; b: up to 0.55 binding (window 0); c: past half a binding (window 1);
                                          // d: enough to take the arena past one binding and the shadows into a second buffer.
@@ -190,12 +191,11 @@ fn adjacent_windows_of_one_buffer() {
 /// the parameters through these bindings) stays within WebGPU's rule and exact.
 #[test]
 fn rebind_next_to_an_overlapping_window() {
-    let Some(ctx) = gpu() else { return };
-    let limit = ctx.device.limits().max_storage_buffer_binding_size;
-    if limit > 256 << 20 {
-        eprintln!("SKIPPED: binding limit {limit} bytes is too large to exceed in a test");
+    let Some(ctx) = gpu_small_bindings() else {
         return;
-    }
+    };
+    let limit = ctx.device.limits().max_storage_buffer_binding_size;
+    assert!(limit <= 128 << 20, "the test device's bindings are capped");
     let n = 16usize;
     let size = limit + limit / 2 + 4096;
     let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
