@@ -94,13 +94,28 @@ fn main() -> Result<(), Error> {
     let mut fresh = Mlp::new(&device);
     let applied = fresh.load_from(&mut SafetensorsStore::from_file(&export))?;
     let ema = weights.ema_module(model, 0)?;
+    let (loaded, ema_mse) = (
+        mse(&fresh, &valid_items, &device),
+        mse(&ema, &valid_items, &device),
+    );
     println!(
-        "exported the EMA to {} ({} tensors applied by burn-store); validation MSE of the loaded model {:.5} (EMA {:.5})",
+        "exported the EMA to {} ({} tensors applied by burn-store); validation MSE of the loaded model {loaded:.5} (EMA {ema_mse:.5})",
         export.display(),
         applied.applied.len(),
-        mse(&fresh, &valid_items, &device),
-        mse(&ema, &valid_items, &device)
     );
+    // What this example shows, checked (CI runs it): the EMA ends better than the raw weights,
+    // and burn-store loads exactly the EMA that was exported.
+    let &(_, _, raw, ema_last, power_last) = rows.last().ok_or("no epochs")?;
+    if !(ema_last.is_finite() && power_last.is_finite() && ema_last < raw) {
+        return Err(format!("the EMA ({ema_last}) does not beat the raw weights ({raw})").into());
+    }
+    if applied.applied.len() != 4 || (loaded - ema_mse).abs() > 1e-6 * ema_mse.abs().max(1e-12) {
+        return Err(format!(
+            "burn-store applied {} tensors; the loaded model's MSE {loaded} is not the EMA's {ema_mse}",
+            applied.applied.len()
+        )
+        .into());
+    }
     Ok(())
 }
 
