@@ -151,7 +151,13 @@ fn check(plan: &Plan<u32>, l: &Layout) -> Vec<Runs> {
             assert!(end <= w.offset + w.size, "tensor {t}: read past its window");
             assert!(w.offset + w.size <= b.buffer_size, "window past the buffer");
             assert!(w.size <= l.lim.max_binding, "window larger than a binding");
-            assert_eq!(row.dtype, dtype_code(b.dtype));
+            // The shader's codes (`load_params`, `to_params_item`), written out here.
+            let code = match b.dtype {
+                ParamDtype::F32 => 0,
+                ParamDtype::F16 => 1,
+                ParamDtype::BF16 => 2,
+            };
+            assert_eq!(row.dtype, code, "tensor {t}: dtype code");
             assert!(row.count > 0);
             mine.push((
                 d.shadow_buffer,
