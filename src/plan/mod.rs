@@ -466,6 +466,15 @@ mod tests {
         max_buffer: 2 << 30,
     };
 
+    fn binding(buffer: u32, offset: u64) -> ParamBinding<u32> {
+        ParamBinding {
+            buffer,
+            buffer_size: 4096,
+            offset,
+            dtype: ParamDtype::F32,
+        }
+    }
+
     fn tensor(
         buffer: u32,
         offset: u64,
@@ -578,6 +587,67 @@ mod tests {
         assert_eq!(plan.take_dirty(), vec![(0, 1, 2)]);
         assert_eq!(plan.dispatches()[0].rows[1].slot, 0);
         assert_eq!(plan.dispatches()[0].rows[1].param, 16);
+    }
+
+    #[test]
+    fn a_rebind_into_a_free_slot_patches_and_says_which_dispatch() {
+        // Two tensors in buffer 0; tensor 1 moves to buffer 1 (same size): slot 1 is free once
+        // it leaves it, and nothing else of buffer 1 is bound, so no new plan is needed.
+        let mut plan = Plan::new(LIM, 4, vec![tensor(0, 0, 8, 0), tensor(0, 64, 8, 0)]);
+        let _ = plan.take_dirty();
+        assert_eq!(plan.rebind(1, binding(1, 64)), Change::Patched(vec![0]));
+        let d = &plan.dispatches()[0];
+        assert_eq!(
+            d.slots[1],
+            Some((
+                1,
+                Window {
+                    offset: 0,
+                    size: 4096
+                }
+            ))
+        );
+        assert_eq!((d.rows[1].slot, d.rows[1].param), (1, 16));
+        assert_eq!(plan.take_dirty(), vec![(0, 1, 2)]);
+        // Another tensor of buffer 1 at a window of its own joins without a new plan either.
+        assert_eq!(plan.rebind(0, binding(1, 0)), Change::Patched(vec![]));
+    }
+
+    #[test]
+    fn rows_changed_by_several_rebinds_are_all_dirty() {
+        // Two tensors of buffer 0 (rows 0 and 1 of one dispatch) move within it, one after the
+        // other, before the rows are uploaded: both rows must be uploaded.
+        let mut plan = Plan::new(LIM, 4, vec![tensor(0, 0, 8, 0), tensor(0, 64, 8, 0)]);
+        let _ = plan.take_dirty();
+        assert_eq!(plan.rebind(0, binding(0, 128)), Change::Patched(vec![]));
+        assert_eq!(plan.rebind(1, binding(0, 256)), Change::Patched(vec![]));
+        assert_eq!(plan.take_dirty(), vec![(0, 0, 2)]);
+        let rows = &plan.dispatches()[0].rows;
+        assert_eq!((rows[0].param, rows[1].param), (32, 64));
+    }
+
+    #[test]
+    fn a_rebind_next_to_an_overlapping_window_plans_again() {
+        // Windows every 144 bytes of a 1000-byte buffer (288-byte bindings): a tensor moving
+        // into window 144 of the buffer whose window 0 the dispatch binds would alias it.
+        let lim = PlanLimits::new(16, 300, 1 << 20);
+        let t = |offset| ParamBinding {
+            buffer: 7u32,
+            buffer_size: 1000,
+            offset,
+            dtype: ParamDtype::F32,
+        };
+        let piece = |at| {
+            vec![Piece {
+                buffer: 0,
+                offset: at,
+                len: 4,
+            }]
+        };
+        let mut plan = Plan::new(lim, 8, vec![(piece(0), t(0)), (piece(16), t(288))]);
+        assert_eq!(plan.dispatches().len(), 1);
+        assert_eq!(plan.rebind(1, t(160)), Change::Replanned);
+        assert_eq!(plan.dispatches().len(), 2);
     }
 
     #[test]
