@@ -614,6 +614,26 @@ mod tests {
     }
 
     #[test]
+    fn a_freed_window_lets_dispatches_merge_and_only_then() {
+        // One window per dispatch: A (buffer 0), B (buffer 1), C (buffer 2) take three.
+        let mut plan = Plan::new(
+            LIM,
+            1,
+            vec![tensor(0, 0, 8, 0), tensor(1, 0, 8, 0), tensor(2, 0, 8, 0)],
+        );
+        assert_eq!(plan.dispatches().len(), 3);
+        // B moves to buffer 3: its window is replaced, three live windows still need three.
+        assert_eq!(plan.rebind(1, binding(3, 0)), Change::Patched(vec![1]));
+        assert_eq!(plan.dispatches().len(), 3);
+        // B moves into A's buffer: two live windows fit in two dispatches, so plan again.
+        assert_eq!(plan.rebind(1, binding(0, 64)), Change::Replanned);
+        assert_eq!(plan.dispatches().len(), 2);
+        // With two dispatches, C moving into A's buffer frees the last other window: one.
+        assert_eq!(plan.rebind(2, binding(0, 128)), Change::Replanned);
+        assert_eq!(plan.dispatches().len(), 1);
+    }
+
+    #[test]
     fn rows_changed_by_several_rebinds_are_all_dirty() {
         // Two tensors of buffer 0 (rows 0 and 1 of one dispatch) move within it, one after the
         // other, before the rows are uploaded: both rows must be uploaded.

@@ -391,6 +391,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn numerics_names_are_the_files_values() {
+        // What checkpoints store (and other tools read): written out, not round-tripped only.
+        assert_eq!(Numerics::Exact.as_str(), "exact");
+        assert_eq!(Numerics::TensorFlow.as_str(), "tensorflow");
+        assert_eq!(Numerics::parse("exact"), Some(Numerics::Exact));
+        assert_eq!(Numerics::parse("tensorflow"), Some(Numerics::TensorFlow));
+        assert_eq!(Numerics::parse("Exact"), None);
+    }
+
+    #[test]
     fn tf_rule_by_hand() {
         let s = Schedule::tf(0.9999);
         assert_eq!(s.decay(0).unwrap(), 0.1);
