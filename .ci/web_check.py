@@ -188,6 +188,10 @@ def main():
         refusals = result.get("refusals") or []
         if len(refusals) != 2 or not all(isinstance(r, str) and r for r in refusals):
             failures.append(f"a truncated or bit-flipped checkpoint was not refused: {refusals}")
+        # Each refusal names its damage: the cut file as not a valid file, the flipped bit
+        # (in the data) by its checksum.
+        elif "not a valid safetensors file" not in refusals[0] or "checksum" not in refusals[1]:
+            failures.append(f"the refusals do not name the damage: {refusals}")
         if not result.get("export_bytes"):
             failures.append("the EMA download is empty")
         losses = [result.get(k) for k in ("first_loss", "raw_loss", "ema_loss")]

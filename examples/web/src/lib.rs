@@ -22,8 +22,16 @@ use train::Trainer;
 
 type Error = Box<dyn std::error::Error>;
 
+/// The error for the page, with its causes (a parser's own error is the crate error's source,
+/// not part of its message).
 fn js(e: Error) -> JsError {
-    JsError::new(&e.to_string())
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    JsError::new(&text)
 }
 
 /// The schedule the page's controls name: `kind` is `tf`, `constant`, `warmup` or `power`, and
