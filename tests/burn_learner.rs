@@ -251,7 +251,7 @@ fn two_devices_with_gradients_from_both() {
     }
     let mut devices = Devices(Default::default());
     net.visit(&mut devices);
-    eprintln!("parameters on {:?}", devices.0);
+    assert_eq!(devices.0.len(), 2, "parameters on {:?}", devices.0);
     let w = EmaWeights::from_record(optim.to_record()).unwrap();
     assert_eq!(w.num_updates(), Some(5));
     for (i, (_, id)) in start.iter().enumerate() {
