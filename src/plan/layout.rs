@@ -213,6 +213,27 @@ mod tests {
     };
 
     #[test]
+    fn a_shadow_of_exactly_one_binding_stays_whole() {
+        // After a small tensor, one of exactly one binding goes whole into a buffer of its
+        // own (one piece, one binding a user's shader can bind), not split into the room left.
+        let lim = PlanLimits::new(256, 4096, 1 << 30);
+        let (pieces, buffers) = place_shadows(&[3, 1024], &lim).unwrap();
+        assert_eq!(
+            pieces[1],
+            vec![Piece {
+                buffer: 1,
+                offset: 0,
+                len: 1024
+            }]
+        );
+        assert_eq!(buffers, vec![256, 4096]);
+        // One element more is split: it starts in the first buffer's room.
+        let (pieces, _) = place_shadows(&[3, 1025], &lim).unwrap();
+        assert_eq!(pieces[1].len(), 2);
+        assert_eq!(pieces[1][0].buffer, 0);
+    }
+
+    #[test]
     fn shadows_start_aligned_and_split_past_one_binding() {
         let big = (128u64 << 20) / 4 + 5;
         let (pieces, bufs) = place_shadows(&[3, 10, big, 0], &LAVAPIPE).unwrap();
