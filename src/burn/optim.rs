@@ -175,7 +175,8 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
         let p = as_f32(param.clone().detach());
         // The one step counter of the crate decides what call `n` does and every EMA's alpha.
         // Schedules and policy were validated when the optimizer was built; an error skips.
-        let mut alphas = vec![1.0f32; k];
+        // At most MAX_EMAS schedules (extra_ema refuses more): no allocation per parameter.
+        let mut alphas = [1.0f32; MAX_EMAS];
         let action = Stepper::new(self.schedules[0], self.numerics, self.policy, n - 1)
             .and_then(|mut s| s.advance_all(n, &self.schedules[1..], &mut alphas))
             .unwrap_or(Action::Skip);

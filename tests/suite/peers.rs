@@ -15,7 +15,7 @@ use wgpu_ema::cpu::CpuEma;
 use wgpu_ema::schedule::Policy;
 use wgpu_ema::{GpuEma, Numerics, Schedule, TensorSpec};
 
-use crate::common::{buffer_with, gpu, write};
+use crate::common::{assert_close, buffer_with, gpu, write};
 
 /// Relative to max(1, |peer|): float32 rounding over 30 calls, far below any schedule error.
 const TOL: f64 = 1e-5;
@@ -97,16 +97,12 @@ fn cases() -> Vec<Case> {
 }
 
 fn compare(case: &Case, path: &str, call: usize, got: &[f32]) {
-    let want = &case.shadows[call - 1];
-    assert_eq!(got.len(), want.len());
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w as f64).abs() / (w.abs() as f64).max(1.0);
-        assert!(
-            err <= TOL,
-            "{} ({path}), call {call}, element {i}: ours {g}, the peer's {w}",
-            case.name
-        );
-    }
+    let want: Vec<f64> = case.shadows[call - 1].iter().map(|&w| w as f64).collect();
+    let what = format!(
+        "{} ({path}), call {call}: ours against the peer's",
+        case.name
+    );
+    assert_close(&what, got, &want, TOL);
 }
 
 #[test]
