@@ -304,6 +304,11 @@ pub enum CheckpointErrorKind {
     Inconsistent,
     /// A save refused before writing anything (colliding names, a tensor too large).
     Refused,
+    /// A file without this crate's checksums (another tool's, or one whose checksum keys were
+    /// edited), refused by the verifying readers; the `_unverified` readers take it.
+    Unverified,
+    /// Another writer holds the folder (see [`FolderLock`](crate::checkpoint::FolderLock)).
+    Busy,
 }
 
 /// `Result` with this crate's [`Error`].

@@ -52,8 +52,24 @@ pub(crate) fn derived_names(name: &str, emas: usize, compensated: bool) -> Vec<S
     v
 }
 
-/// Refuses tracked names whose derived names collide with each other's, or with the reserved
-/// `__metadata__`: such a set could be tracked but not saved and loaded back.
+/// True for a name shaped like one this crate derives (`…/ExponentialMovingAverage`,
+/// `…/ExponentialMovingAverage_<k>`, `…/ExponentialMovingAverage/Compensation`): a tracked
+/// tensor of such a name would read back as another tensor's shadow.
+pub(crate) fn looks_derived(name: &str) -> bool {
+    let Some(at) = name.rfind(EMA_SUFFIX) else {
+        return false;
+    };
+    let rest = &name[at + EMA_SUFFIX.len()..];
+    rest.is_empty()
+        || rest == COMPENSATION_SUFFIX
+        || rest
+            .strip_prefix('_')
+            .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Refuses tracked names whose derived names collide with each other's, with the reserved
+/// `__metadata__`, or that are shaped like derived names themselves: such a set could be
+/// tracked and saved but not loaded back.
 pub(crate) fn check_names<'a>(
     names: impl IntoIterator<Item = &'a str>,
     emas: usize,
@@ -61,6 +77,14 @@ pub(crate) fn check_names<'a>(
 ) -> Result<()> {
     let mut seen: std::collections::HashMap<String, &str> = std::collections::HashMap::new();
     for name in names {
+        if looks_derived(name) || name == TF_CHECKSUMS {
+            return Err(Error::NameCollision {
+                name: name.to_string(),
+                with: "the names checkpoints derive for shadows and their checksums (a tensor \
+                       of this name would load back as another tensor's shadow); rename it"
+                    .into(),
+            });
+        }
         for derived in derived_names(name, emas, compensated) {
             if derived == RESERVED_NAME {
                 return Err(Error::NameCollision {
@@ -127,6 +151,13 @@ pub const META_DTYPE: &str = "posthoc_dtype";
 pub const GLOBAL_STEP: &str = "global_step";
 /// The directory's checkpoint state file, read by `tf.train.latest_checkpoint`.
 pub const STATE_FILE: &str = "checkpoint";
+/// The tensor (uint32, one per other entry in key order) that binds each entry's name, dtype,
+/// shape, size and checksum in the TensorFlow checkpoints we write: TensorFlow's own checksum
+/// covers a tensor's bytes only. TensorFlow's restores ignore it.
+pub const TF_CHECKSUMS: &str = "_WGPU_EMA_CHECKSUMS";
+/// TensorFlow 2's object graph, present in checkpoints of `tf.train.Checkpoint` (whose data is
+/// laid out in object order, not key order).
+pub(crate) const TF_OBJECT_GRAPH: &str = "_CHECKPOINTABLE_OBJECT_GRAPH";
 
 // burn's optimizer records (feature `burn`): leaf names under each parameter id, as
 // `EmaOptim` saves its state and `EmaWeights` reads it back.

@@ -24,6 +24,8 @@ mod checksum;
 mod encode;
 pub(crate) mod errors;
 mod load;
+#[cfg(not(target_arch = "wasm32"))]
+mod lock;
 // Files: native-only (a page has no filesystem; it uses the bytes functions).
 #[cfg(not(target_arch = "wasm32"))]
 mod stream;
@@ -33,6 +35,8 @@ mod tf;
 mod write;
 
 pub use load::Checkpoint;
+#[cfg(not(target_arch = "wasm32"))]
+pub use lock::{FolderLock, LOCK_FILE};
 #[cfg(not(target_arch = "wasm32"))]
 pub use stream::{TensorEntry, TensorFile};
 
@@ -245,6 +249,12 @@ fn training_entries<'a>(
         entries.push(param);
     }
     for (spec, values) in extra.iter() {
+        if crate::names::looks_derived(&spec.name) {
+            return Err(Error::NameCollision {
+                name: spec.name.clone(),
+                with: "the names of shadows (an extra tensor of this name would load back as a shadow)".into(),
+            });
+        }
         names.push(spec.name.clone());
         entries.push(Entry::from_slice(spec.name.clone(), &spec.shape, values));
     }

@@ -53,6 +53,14 @@ impl CpuEma {
         if self.specs.iter().any(|s| s.name == spec.name) {
             return Err(Error::DuplicateName { name: spec.name });
         }
+        crate::names::check_names(
+            self.specs
+                .iter()
+                .map(|s| s.name.as_str())
+                .chain([spec.name.as_str()]),
+            1,
+            self.compensated,
+        )?;
         if values.len() as u64 != spec.numel() {
             return Err(Error::LengthMismatch {
                 expected: spec.numel(),

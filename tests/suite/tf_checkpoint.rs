@@ -158,7 +158,15 @@ fn damaged_tensorflow_checkpoints_are_errors_naming_file_and_tensor() {
 
     // Truncated data, a missing shard.
     std::fs::write(&data, &good_data[..good_data.len() - 6]).unwrap();
-    expect_error(&prefix, &["ckpt.data-00000-of-00001", "`global_step`"]);
+    // (The last tensor in the file is what binds the others: `_WGPU_EMA_CHECKSUMS`.)
+    expect_error(
+        &prefix,
+        &[
+            "ckpt.data-00000-of-00001",
+            "`_WGPU_EMA_CHECKSUMS`",
+            "run past",
+        ],
+    );
     std::fs::remove_file(&data).unwrap();
     expect_error(&prefix, &["ckpt.data-00000-of-00001", "cannot be opened"]);
     // Not a table at all.
@@ -171,7 +179,7 @@ fn damaged_tensorflow_checkpoints_are_errors_naming_file_and_tensor() {
 }
 
 #[test]
-fn a_tensorflow_tensor_of_another_dtype_is_an_error() {
+fn a_tensorflow_entry_edited_to_another_dtype_is_refused() {
     // The fixture's index with `bias`'s dtype rewritten from DT_FLOAT (1) to DT_DOUBLE (2):
     // the entry's first field is `08 01`. The block checksum then fails first; so rebuild the
     // checksum by saving our own table instead: write a checkpoint and patch its entry.
@@ -189,13 +197,17 @@ fn a_tensorflow_tensor_of_another_dtype_is_an_error() {
     let crc = crc32c(&bytes[..block_len]);
     bytes[block_len + 1..block_len + 5].copy_from_slice(&crc.to_le_bytes());
     std::fs::write(&index, &bytes).unwrap();
-    // The file loads (other tensors are fine); asking for `bias` is the error.
-    let c = Checkpoint::load(&prefix).unwrap();
-    assert!(c.get("bias").is_none() && c.unsupported("bias").is_some());
-    let mut back = CpuEma::new(Schedule::tf(0.9999), Numerics::TensorFlow).unwrap();
-    back.track(TensorSpec::new("bias", []), &[0.0]).unwrap();
-    let e = c.params_for(back.specs()).unwrap_err().to_string();
-    for n in ["ckpt.index", "`bias`", "dtype 2"] {
+    // TensorFlow's own checksum covers the bytes alone; what our save binds (name, dtype,
+    // shape, size, checksum) refuses the edit, naming the tensor. (Another dtype in a file
+    // TensorFlow wrote is listed, not read: the two-shard fixture below.)
+    let e = Checkpoint::load(&prefix).unwrap_err();
+    crate::common::assert_checkpoint_kind(
+        &e,
+        wgpu_ema::CheckpointErrorKind::Checksum,
+        Some("bias"),
+    );
+    let e = e.to_string();
+    for n in ["ckpt.index", "`bias`", "_WGPU_EMA_CHECKSUMS"] {
         assert!(e.contains(n), "`{n}` not in: {e}");
     }
 }
@@ -263,4 +275,42 @@ fn index_block_len(table: &[u8]) -> usize {
 fn crc32c(block: &[u8]) -> u32 {
     let c = crc32c::crc32c_append(crc32c::crc32c(block), &[0]);
     c.rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+/// Saves over one prefix: each writes its data under the shard count the previous one does not
+/// use (one file, then two), so the replaced checkpoint's files are never touched; after each,
+/// the prefix loads as the newest and only its data files remain. With
+/// `WGPU_EMA_TF_SAME_PREFIX_OUT` set, the folder is left there for TensorFlow to read
+/// (`.ci/tensorflow-check`).
+#[test]
+fn saves_over_one_prefix_replace_it_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::env::var_os("WGPU_EMA_TF_SAME_PREFIX_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| tmp.path().to_path_buf());
+    let prefix = dir.join("latest");
+    // A fresh folder starts with one data file (a kept one may hold two from a run before).
+    let starts_with_one = !dir.join("latest.data-00000-of-00001").exists();
+    for step in 1..=3u64 {
+        let (ema, params, extra) = state(step);
+        checkpoint::save_tf(&prefix, &ema, Some(&params), &extra).unwrap();
+        let c = Checkpoint::load(&prefix).unwrap();
+        assert_eq!(c.num_updates().unwrap(), step);
+        assert_eq!(
+            c.get("weight/ExponentialMovingAverage").unwrap().1,
+            ema.shadow("weight").unwrap()
+        );
+        let mut data: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("latest.data-"))
+            .collect();
+        data.sort();
+        let want: &[&str] = if (step % 2 == 1) == starts_with_one {
+            &["latest.data-00000-of-00001"]
+        } else {
+            &["latest.data-00000-of-00002", "latest.data-00001-of-00002"]
+        };
+        assert_eq!(data, want, "after save {step}");
+    }
 }

@@ -23,9 +23,11 @@ use super::errors::{bad, bad_tensor, io};
 use super::write::atomic_write;
 use super::{training_entries, EmaState, META_NUM_UPDATES};
 use crate::error::{Error, Result};
+use crate::names::{TF_CHECKSUMS, TF_OBJECT_GRAPH};
 use crate::tensors::HostTensors;
 use proto::{
     BundleEntry, BundleHeader, Dim, TensorShape, VersionDef, DT_FLOAT, DT_INT32, DT_INT64,
+    DT_UINT32,
 };
 
 pub use crate::names::{GLOBAL_STEP, STATE_FILE};
@@ -58,10 +60,18 @@ pub(crate) fn prefix_of(path: &Path) -> Option<PathBuf> {
 /// counter as TensorFlow's `global_step` (int64), then points the directory's `checkpoint`
 /// file at it.
 ///
-/// Atomic like our other saves: the data file, then the index, each written to a temporary
-/// file and renamed, the state file last; a failed save leaves the previous checkpoint
-/// usable. (Rewriting the same prefix in place is two renames: between them the old index
-/// meets the new data, which every tensor's checksum then refuses rather than loads.)
+/// Atomic, to a new prefix or the same one: a checkpoint is an index and data files named
+/// after the index's shard count (`PREFIX.data-00000-of-00001`), so a save over an existing
+/// checkpoint writes its data under the other count (one shard, or two with the second
+/// empty: both read by TensorFlow) and never touches the files of the checkpoint it replaces.
+/// The index, renamed over the old one, is the commit; the state file follows; only then are
+/// the old data files removed. Killed or failed at any point, the prefix loads as the old
+/// checkpoint or the new one. Runs under the folder's [`FolderLock`](super::FolderLock).
+///
+/// Besides TensorFlow's per-tensor checksum (of the bytes only), the file holds
+/// [`TF_CHECKSUMS`](crate::names::TF_CHECKSUMS): one CRC32C per entry of its name, dtype,
+/// shape, size and checksum, so that values exchanged between two tensors, or a changed
+/// shape, are refused on load. TensorFlow's restores ignore it.
 pub fn save_tf(
     prefix: impl AsRef<Path>,
     state: &dyn EmaState,
@@ -70,62 +80,97 @@ pub fn save_tf(
 ) -> Result<()> {
     let prefix = prefix.as_ref();
     let mut entries = training_entries(state, params, extra)?;
-    if entries.iter().any(|e| e.name == GLOBAL_STEP) {
+    if let Some(e) = entries
+        .iter()
+        .find(|e| e.name == GLOBAL_STEP || e.name == TF_CHECKSUMS)
+    {
         return Err(Error::NameCollision {
-            name: GLOBAL_STEP.into(),
-            with: "TensorFlow's step counter, which the checkpoint stores under that name".into(),
+            name: e.name.clone(),
+            with: "a tensor the TensorFlow checkpoint stores under that name (the step counter, or its checksums)".into(),
         });
     }
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    if let Some(dir) = prefix.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    // The data: every tensor in key order, one in memory at a time; global_step last.
-    let data = data_path(prefix, 0, 1);
-    let mut index: Vec<(String, BundleEntry)> = Vec::with_capacity(entries.len() + 1);
+    let dir = super::lock::folder_of(prefix);
+    let _writer = super::lock::for_writer(&dir)?;
+    // The data under a shard count the current checkpoint does not use.
+    let old = current_shards(prefix);
+    let shards = if old == Some(1) { 2 } else { 1 };
+    let data = data_path(prefix, 0, shards);
+    let mut index: Vec<(String, BundleEntry)> = Vec::with_capacity(entries.len() + 2);
+    let step = i64::try_from(state.num_updates())
+        .unwrap_or(i64::MAX)
+        .to_le_bytes();
     atomic_write(&data, |w| {
         let mut offset = 0i64;
         // Records a tensor just written: `size` bytes whose CRC32C is `crc`.
-        let mut put = |name: &str, dtype, shape: &[usize], size: i64, crc: u32| {
-            index.push((
-                name.to_string(),
-                BundleEntry {
-                    dtype,
-                    shape: Some(TensorShape {
-                        dim: shape
-                            .iter()
-                            .map(|&d| Dim {
-                                size: d as i64,
-                                name: String::new(),
-                            })
-                            .collect(),
-                        unknown_rank: false,
-                    }),
-                    shard_id: 0,
-                    offset,
-                    size,
-                    crc32c: table::mask(crc),
-                    slices: Vec::new(),
-                },
-            ));
+        let mut put = |index: &mut Vec<_>, name: &str, dtype, shape: &[usize], size: i64, crc| {
+            index.push((name.to_string(), entry(dtype, shape, offset, size, crc)));
             offset += size;
         };
+        // Every tensor in key order (TensorFlow's Saver's layout, which `load` checks), one
+        // in memory at a time; global_step in its place.
+        let mut step_written = false;
         for e in &mut entries {
+            if !step_written && e.name.as_str() > GLOBAL_STEP {
+                w.write_all(&step).map_err(io(&data))?;
+                put(
+                    &mut index,
+                    GLOBAL_STEP,
+                    DT_INT64,
+                    &[],
+                    8,
+                    crc32c::crc32c(&step),
+                );
+                step_written = true;
+            }
             let values = e.produce_checked(&data)?;
             // The safetensors writer's little-endian write, which also gives the CRC32C.
             let crc = write_f32_le(w, &values, 0).map_err(io(&data))?;
-            put(&e.name, DT_FLOAT, &e.shape, values.len() as i64 * 4, crc);
+            put(
+                &mut index,
+                &e.name,
+                DT_FLOAT,
+                &e.shape,
+                values.len() as i64 * 4,
+                crc,
+            );
         }
-        let step = i64::try_from(state.num_updates())
-            .unwrap_or(i64::MAX)
-            .to_le_bytes();
-        w.write_all(&step).map_err(io(&data))?;
-        put(GLOBAL_STEP, DT_INT64, &[], 8, crc32c::crc32c(&step));
+        if !step_written {
+            w.write_all(&step).map_err(io(&data))?;
+            put(
+                &mut index,
+                GLOBAL_STEP,
+                DT_INT64,
+                &[],
+                8,
+                crc32c::crc32c(&step),
+            );
+        }
+        // What binds each entry's name to its values, last (the one entry outside key order).
+        let bound: Vec<u8> = index
+            .iter()
+            .flat_map(|(k, e)| binding(k, e).to_le_bytes())
+            .collect();
+        w.write_all(&bound).map_err(io(&data))?;
+        let crc = crc32c::crc32c(&bound);
+        put(
+            &mut index,
+            TF_CHECKSUMS,
+            DT_UINT32,
+            &[bound.len() / 4],
+            bound.len() as i64,
+            crc,
+        );
         Ok(())
     })?;
+    if shards == 2 {
+        // The second shard holds nothing; TensorFlow expects every data file to exist.
+        let empty = data_path(prefix, 1, 2);
+        atomic_write(&empty, |_| Ok(()))?;
+    }
     index.sort_by(|a, b| a.0.cmp(&b.0));
     let header = BundleHeader {
-        num_shards: 1,
+        num_shards: shards,
         endianness: 0,
         version: Some(VersionDef {
             producer: 1,
@@ -144,7 +189,90 @@ pub fn save_tf(
     atomic_write(&index_path, |w| {
         w.write_all(&bytes).map_err(io(&index_path))
     })?;
-    write_state(prefix)
+    write_state(prefix)?;
+    // Committed: the replaced checkpoint's data files are no one's now.
+    remove_other_data(prefix, shards);
+    Ok(())
+}
+
+/// A bundle entry of a whole tensor in shard 0.
+fn entry(dtype: i32, shape: &[usize], offset: i64, size: i64, crc: u32) -> BundleEntry {
+    BundleEntry {
+        dtype,
+        shape: Some(TensorShape {
+            dim: shape
+                .iter()
+                .map(|&d| Dim {
+                    size: d as i64,
+                    name: String::new(),
+                })
+                .collect(),
+            unknown_rank: false,
+        }),
+        shard_id: 0,
+        offset,
+        size,
+        crc32c: table::mask(crc),
+        slices: Vec::new(),
+    }
+}
+
+/// The CRC32C that binds entry `name` to what it says: dtype, shape, shard, size and the
+/// checksum of its bytes (each integer little-endian, the name after its length).
+fn binding(name: &str, e: &BundleEntry) -> u32 {
+    let dims: &[Dim] = e.shape.as_ref().map_or(&[], |s| &s.dim);
+    let mut c = crc32c::crc32c(&(name.len() as u64).to_le_bytes());
+    c = crc32c::crc32c_append(c, name.as_bytes());
+    c = crc32c::crc32c_append(c, &e.dtype.to_le_bytes());
+    c = crc32c::crc32c_append(c, &(dims.len() as u64).to_le_bytes());
+    for d in dims {
+        c = crc32c::crc32c_append(c, &d.size.to_le_bytes());
+    }
+    c = crc32c::crc32c_append(c, &e.shard_id.to_le_bytes());
+    c = crc32c::crc32c_append(c, &e.size.to_le_bytes());
+    crc32c::crc32c_append(c, &e.crc32c.to_le_bytes())
+}
+
+/// The shard count of the checkpoint at `prefix`, if one is there and its header reads.
+fn current_shards(prefix: &Path) -> Option<i32> {
+    let bytes = std::fs::read(with_suffix(prefix, ".index")).ok()?;
+    let kv = table::read(&bytes).ok()?;
+    let (k, v) = kv.first()?;
+    if !k.is_empty() {
+        return None;
+    }
+    BundleHeader::decode(v.as_slice())
+        .ok()
+        .map(|h| h.num_shards)
+}
+
+/// Removes the data files of `prefix` (`PREFIX.data-*-of-*`) other than those of a checkpoint
+/// of `shards` shards.
+fn remove_other_data(prefix: &Path, shards: i32) {
+    let dir = super::lock::folder_of(prefix);
+    let Some(base) = prefix.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let keep: Vec<PathBuf> = (0..shards).map(|i| data_path(prefix, i, shards)).collect();
+    let Ok(list) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in list.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let numbered = |r: &str| !r.is_empty() && r.bytes().all(|b| b.is_ascii_digit());
+        let ours = name
+            .strip_prefix(base.as_str())
+            .and_then(|r| r.strip_prefix(".data-"))
+            .and_then(|r| r.split_once("-of-"))
+            .is_some_and(|(i, n)| numbered(i) && numbered(n));
+        if ours
+            && !keep
+                .iter()
+                .any(|k| k.file_name() == Some(e.file_name().as_os_str()))
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Points the directory's `checkpoint` file at `prefix`, keeping the earlier checkpoints it
@@ -184,12 +312,31 @@ pub(crate) struct Loaded {
     pub unsupported: Vec<(String, String)>,
 }
 
+/// A tensor of the index, checked against its data file but not read yet.
+struct Planned {
+    name: String,
+    dims: Vec<usize>,
+    dtype: i32,
+    shard: i32,
+    offset: u64,
+    size: u64,
+    crc: u32,
+}
+
 /// Reads the TensorFlow checkpoint at `prefix`, verifying every table block and every
 /// tensor's checksum.
+///
+/// Nothing is allocated for a tensor before its size is checked against the dtype and shape
+/// and its bytes against the data file's length; the index's keys must be strictly sorted;
+/// no two tensors may share bytes; in a checkpoint without TensorFlow 2's object graph (what
+/// `tf.compat.v1.train.Saver` and [`save_tf`] write) each data file holds its tensors in key
+/// order, so values exchanged between two entries (their checksums recomputed) are refused;
+/// and the entries [`TF_CHECKSUMS`] binds must match it.
 pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
     let index = with_suffix(prefix, ".index");
     let bytes = std::fs::read(&index).map_err(io(&index))?;
     let kv = table::read(&bytes).map_err(|m| bad(&index, K::Format, m))?;
+    drop(bytes);
     let mut it = kv.into_iter();
     let header = match it.next() {
         Some((k, v)) if k.is_empty() => BundleHeader::decode(v.as_slice())
@@ -210,10 +357,15 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
             format!("{} data shards", header.num_shards),
         ));
     }
-    let mut files: HashMap<i32, File> = HashMap::new();
-    let mut tensors = Vec::new();
+    // Pass 1: every entry decoded and checked against its data file.
+    let mut files: HashMap<i32, (File, u64)> = HashMap::new();
+    let mut planned: Vec<Planned> = Vec::new();
     let mut unsupported = Vec::new();
-    let mut metadata = HashMap::from([("format".to_string(), "tensorflow".to_string())]);
+    // (shard, offset, size, name) of every entry holding bytes, for the layout checks.
+    let mut ranges: Vec<(i32, u64, u64, String)> = Vec::new();
+    let mut bound: Option<Planned> = None;
+    let mut bindings: Vec<(String, u32)> = Vec::new();
+    let mut object_graph = false;
     for (key, value) in it {
         // `name\0<slice>` keys hold the pieces of a partitioned variable, whose own entry
         // lists its slices: that entry is what says the tensor is not read.
@@ -226,6 +378,10 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
             |m: String| bad_tensor(&index, K::Format, &name, format!("tensor `{name}`: {m}"));
         let e =
             BundleEntry::decode(value.as_slice()).map_err(|err| what(format!("entry: {err}")))?;
+        if name != TF_CHECKSUMS {
+            bindings.push((name.clone(), binding(&name, &e)));
+        }
+        object_graph |= name == TF_OBJECT_GRAPH;
         if !e.slices.is_empty() {
             unsupported.push((
                 name.clone(),
@@ -233,24 +389,62 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
             ));
             continue;
         }
+        let (Ok(offset), Ok(size)) = (u64::try_from(e.offset), u64::try_from(e.size)) else {
+            return Err(what(format!("{} bytes at {}", e.size, e.offset)));
+        };
+        if !(0..header.num_shards).contains(&e.shard_id) {
+            return Err(what(format!(
+                "shard {} of {}",
+                e.shard_id, header.num_shards
+            )));
+        }
+        let path = data_path(prefix, e.shard_id, header.num_shards);
+        let len = match files.entry(e.shard_id) {
+            std::collections::hash_map::Entry::Occupied(f) => f.get().1,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let file = File::open(&path).map_err(|err| {
+                    bad(
+                        &path,
+                        K::MissingTensor,
+                        format!("data shard holding `{name}` cannot be opened: {err}"),
+                    )
+                })?;
+                let len = file.metadata().map_err(io(&path))?.len();
+                v.insert((file, len)).1
+            }
+        };
+        // Every size is checked against the file before anything is allocated for it.
+        if offset.checked_add(size).is_none_or(|end| end > len) {
+            return Err(bad_tensor(
+                &path,
+                K::Truncated,
+                &name,
+                format!(
+                    "tensor `{name}`: {size} bytes at {offset} run past the file ({len} bytes)"
+                ),
+            ));
+        }
+        if name != TF_CHECKSUMS {
+            ranges.push((e.shard_id, offset, size, name.clone()));
+        }
         let shape = e.shape.clone().unwrap_or_default();
         if shape.unknown_rank || shape.dim.iter().any(|d| d.size < 0) {
             return Err(what("unknown shape".into()));
         }
-        let dims: Vec<usize> = shape.dim.iter().map(|d| d.size as usize).collect();
-        let numel = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let elem = match e.dtype {
+        let dims: Vec<usize> = shape
+            .dim
+            .iter()
+            .map(|d| usize::try_from(d.size))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| what("a dimension too large for this machine".into()))?;
+        let elem: u64 = match e.dtype {
             DT_FLOAT => 4,
-            DT_INT32 | DT_INT64 if name == GLOBAL_STEP => {
-                if e.dtype == DT_INT32 {
-                    4
-                } else {
-                    8
-                }
-            }
-            other if name == GLOBAL_STEP => {
+            DT_UINT32 if name == TF_CHECKSUMS => 4,
+            DT_INT64 if name == GLOBAL_STEP => 8,
+            DT_INT32 if name == GLOBAL_STEP => 4,
+            other if name == GLOBAL_STEP || name == TF_CHECKSUMS => {
                 return Err(what(format!(
-                    "dtype {other}; the step counter must be int64 or int32"
+                    "dtype {other}; the step counter must be int64 or int32, the checksums uint32"
                 )))
             }
             other => {
@@ -260,73 +454,129 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
                 continue;
             }
         };
-        let want = numel.and_then(|n| n.checked_mul(elem)).map(|b| b as i64);
-        if want != Some(e.size) || e.offset < 0 {
-            return Err(what(format!(
-                "{} bytes at {} for shape {dims:?}",
-                e.size, e.offset
-            )));
+        let want = dims.iter().try_fold(elem, |a, &d| a.checked_mul(d as u64));
+        if want != Some(size) {
+            return Err(what(format!("{size} bytes at {offset} for shape {dims:?}")));
         }
-        if !(0..header.num_shards).contains(&e.shard_id) {
-            return Err(what(format!(
-                "shard {} of {}",
-                e.shard_id, header.num_shards
-            )));
+        if (name == GLOBAL_STEP || name == TF_CHECKSUMS) != (e.dtype != DT_FLOAT)
+            || (name == GLOBAL_STEP && !dims.is_empty())
+            || (name == TF_CHECKSUMS && dims.len() != 1)
+        {
+            return Err(what(format!("dtype {} and shape {dims:?}", e.dtype)));
         }
-        let path = data_path(prefix, e.shard_id, header.num_shards);
-        let file = match files.entry(e.shard_id) {
-            std::collections::hash_map::Entry::Occupied(f) => f.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(File::open(&path).map_err(|err| {
-                    bad(
-                        &path,
-                        K::MissingTensor,
-                        format!("data shard holding `{name}` cannot be opened: {err}"),
-                    )
-                })?)
-            }
+        let p = Planned {
+            name,
+            dims,
+            dtype: e.dtype,
+            shard: e.shard_id,
+            offset,
+            size,
+            crc: e.crc32c,
         };
-        let mut buf = vec![0u8; e.size as usize];
-        file.seek(SeekFrom::Start(e.offset as u64))
+        if p.name == TF_CHECKSUMS {
+            bound = Some(p);
+        } else {
+            planned.push(p);
+        }
+    }
+    check_layout(&index, &mut ranges, !object_graph)?;
+    // Pass 2: the bytes, each tensor's checksum, then what binds them.
+    let mut read = |p: &Planned| -> Result<Vec<u8>> {
+        let path = data_path(prefix, p.shard, header.num_shards);
+        let Some((file, _)) = files.get_mut(&p.shard) else {
+            return Err(bad_tensor(
+                &path,
+                K::MissingTensor,
+                &p.name,
+                "data shard not opened",
+            ));
+        };
+        let mut buf = vec![0u8; p.size as usize];
+        file.seek(SeekFrom::Start(p.offset))
             .and_then(|_| file.read_exact(&mut buf))
             .map_err(|_| {
                 bad_tensor(
                     &path,
                     K::Truncated,
-                    &name,
+                    &p.name,
                     format!(
-                        "tensor `{name}`: {} bytes at {} run past the file",
-                        e.size, e.offset
+                        "tensor `{}`: {} bytes at {} run past the file",
+                        p.name, p.size, p.offset
                     ),
                 )
             })?;
-        if table::mask(crc32c::crc32c(&buf)) != e.crc32c {
+        if table::mask(crc32c::crc32c(&buf)) != p.crc {
             return Err(bad_tensor(
                 &path,
                 K::Checksum,
-                &name,
-                format!("tensor `{name}`: checksum mismatch: the file was changed or damaged"),
+                &p.name,
+                format!(
+                    "tensor `{}`: checksum mismatch: the file was changed or damaged",
+                    p.name
+                ),
             ));
         }
-        match e.dtype {
-            DT_FLOAT => {
-                let v = buf
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect();
-                tensors.push((name, dims, v));
+        Ok(buf)
+    };
+    if let Some(b) = &bound {
+        let words = read(b)?;
+        if words.len() / 4 != bindings.len() {
+            return Err(bad(
+                &index,
+                K::Checksum,
+                format!(
+                    "{TF_CHECKSUMS} binds {} entries, the index has {}: the file was changed or damaged",
+                    words.len() / 4,
+                    bindings.len()
+                ),
+            ));
+        }
+        for ((name, got), want) in bindings.iter().zip(words.chunks_exact(4)) {
+            if want != got.to_le_bytes() {
+                return Err(bad_tensor(
+                    &index,
+                    K::Checksum,
+                    name,
+                    format!(
+                        "tensor `{name}`: its name, dtype, shape or checksum differs from what \
+                         the save bound ({TF_CHECKSUMS}): the file was changed or damaged"
+                    ),
+                ));
             }
-            _ if name == GLOBAL_STEP && dims.is_empty() => {
-                let step = if e.dtype == DT_INT64 {
-                    i64::from_le_bytes(buf[..8].try_into().unwrap_or_default())
-                } else {
-                    i64::from(i32::from_le_bytes(buf[..4].try_into().unwrap_or_default()))
-                };
-                let step =
-                    u64::try_from(step).map_err(|_| what(format!("negative step {step}")))?;
-                metadata.insert(META_NUM_UPDATES.to_string(), step.to_string());
-            }
-            _ => return Err(what("global_step must be a scalar".into())),
+        }
+    }
+    let mut tensors = Vec::new();
+    let mut metadata = HashMap::from([("format".to_string(), "tensorflow".to_string())]);
+    for p in &planned {
+        let buf = read(p)?;
+        if p.dtype == DT_FLOAT {
+            let v = buf
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            tensors.push((p.name.clone(), p.dims.clone(), v));
+        } else {
+            // global_step, a scalar of 8 or 4 bytes (checked above).
+            let step = match buf.len() {
+                8 => buf[..8]
+                    .try_into()
+                    .map(i64::from_le_bytes)
+                    .unwrap_or_default(),
+                _ => buf[..4]
+                    .try_into()
+                    .map(i32::from_le_bytes)
+                    .map(i64::from)
+                    .unwrap_or_default(),
+            };
+            let step = u64::try_from(step).map_err(|_| {
+                bad_tensor(
+                    &index,
+                    K::Format,
+                    GLOBAL_STEP,
+                    format!("negative step {step}"),
+                )
+            })?;
+            metadata.insert(META_NUM_UPDATES.to_string(), step.to_string());
         }
     }
     Ok(Loaded {
@@ -335,4 +585,40 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
         tensors,
         unsupported,
     })
+}
+
+/// Refuses two entries sharing bytes of a data file, and, where `key_order` (the layout of
+/// TensorFlow's Saver and ours), an entry placed before the one whose key precedes it.
+/// `ranges` come in key order.
+fn check_layout(
+    index: &Path,
+    ranges: &mut [(i32, u64, u64, String)],
+    key_order: bool,
+) -> Result<()> {
+    if !key_order {
+        ranges.sort_by_key(|&(shard, offset, size, _)| (shard, offset, size));
+    } else {
+        // Key order within each shard (a stable sort keeps it).
+        ranges.sort_by_key(|&(shard, ..)| shard);
+    }
+    for w in ranges.windows(2) {
+        let ((s0, o0, n0, a), (s1, o1, _, b)) = (&w[0], &w[1]);
+        if s0 == s1 && *o1 < o0 + n0 {
+            let why = if o1 < o0 {
+                "is placed before"
+            } else {
+                "overlaps"
+            };
+            return Err(bad_tensor(
+                index,
+                K::Inconsistent,
+                b,
+                format!(
+                    "tensor `{b}` {why} `{a}` in the data file, which TensorFlow's writers never \
+                     do: entries were edited (values exchanged, or bytes shared)"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }

@@ -6,6 +6,7 @@
 pub(crate) const DT_FLOAT: i32 = 1;
 pub(crate) const DT_INT32: i32 = 3;
 pub(crate) const DT_INT64: i32 = 9;
+pub(crate) const DT_UINT32: i32 = 22;
 
 /// `VersionDef`.
 #[derive(Clone, PartialEq, prost::Message)]

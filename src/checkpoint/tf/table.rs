@@ -124,6 +124,11 @@ pub(crate) fn build(entries: &[Pair]) -> Vec<u8> {
             index.add(k, &h);
         }
     }
+    finish(out, index)
+}
+
+/// Appends the empty metaindex block, the `index` block and the footer to `out`.
+fn finish(mut out: Vec<u8>, index: BlockBuilder) -> Vec<u8> {
     let meta = emit(&mut out, &BlockBuilder::new(RESTART_INTERVAL).finish());
     let idx = emit(&mut out, &index.finish());
     let mut footer = Vec::with_capacity(FOOTER);
@@ -160,8 +165,9 @@ fn block(file: &[u8], (offset, size): (u64, u64)) -> Result<&[u8], String> {
     Ok(contents)
 }
 
-/// Every (key, value) of a block, in order.
-fn entries(block: &[u8]) -> Result<Vec<Pair>, String> {
+/// Every (key, value) of a block, in order, each taken out of `budget` (bytes of keys and
+/// values, plus [`PER_ENTRY`] each).
+fn entries(block: &[u8], budget: &mut usize) -> Result<Vec<Pair>, String> {
     let bad = || "malformed block".to_string();
     if block.len() < 4 {
         return Err(bad());
@@ -192,11 +198,25 @@ fn entries(block: &[u8]) -> Result<Vec<Pair>, String> {
             .ok_or_else(bad)?;
         key.truncate(shared);
         key.extend_from_slice(&block[at..kend]);
+        // Prefix compression lets a few bytes stand for a long key: what the entries expand
+        // to is charged before it is allocated.
+        *budget = budget
+            .checked_sub(key.len() + vlen + PER_ENTRY)
+            .ok_or_else(|| {
+                format!("the table expands to more than {EXPANSION} times its size: not an index TensorFlow writes")
+            })?;
         out.push((key.clone(), block[kend..vend].to_vec()));
         at = vend;
     }
     Ok(out)
 }
+
+/// How many times its own size a table may expand to (keys restored from their shared
+/// prefixes, plus [`PER_ENTRY`] each): TensorFlow's indexes expand about twice; a crafted one
+/// could otherwise expand quadratically.
+const EXPANSION: usize = 8;
+/// What each entry is charged beyond its bytes (two vectors' headers).
+const PER_ENTRY: usize = 48;
 
 /// Every (key, value) of a table, checking every block's checksum.
 pub(crate) fn read(file: &[u8]) -> Result<Vec<Pair>, String> {
@@ -215,12 +235,32 @@ pub(crate) fn read(file: &[u8]) -> Result<Vec<Pair>, String> {
     };
     let _meta = handle(&mut at)?;
     let index = handle(&mut at)?;
-    let mut out = Vec::new();
-    for (_, h) in entries(block(file, index)?)? {
+    let mut budget = file.len().saturating_mul(EXPANSION).saturating_add(1 << 16);
+    let mut out: Vec<Pair> = Vec::new();
+    for (_, h) in entries(block(file, index)?, &mut budget)? {
         let mut p = 0;
         let o = get_varint(&h, &mut p).ok_or("malformed block handle")?;
         let s = get_varint(&h, &mut p).ok_or("malformed block handle")?;
-        out.extend(entries(block(file, (o, s))?)?);
+        for (k, v) in entries(block(file, (o, s))?, &mut budget)? {
+            // A table's keys are strictly increasing (bytewise): a repeated key would let a
+            // later entry silently replace an earlier one.
+            if let Some((last, _)) = out.last() {
+                if k == *last {
+                    return Err(format!(
+                        "key `{}` appears twice",
+                        String::from_utf8_lossy(&k)
+                    ));
+                }
+                if k < *last {
+                    return Err(format!(
+                        "keys out of order: `{}` after `{}`",
+                        String::from_utf8_lossy(&k),
+                        String::from_utf8_lossy(last)
+                    ));
+                }
+            }
+            out.push((k, v));
+        }
     }
     Ok(out)
 }
@@ -228,6 +268,16 @@ pub(crate) fn read(file: &[u8]) -> Result<Vec<Pair>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table of one data block given as its bytes.
+    fn build_raw(block: Vec<u8>) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut h = Vec::new();
+        put_handle(&mut h, emit(&mut out, &block));
+        let mut index = BlockBuilder::new(1);
+        index.add(b"~", &h);
+        finish(out, index)
+    }
 
     #[test]
     fn tables_round_trip_across_blocks_and_catch_flips() {
@@ -240,6 +290,26 @@ mod tests {
         bad[100] ^= 1;
         assert!(read(&bad).is_err());
         assert_eq!(read(&build(&[])).unwrap(), vec![]);
+        // What the builder is handed out of order, it writes out of order: the reader refuses.
+        let swapped = [entries[1].clone(), entries[0].clone()];
+        assert!(read(&build(&swapped)).unwrap_err().contains("out of order"));
+        let twice = [entries[0].clone(), entries[0].clone()];
+        assert!(read(&build(&twice)).unwrap_err().contains("twice"));
         assert_eq!(mask(0), 0xa282_ead8);
+    }
+
+    /// A block whose entries each share the whole previous key and add one byte: 4 bytes per
+    /// entry in the file, keys growing by one each (quadratic if expanded freely).
+    #[test]
+    fn a_block_that_expands_quadratically_is_refused() {
+        let mut b = BlockBuilder::new(usize::MAX);
+        let mut key = Vec::new();
+        for _ in 0..20_000 {
+            key.push(b'k');
+            b.add(&key, &[]);
+        }
+        let t = build_raw(b.finish());
+        let err = read(&t).unwrap_err();
+        assert!(err.contains("expands"), "{err}");
     }
 }

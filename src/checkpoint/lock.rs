@@ -1,0 +1,149 @@
+//! One writer per folder: an advisory lock on `<dir>/.wgpu-ema.lock`, held by every sharded
+//! save, TensorFlow save and post-hoc recorder while it writes there.
+//!
+//! Those writers clean up behind themselves (a sharded save removes the previous saves'
+//! shards, a TensorFlow save the data files its index no longer names): two of them in one
+//! folder would remove each other's files. With the lock, a second writer gets
+//! [`CheckpointErrorKind::Busy`](crate::error::CheckpointErrorKind::Busy) instead, before it
+//! writes anything. A program that would rather wait holds a [`FolderLock`] itself
+//! ([`FolderLock::wait`]); the saves it then makes in that folder run under it.
+//!
+//! The lock is the operating system's (`flock` on Unix, `LockFileEx` on Windows, through
+//! `std::fs::File::try_lock`): released when its holder exits, however it exits, so a killed
+//! writer never leaves the folder locked. The lock file itself stays (removing it would race
+//! with a writer opening it).
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::errors::{bad, io};
+use crate::error::CheckpointErrorKind as K;
+use crate::error::Result;
+
+/// The lock file's name in a folder.
+pub const LOCK_FILE: &str = ".wgpu-ema.lock";
+
+/// Folders whose lock a [`FolderLock`] of this process holds for its owner: saves into them
+/// run under it instead of taking the lock again.
+static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// The exclusive right to write checkpoints into a folder, until dropped.
+///
+/// Saves take it on their own; hold one yourself to wait for another writer, or to keep the
+/// folder for a series of saves:
+///
+/// ```
+/// # fn main() -> wgpu_ema::Result<()> {
+/// use wgpu_ema::checkpoint::FolderLock;
+/// let dir = std::env::temp_dir().join(format!("wgpu-ema-lock-doc-{}", std::process::id()));
+/// let held = FolderLock::wait(&dir)?;
+/// // A second writer is refused while `held` lives.
+/// assert!(FolderLock::try_acquire(&dir).is_err());
+/// drop(held);
+/// assert!(FolderLock::try_acquire(&dir).is_ok());
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct FolderLock {
+    _file: File,
+    /// Set when this lock lets the saves of this process join it.
+    shared_as: Option<PathBuf>,
+}
+
+impl FolderLock {
+    /// Takes the lock of `dir` (created if missing), or fails at once with
+    /// [`Busy`](crate::error::CheckpointErrorKind::Busy) while another writer holds it.
+    pub fn try_acquire(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::take(dir.as_ref(), false, true)
+    }
+
+    /// Takes the lock of `dir` (created if missing), waiting for another writer to finish.
+    pub fn wait(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::take(dir.as_ref(), true, true)
+    }
+
+    fn take(dir: &Path, wait: bool, share: bool) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let path = dir.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        if wait {
+            file.lock().map_err(io(&path))?;
+        } else {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(bad(
+                        dir,
+                        K::Busy,
+                        format!(
+                            "another writer holds {} (a save or a post-hoc recorder, in this or \
+                             another process): one writer per folder; write elsewhere, or wait \
+                             with FolderLock::wait",
+                            path.display()
+                        ),
+                    ))
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+            }
+        }
+        let shared_as = if share {
+            let key = std::fs::canonicalize(dir).map_err(io(dir))?;
+            if let Ok(mut held) = HELD.lock() {
+                held.push(key.clone());
+            }
+            Some(key)
+        } else {
+            None
+        };
+        Ok(Self {
+            _file: file,
+            shared_as,
+        })
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        if let (Some(key), Ok(mut held)) = (&self.shared_as, HELD.lock()) {
+            if let Some(i) = held.iter().position(|h| h == key) {
+                held.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// What a writer holds while it writes into a folder.
+#[derive(Debug)]
+pub(crate) enum WriterGuard {
+    /// Its own lock.
+    Own(#[allow(dead_code)] FolderLock),
+    /// A [`FolderLock`] its program holds.
+    Joined,
+}
+
+/// The lock a writer takes before writing into `dir`: joins a [`FolderLock`] this process
+/// holds for the folder, else takes it, failing at once if another writer holds it.
+pub(crate) fn for_writer(dir: &Path) -> Result<WriterGuard> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let key = std::fs::canonicalize(dir).map_err(io(dir))?;
+    if HELD.lock().is_ok_and(|held| held.contains(&key)) {
+        return Ok(WriterGuard::Joined);
+    }
+    FolderLock::take(dir, false, false).map(WriterGuard::Own)
+}
+
+/// The folder a file at `path` is written into.
+pub(crate) fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
