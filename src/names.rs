@@ -144,6 +144,9 @@ pub const META_INDEX: &str = "posthoc_index";
 pub const META_PROFILES: &str = "posthoc_profiles";
 /// Metadata key: the stored dtype (`F32`, `F16`, `BF16`).
 pub const META_DTYPE: &str = "posthoc_dtype";
+/// Metadata key: the recording run the snapshot belongs to (made when a recorder first opens an
+/// empty directory, kept by every later recorder of that directory).
+pub const META_RUN: &str = "posthoc_run";
 
 // TensorFlow checkpoints.
 

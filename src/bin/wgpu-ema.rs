@@ -45,8 +45,8 @@ enum Command {
         /// The wanted EMA length(s), as sigma_rel in (0, 0.2887); repeat for several.
         #[arg(long = "sigma-rel", required = true, num_args = 1..)]
         sigma_rel: Vec<f64>,
-        /// The step to synthesize at (default: the last snapshot's); only snapshots up to it
-        /// are used.
+        /// The step to synthesize at, a snapshot's (default: the last); only snapshots up to
+        /// it are used.
         #[arg(long)]
         step: Option<u64>,
         /// The output safetensors file. With several --sigma-rel, `{sigma}` in it is replaced
@@ -56,20 +56,31 @@ enum Command {
         /// Print the weights only; write nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Accept gaps in the snapshots' numbering (snapshots deleted on purpose), listing
+        /// the missing ones.
+        #[arg(long)]
+        allow_gaps: bool,
     },
     /// Lists the snapshots of a directory and checks they fit together.
     Snapshots {
         /// The snapshot directory.
         dir: PathBuf,
+        /// Accept gaps in the snapshots' numbering, listing the missing ones.
+        #[arg(long)]
+        allow_gaps: bool,
     },
     /// Shows a checkpoint's tensors (names, dtypes, shapes), metadata and the EMAs it holds.
     Inspect {
-        /// A .safetensors file, a sharded checkpoint's index.json, or a TensorFlow checkpoint
-        /// (prefix or .index).
+        /// A .safetensors file, a sharded checkpoint's index.json, a TensorFlow checkpoint
+        /// (prefix, .index, or its `checkpoint` state file), or a folder holding one.
         file: PathBuf,
         /// List every tensor, not only the first 40.
         #[arg(long)]
         all: bool,
+        /// Read a file without wgpu-ema's checksums (another tool's): nothing in it can be
+        /// verified.
+        #[arg(long)]
+        allow_unverified: bool,
     },
 }
 
@@ -97,9 +108,17 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             step,
             output,
             dry_run,
-        } => posthoc(&dir, &sigma_rel, step, output.as_deref(), dry_run),
-        Command::Snapshots { dir } => {
-            let set = SnapshotSet::open(&dir)?;
+            allow_gaps,
+        } => posthoc(
+            &dir,
+            &sigma_rel,
+            step,
+            output.as_deref(),
+            dry_run,
+            allow_gaps,
+        ),
+        Command::Snapshots { dir, allow_gaps } => {
+            let set = open_set(&dir, allow_gaps)?;
             out!(
                 "{} snapshots in {}, {} tensors each profile:",
                 set.snapshots().len(),
@@ -128,11 +147,16 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             }
             let params: u64 = set.specs().iter().map(|s| s.numel()).sum();
             out!(
-                "{params} parameters; consistent: same tensors, shapes and dtype in every snapshot"
+                "{params} parameters; consistent: one run, every file verified, same profiles, \
+                 tensors, shapes and dtype in every snapshot"
             );
             Ok(())
         }
-        Command::Inspect { file, all } => inspect(&file, all),
+        Command::Inspect {
+            file,
+            all,
+            allow_unverified,
+        } => inspect(&file, all, allow_unverified),
     }
 }
 
@@ -188,19 +212,70 @@ fn print_weights(set: &SnapshotSet, w: &Weights) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The snapshot set of `dir`; with `allow_gaps`, the missing numbers are said on stderr.
+fn open_set(dir: &Path, allow_gaps: bool) -> Result<SnapshotSet, Box<dyn std::error::Error>> {
+    if !allow_gaps {
+        return Ok(SnapshotSet::open(dir)?);
+    }
+    let set = SnapshotSet::open_allowing_gaps(dir)?;
+    if !set.missing().is_empty() {
+        let m: Vec<String> = set.missing().iter().map(|i| i.to_string()).collect();
+        eprintln!(
+            "warning: snapshot number(s) {} missing (--allow-gaps)",
+            m.join(", ")
+        );
+    }
+    Ok(set)
+}
+
+/// Refuses an output that would replace a file of the snapshot set (or land among its
+/// snapshots under a snapshot's name): the set would no longer be one recording.
+fn check_output(set: &SnapshotSet, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let canon = |p: &Path| std::fs::canonicalize(p).ok();
+    let out_dir = canon(
+        out.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    );
+    let in_set_dir = out_dir.is_some() && out_dir == canon(set.dir());
+    let is_snapshot_name = out
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("phema-"));
+    let replaces = set
+        .snapshots()
+        .iter()
+        .any(|s| canon(&s.path).is_some_and(|p| Some(p) == canon(out)));
+    if replaces || (in_set_dir && is_snapshot_name) {
+        return Err(format!(
+            "refusing to write {}: it would replace or join the snapshots of {}; write the \
+             synthesized EMA elsewhere",
+            out.display(),
+            set.dir().display()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn posthoc(
     dir: &Path,
     sigmas: &[f64],
     step: Option<u64>,
     output: Option<&Path>,
     dry_run: bool,
+    allow_gaps: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let set = SnapshotSet::open(dir)?;
+    let set = open_set(dir, allow_gaps)?;
     // Every target is checked before anything is written.
     let weights: Vec<Weights> = sigmas
         .iter()
         .map(|&s| set.weights(s, step))
         .collect::<Result<_, _>>()?;
+    if !dry_run {
+        for w in &weights {
+            check_output(&set, &output_for(output, w.sigma_rel, sigmas.len() > 1))?;
+        }
+    }
     for w in &weights {
         print_weights(&set, w)?;
         if dry_run {
@@ -248,38 +323,57 @@ fn kind_of(name: &str) -> String {
 /// A tensor as `inspect` lists it: name, dtype, shape.
 type Listed = (String, String, Vec<usize>);
 
-fn inspect(path: &Path, all: bool) -> Result<(), Box<dyn std::error::Error>> {
+fn inspect(
+    path: &Path,
+    all: bool,
+    allow_unverified: bool,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let resolved = wgpu_ema::checkpoint::resolve(path)?;
+    if resolved != path {
+        out!("{} names {}", path.display(), resolved.display());
+    }
+    let path = resolved.as_path();
     // (name, dtype, shape) of every tensor, and the metadata.
-    let (tensors, metadata, checks): (Vec<Listed>, _, &str) =
-        if path.extension().is_some_and(|e| e == "safetensors") {
-            let f = TensorFile::open(path)?;
-            let list = f
-                .tensors()
-                .iter()
-                .map(|t| (t.name.clone(), t.dtype.clone(), t.shape.clone()))
-                .collect();
-            let checks = if f.has_checksums() {
-                "wgpu-ema checksums present (metadata verified; tensors are verified when read)"
-            } else {
-                "no wgpu-ema checksums (written by another tool)"
-            };
-            (list, f.metadata().clone(), checks)
+    let (tensors, metadata, checks): (Vec<Listed>, _, &str) = if path
+        .extension()
+        .is_some_and(|e| e == "safetensors")
+    {
+        let f = if allow_unverified {
+            TensorFile::open_unverified(path)?
         } else {
-            let c = Checkpoint::load(path)?;
-            let list = c
-                .names()
-                .filter_map(|n| {
-                    c.get(n)
-                        .map(|(s, _)| (n.to_string(), "F32".to_string(), s.to_vec()))
-                })
-                .collect();
-            let checks = if c.verified() {
-                "every checksum verified"
-            } else {
-                "loaded unverified (no checksums)"
-            };
-            (list, c.metadata().clone(), checks)
+            TensorFile::open(path)?
         };
+        let list = f
+            .tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.dtype.clone(), t.shape.clone()))
+            .collect();
+        let checks = if f.has_checksums() {
+            "wgpu-ema checksums present (metadata verified; tensors are verified when read)"
+        } else {
+            "UNVERIFIED: no wgpu-ema checksums (another tool's file, read with --allow-unverified)"
+        };
+        (list, f.metadata().clone(), checks)
+    } else {
+        let c = if allow_unverified {
+            Checkpoint::load_unverified(path)?
+        } else {
+            Checkpoint::load(path)?
+        };
+        let list = c
+            .names()
+            .filter_map(|n| {
+                c.get(n)
+                    .map(|(s, _)| (n.to_string(), "F32".to_string(), s.to_vec()))
+            })
+            .collect();
+        let checks = if c.verified() {
+            "every checksum verified"
+        } else {
+            "UNVERIFIED: no wgpu-ema checksums (read with --allow-unverified)"
+        };
+        (list, c.metadata().clone(), checks)
+    };
     out!("{}: {} tensors; {checks}", path.display(), tensors.len());
     let mut meta: Vec<_> = metadata
         .iter()

@@ -108,16 +108,34 @@ pub(super) fn check_header_size(path: &Path, n: u64, len: u64) -> Result<()> {
         } else {
             K::Format
         };
+        let what = if kind == K::Format && n > MAX_HEADER {
+            // Not a header size at all: most likely not a checkpoint.
+            "; expected a .safetensors file, a sharded checkpoint's index.json, a TensorFlow \
+             checkpoint (prefix, .index or its `checkpoint` state file), or a folder holding one"
+        } else {
+            ""
+        };
         return Err(bad(
             path,
             kind,
             format!(
                 "not a valid safetensors file: header of {n} bytes in a file of {len} \
-                 (at most {MAX_HEADER})"
+                 (at most {MAX_HEADER}){what}"
             ),
         ));
     }
     Ok(())
+}
+
+/// The error for a file that carries no checksums of ours.
+fn unverified(path: &Path) -> crate::error::Error {
+    bad(
+        path,
+        K::Unverified,
+        "carries no wgpu-ema checksums (written by another tool or by wgpu-ema 0.1, or its \
+         checksum keys were edited): nothing in it can be verified; if you trust it, read it \
+         with Checkpoint::load_unverified (`--allow-unverified` in the command)",
+    )
 }
 
 impl Checkpoint {
@@ -125,11 +143,31 @@ impl Checkpoint {
     /// Loads a `.safetensors` file, a sharded checkpoint through its
     /// `model.safetensors.index.json`, or a TensorFlow checkpoint by its prefix or its
     /// `.index` file (f32 tensors; `global_step` becomes `num_updates`; every table block and
-    /// tensor checksum verified). Every file is validated (header size and offsets by the
-    /// safetensors parser, f32 dtype, every shard present and holding the names its index
-    /// gives); errors name the file and the tensor.
+    /// tensor checksum verified); a folder or TensorFlow's `checkpoint` state file stands for
+    /// the latest checkpoint it names (see [`resolve`](super::resolve)). Every file is
+    /// validated (header size and offsets by the safetensors parser, f32 dtype, every shard
+    /// present and holding the names its index gives); errors name the file and the tensor.
+    ///
+    /// Every safetensors file must carry wgpu-ema's checksums and match them: a file without
+    /// them (another tool's, or one whose checksum keys were edited away) is refused with
+    /// [`Unverified`](crate::error::CheckpointErrorKind::Unverified); read such a file with
+    /// [`load_unverified`](Self::load_unverified).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
+        let c = Self::load_unverified(path)?;
+        if !c.verified {
+            return Err(unverified(&c.path));
+        }
+        Ok(c)
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    /// [`load`](Self::load), also accepting files without wgpu-ema's checksums (written by
+    /// another tool): every check but the checksums is made, files that do carry checksums are
+    /// still verified, and [`verified`](Self::verified) says which it was. The explicit choice
+    /// to trust a file nothing can verify.
+    pub fn load_unverified(path: impl AsRef<Path>) -> Result<Self> {
+        let path = super::resolve(path.as_ref())?;
+        let path = path.as_path();
         if let Some(prefix) = super::tf::prefix_of(path) {
             let t = super::tf::load(&prefix)?;
             return Ok(Self {
@@ -173,9 +211,19 @@ impl Checkpoint {
     }
 
     /// Reads a safetensors checkpoint from bytes in memory (what a browser's file input
-    /// gives), with every check [`load`](Self::load) makes of a file. [`path`](Self::path)
-    /// is then [`IN_MEMORY`](super::IN_MEMORY).
+    /// gives), with every check [`load`](Self::load) makes of a file, checksums included.
+    /// [`path`](Self::path) is then [`IN_MEMORY`](super::IN_MEMORY).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Self> {
+        let c = Self::from_bytes_unverified(bytes)?;
+        if !c.verified {
+            return Err(unverified(&c.path));
+        }
+        Ok(c)
+    }
+
+    /// [`from_bytes`](Self::from_bytes), also accepting bytes without wgpu-ema's checksums
+    /// (as [`load_unverified`](Self::load_unverified) does files).
+    pub fn from_bytes_unverified(bytes: Vec<u8>) -> Result<Self> {
         let path = Path::new(super::IN_MEMORY);
         let len = bytes.len() as u64;
         let head: [u8; 8] = bytes
@@ -289,6 +337,7 @@ impl Checkpoint {
             .get("metadata")
             .and_then(|m| m.get(META_GENERATION))
             .and_then(|g| g.as_str());
+        let mut first_gen: Option<Option<String>> = None;
         let mut out = Self {
             path: path.to_path_buf(),
             metadata: HashMap::new(),
@@ -316,15 +365,24 @@ impl Checkpoint {
                     ));
                 }
             }
-            // Every shard must come from the save that wrote the index.
-            let shard_gen = shard.metadata.get(META_GENERATION).map(String::as_str);
-            if generation.is_some() && shard_gen != generation {
+            // Every shard must come from the save that wrote the index, and from the same
+            // save as the first shard (should the index have lost its generation).
+            let shard_gen = shard.metadata.get(META_GENERATION).cloned();
+            let want = match (generation, &first_gen) {
+                (Some(g), _) => Some(g.to_string()),
+                (None, Some(first)) => first.clone(),
+                (None, None) => shard_gen.clone(),
+            };
+            first_gen.get_or_insert_with(|| shard_gen.clone());
+            if shard_gen != want {
                 return Err(bad(
-                    &shard_path, K::Inconsistent,
+                    &shard_path,
+                    K::Inconsistent,
                     format!(
-                        "shard of save {:?}, but the index is of save {:?}: a torn sharded checkpoint",
-                        shard_gen.unwrap_or("(none)"),
-                        generation.unwrap_or_default()
+                        "shard of save {:?}, but the checkpoint is of save {:?}: a torn sharded \
+                         checkpoint",
+                        shard_gen.as_deref().unwrap_or("(none)"),
+                        want.as_deref().unwrap_or("(none)")
                     ),
                 ));
             }

@@ -25,7 +25,7 @@ mod encode;
 pub(crate) mod errors;
 mod load;
 #[cfg(not(target_arch = "wasm32"))]
-mod lock;
+pub(crate) mod lock;
 // Files: native-only (a page has no filesystem; it uses the bytes functions).
 #[cfg(not(target_arch = "wasm32"))]
 mod stream;
@@ -52,6 +52,62 @@ pub use tf::{save_tf, GLOBAL_STEP, STATE_FILE};
 pub use write::{
     write_safetensors, write_safetensors_as, write_sharded, INDEX_FILE, META_GENERATION,
 };
+
+/// What a path given to [`Checkpoint::load`] (or `wgpu-ema inspect`) stands for: a
+/// checkpoint file or TensorFlow prefix as is; TensorFlow's `checkpoint` state file, or a
+/// folder holding one, the latest checkpoint it names (`model_checkpoint_path`, as
+/// `tf.train.latest_checkpoint` reads it); a folder holding a sharded checkpoint, its
+/// `model.safetensors.index.json`. A folder holding neither is an error saying what was
+/// expected.
+#[cfg(not(target_arch = "wasm32"))]
+pub fn resolve(path: &Path) -> Result<PathBuf> {
+    use crate::error::CheckpointErrorKind as K;
+    let state = if path.is_dir() {
+        let state = path.join(STATE_FILE);
+        if !state.is_file() {
+            let index = path.join(INDEX_FILE);
+            if index.is_file() {
+                return Ok(index);
+            }
+            return Err(errors::bad(
+                path,
+                K::Format,
+                format!(
+                    "a folder without a checkpoint in it: expected TensorFlow's `{STATE_FILE}` \
+                     state file or a sharded checkpoint's `{INDEX_FILE}` (or name a \
+                     .safetensors file or a TensorFlow prefix)"
+                ),
+            ));
+        }
+        state
+    } else if path.file_name().is_some_and(|n| n == STATE_FILE) && path.is_file() {
+        path.to_path_buf()
+    } else {
+        return Ok(path.to_path_buf());
+    };
+    let text = std::fs::read_to_string(&state).map_err(errors::io(&state))?;
+    let latest = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("model_checkpoint_path:"))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .next()
+        .ok_or_else(|| {
+            errors::bad(
+                &state,
+                K::Format,
+                "a TensorFlow state file without `model_checkpoint_path`",
+            )
+        })?;
+    let latest = Path::new(&latest);
+    Ok(if latest.is_absolute() {
+        latest.to_path_buf()
+    } else {
+        state
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(latest)
+    })
+}
 
 /// What stands for the path of a checkpoint held in memory, in errors and in
 /// [`Checkpoint::path`].

@@ -56,8 +56,27 @@ pub struct TensorFile {
 }
 
 impl TensorFile {
-    /// Opens `path` and validates its header.
+    /// Opens `path` and validates its header, which must carry wgpu-ema's checksums: a file
+    /// without them (another tool's, or one whose checksum keys were edited away) is refused
+    /// with [`Unverified`](crate::error::CheckpointErrorKind::Unverified). Post-hoc snapshots
+    /// are always read this way.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let f = Self::open_unverified(path)?;
+        if !f.verified {
+            return Err(bad(
+                &f.path,
+                K::Unverified,
+                "carries no wgpu-ema checksums (written by another tool, or its checksum keys \
+                 were edited): nothing in it can be verified; open it with \
+                 TensorFile::open_unverified (`--allow-unverified`) if you trust it",
+            ));
+        }
+        Ok(f)
+    }
+
+    /// [`open`](Self::open), also accepting a file without wgpu-ema's checksums (another
+    /// tool's): [`has_checksums`](Self::has_checksums) says which it was.
+    pub fn open_unverified(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let mut file = File::open(path).map_err(io(path))?;
         let len = file.metadata().map_err(io(path))?.len();

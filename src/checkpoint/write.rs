@@ -155,7 +155,9 @@ fn is_our_shard(name: &str) -> bool {
 /// the index, written atomically last, is the commit point; only then are the previous saves'
 /// shards removed. A save interrupted at any point leaves the previous index and all its shards
 /// intact, and [`Checkpoint::load`](super::Checkpoint::load) refuses a shard of another
-/// generation. Returns the index's path.
+/// generation. Runs under the folder's [`FolderLock`](super::FolderLock): a second writer
+/// into the same folder is refused with
+/// [`Busy`](crate::error::CheckpointErrorKind::Busy). Returns the index's path.
 pub fn write_sharded(
     dir: &Path,
     mut entries: Vec<Entry<'_>>,
@@ -163,6 +165,9 @@ pub fn write_sharded(
     max_shard_bytes: u64,
 ) -> Result<PathBuf> {
     fs::create_dir_all(dir).map_err(io(dir))?;
+    // One sharded writer per folder: the cleanup below removes every shard the new index
+    // does not name, which would include another writer's.
+    let _writer = super::lock::for_writer(dir)?;
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     let mut shards: Vec<Vec<Entry<'_>>> = Vec::new();
     let mut used = 0u64;

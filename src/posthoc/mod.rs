@@ -50,7 +50,7 @@ use crate::schedule::Schedule;
 /// EDM2's recorded profiles: `sigma_rel` 0.05 and 0.10.
 pub const EDM2_SIGMA_RELS: [f64; 2] = [0.05, 0.10];
 
-pub use crate::names::{META_DTYPE, META_INDEX, META_PROFILES, META_T, SNAPSHOT_FORMAT};
+pub use crate::names::{META_DTYPE, META_INDEX, META_PROFILES, META_RUN, META_T, SNAPSHOT_FORMAT};
 
 /// `gamma` of `sigma_rel`, validated (`0 < sigma_rel < 0.2887`).
 pub fn gamma_of_sigma_rel(sigma_rel: f64) -> Result<f64> {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::solve::sigma_rel_of;
-use super::{META_DTYPE, META_INDEX, META_PROFILES, META_T, SNAPSHOT_FORMAT};
+use super::{META_DTYPE, META_INDEX, META_PROFILES, META_RUN, META_T, SNAPSHOT_FORMAT};
 use crate::checkpoint::{ema_shadow_name, write_safetensors_as, EmaState, Entry, TensorFile};
 use crate::error::{Error, Result};
 use crate::gpu::{GpuEma, GpuEmaBuilder};
@@ -95,33 +95,84 @@ pub struct Recorder {
     dtype: ParamDtype,
     next_index: u64,
     last_t: Option<u64>,
-    #[cfg(not(target_arch = "wasm32"))]
+    /// The recording run: the one the directory's snapshots belong to, or a new one.
+    run: String,
+    /// The profiles the directory's snapshots hold, if any: later snapshots must match.
+    profiles: Option<Vec<serde_json::Value>>,
+    /// The folder's lock, held while the recorder lives: one recorder per directory.
+    _writer: crate::checkpoint::lock::WriterGuard,
     pending: Option<std::thread::JoinHandle<Result<PathBuf>>>,
 }
 
 impl Recorder {
     /// A recorder writing into `dir` (created if missing) every `every` updates (0: only on
-    /// demand), as f32. Numbering continues after the snapshots already there.
+    /// demand), as f32. Numbering continues after the snapshots already there, whose run it
+    /// continues (their run id, their profiles); an empty directory starts a new run.
+    ///
+    /// Holds the directory's [`FolderLock`](crate::checkpoint::FolderLock) while it lives: a
+    /// second recorder (or sharded save) into the same directory is refused with
+    /// [`Busy`](crate::error::CheckpointErrorKind::Busy).
     pub fn open(dir: impl AsRef<Path>, every: u64) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
             path: dir.clone(),
             source,
         })?;
+        let writer = crate::checkpoint::lock::for_writer(&dir)?;
         let mut r = Self {
             dir,
             every,
             dtype: ParamDtype::F32,
             next_index: 0,
             last_t: None,
-            #[cfg(not(target_arch = "wasm32"))]
+            run: new_run_id(),
+            profiles: None,
+            _writer: writer,
             pending: None,
         };
-        for (index, t, _) in r.existing()? {
-            r.next_index = r.next_index.max(index + 1);
-            r.last_t = Some(r.last_t.map_or(t, |l| l.max(t)));
-        }
+        r.adopt_existing()?;
         Ok(r)
+    }
+
+    /// Continues the numbering, run and profiles of the snapshots in the directory.
+    fn adopt_existing(&mut self) -> Result<()> {
+        let mut run: Option<(String, PathBuf)> = None;
+        for (index, t, path) in self.existing()? {
+            self.next_index = self.next_index.max(index + 1);
+            self.last_t = Some(self.last_t.map_or(t, |l| l.max(t)));
+            let file = TensorFile::open(&path)?;
+            let meta = file.metadata();
+            if let Some(id) = meta.get(META_RUN) {
+                match &run {
+                    Some((first, at)) if first != id => {
+                        return Err(Error::PostHoc(format!(
+                            "{} holds snapshots of two runs ({} of {first:?}, {} of {id:?}): \
+                             move one run's elsewhere before recording",
+                            self.dir.display(),
+                            at.display(),
+                            path.display()
+                        )))
+                    }
+                    Some(_) => {}
+                    None => run = Some((id.clone(), path.clone())),
+                }
+            }
+            if self.profiles.is_none() {
+                self.profiles = meta
+                    .get(META_PROFILES)
+                    .and_then(|v| serde_json::from_str(v).ok());
+            }
+        }
+        if let Some((id, _)) = run {
+            self.run = id;
+        }
+        Ok(())
+    }
+
+    /// The recording run this recorder writes snapshots of (kept in each as
+    /// [`META_RUN`](super::META_RUN)).
+    pub fn run_id(&self) -> &str {
+        &self.run
     }
 
     /// Stores snapshots as `dtype`: f16 (as EDM2 does) or bf16 halve the disk; a shadow f16
@@ -200,21 +251,16 @@ impl Recorder {
         let schedules: Vec<Schedule> = (0..ema.ema_count())
             .filter_map(|k| ema.ema_schedule(k))
             .collect();
-        profiles_of(&schedules)?;
+        self.check_profiles(&profiles_of(&schedules)?)?;
         // Waits for the previous write first: at most one snapshot copy being written.
         self.finish()?;
         self.check_step(ema.num_updates())?;
         let snapshot = ema.snapshot(false)?;
         let (index, path) = self.claim(ema.num_updates());
-        let dtype = self.dtype;
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            self.pending = Some(std::thread::spawn(move || {
-                write_snapshot(&path, &snapshot, index, dtype).map(|()| path)
-            }));
-        }
-        #[cfg(target_arch = "wasm32")]
-        write_snapshot(&path, &snapshot, index, dtype)?;
+        let (dtype, run) = (self.dtype, self.run.clone());
+        self.pending = Some(std::thread::spawn(move || {
+            write_snapshot(&path, &snapshot, index, dtype, &run).map(|()| path)
+        }));
         Ok(index)
     }
 
@@ -222,15 +268,49 @@ impl Recorder {
     /// from a checkpoint, ...) now, on this thread; returns its path.
     pub fn write(&mut self, state: &dyn EmaState) -> Result<PathBuf> {
         self.finish()?;
+        let schedules: Vec<Schedule> = (0..state.ema_count())
+            .filter_map(|k| state.ema_schedule(k))
+            .collect();
+        self.check_profiles(&profiles_of(&schedules)?)?;
         self.check_step(state.num_updates())?;
         let (index, path) = (
             self.next_index,
             self.dir
                 .join(file_name(self.next_index, state.num_updates())),
         );
-        write_snapshot(&path, state, index, self.dtype)?;
+        write_snapshot(&path, state, index, self.dtype, &self.run)?;
         self.claim(state.num_updates());
         Ok(path)
+    }
+
+    /// Refuses profiles other than those of the snapshots already in the directory.
+    fn check_profiles(&self, profiles: &[serde_json::Value]) -> Result<()> {
+        // Suffix and gamma (sigma_rel is derived; JSON's decimal may round its last digit).
+        let key = |p: &serde_json::Value| {
+            (
+                p.get("suffix").and_then(|s| s.as_str()).map(str::to_string),
+                p.get("gamma").and_then(|g| g.as_f64()),
+            )
+        };
+        let same = |a: &[serde_json::Value], b: &[serde_json::Value]| {
+            a.len() == b.len()
+                && a.iter().zip(b).all(|(x, y)| match (key(x), key(y)) {
+                    ((sx, Some(gx)), (sy, Some(gy))) => {
+                        sx == sy && (gx - gy).abs() <= 1e-12 * gx.abs().max(gy.abs())
+                    }
+                    _ => false,
+                })
+        };
+        match &self.profiles {
+            Some(theirs) if !same(theirs, profiles) => Err(Error::PostHoc(format!(
+                "{} holds snapshots with profiles {}, this EMA has {}: one recording per \
+                 directory",
+                self.dir.display(),
+                serde_json::Value::from(theirs.clone()),
+                serde_json::Value::from(profiles.to_vec()),
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Refuses a snapshot at a step at or before one already recorded (a second timeline:
@@ -258,7 +338,6 @@ impl Recorder {
 
     /// Waits for the snapshot being written, if any, and returns its error.
     pub fn finish(&mut self) -> Result<()> {
-        #[cfg(not(target_arch = "wasm32"))]
         if let Some(h) = self.pending.take() {
             h.join()
                 .map_err(|_| Error::PostHoc("the snapshot writer thread panicked".into()))??;
@@ -268,7 +347,6 @@ impl Recorder {
 
     /// Returns the error of a write that has finished, without waiting for one that has not.
     fn collect_finished(&mut self) -> Result<()> {
-        #[cfg(not(target_arch = "wasm32"))]
         if self.pending.as_ref().is_some_and(|h| h.is_finished()) {
             return self.finish();
         }
@@ -285,7 +363,13 @@ impl Drop for Recorder {
 }
 
 /// Writes every EMA of `state` (each a power function) as snapshot `index`.
-fn write_snapshot(path: &Path, state: &dyn EmaState, index: u64, dtype: ParamDtype) -> Result<()> {
+fn write_snapshot(
+    path: &Path,
+    state: &dyn EmaState,
+    index: u64,
+    dtype: ParamDtype,
+    run: &str,
+) -> Result<()> {
     let schedules: Vec<Schedule> = (0..state.ema_count())
         .filter_map(|k| state.ema_schedule(k))
         .collect();
@@ -320,6 +404,7 @@ fn write_snapshot(path: &Path, state: &dyn EmaState, index: u64, dtype: ParamDty
             serde_json::Value::from(profiles).to_string(),
         ),
         (META_DTYPE.to_string(), format!("{dtype:?}")),
+        (META_RUN.to_string(), run.to_string()),
         (
             crate::checkpoint::META_VERSION.to_string(),
             env!("CARGO_PKG_VERSION").to_string(),
@@ -328,4 +413,21 @@ fn write_snapshot(path: &Path, state: &dyn EmaState, index: u64, dtype: ParamDty
     write_safetensors_as(path, entries, &metadata, dtype)?;
     // What was written must read back as a snapshot (cheap: the header alone).
     TensorFile::open(path).map(|_| ())
+}
+
+/// A new run's id: 128 bits from the standard library's randomly keyed hasher (seeded from the
+/// operating system), over the time and the process.
+fn new_run_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let half = |salt: u8| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        h.write_u8(salt);
+        h.finish()
+    };
+    format!("{:016x}{:016x}", half(0), half(1))
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::record::parse_name;
 use super::solve::sigma_rel_of;
-use super::{META_PROFILES, META_T, SNAPSHOT_FORMAT};
+use super::{META_INDEX, META_PROFILES, META_RUN, META_T, SNAPSHOT_FORMAT};
 use crate::checkpoint::errors::bad;
 use crate::checkpoint::{TensorFile, META_KIND};
 use crate::error::{Error, Result};
@@ -37,6 +37,9 @@ pub struct SnapshotInfo {
     pub profiles: Vec<ProfileInfo>,
     /// How its tensors are stored.
     pub dtype: ParamDtype,
+    /// The recording run it belongs to (`None` for snapshots of wgpu-ema 0.3, which recorded
+    /// none).
+    pub run: Option<String>,
 }
 
 /// The snapshots in a directory, read and checked for consistency (headers only).
@@ -46,10 +49,18 @@ pub struct SnapshotSet {
     pub(super) snapshots: Vec<SnapshotInfo>,
     /// Parameter name → shape, the same in every snapshot.
     pub(super) params: BTreeMap<String, Vec<usize>>,
+    /// Numbers missing from the sequence (only with [`SnapshotSet::open_allowing_gaps`]).
+    missing: Vec<u64>,
 }
 
-/// Reads one snapshot's header and checks it holds every profile of every parameter.
-fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, Vec<usize>>)> {
+/// Reads one snapshot's header and checks it holds every profile of every parameter, and that
+/// its name's number and step are its metadata's (a file renamed into another's place is
+/// refused). `named` is `(index, t)` from the file name.
+pub(super) fn describe(
+    path: &Path,
+    named: (u64, u64),
+) -> Result<(SnapshotInfo, BTreeMap<String, Vec<usize>>)> {
+    let index = named.0;
     let file = TensorFile::open(path)?;
     let meta = file.metadata();
     if meta.get(META_KIND).map(String::as_str) != Some(SNAPSHOT_FORMAT) {
@@ -71,6 +82,21 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
                 format!("metadata `{META_T}` is missing or not a step"),
             )
         })?;
+    let stored_index = meta.get(META_INDEX).and_then(|v| v.parse::<u64>().ok());
+    if (stored_index, t) != (Some(named.0), named.1) {
+        return Err(bad(
+            path,
+            K::Inconsistent,
+            format!(
+                "the file's name says snapshot {} of step {}, its metadata snapshot {} of step \
+                 {t}: a file renamed or copied into the set",
+                named.0,
+                named.1,
+                stored_index.map_or("(none)".to_string(), |i| i.to_string()),
+            ),
+        ));
+    }
+    let run = meta.get(META_RUN).cloned();
     let list: Vec<serde_json::Value> = meta
         .get(META_PROFILES)
         .and_then(|v| serde_json::from_str(v).ok())
@@ -196,25 +222,44 @@ fn describe(path: &Path, index: u64) -> Result<(SnapshotInfo, BTreeMap<String, V
         t,
         profiles,
         dtype: dtype.unwrap_or_default(),
+        run,
     };
     Ok((info, params))
 }
 
 impl SnapshotSet {
     /// Reads the headers of every snapshot in `dir` (`phema-*.safetensors`; `stale/` is not
-    /// looked into) and checks that they fit together: the same parameters with the same
-    /// shapes and one dtype in all, every profile of every parameter present, no two
-    /// snapshots of the same step.
+    /// looked into) and checks that they form one recording: every file verified against its
+    /// checksums; one run (the id its recorder wrote) and the same profiles in all; numbered
+    /// 0, 1, 2, ... without a gap (a deleted snapshot is an error naming the missing numbers),
+    /// steps growing with the numbers; the same parameters with the same shapes and one dtype
+    /// in all; every profile of every parameter present.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
+        Self::open_inner(dir.as_ref(), false)
+    }
+
+    /// [`open`](Self::open), accepting gaps in the numbering (snapshots deleted on purpose):
+    /// [`missing`](Self::missing) lists them. Everything else is checked as by `open`.
+    pub fn open_allowing_gaps(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::open_inner(dir.as_ref(), true)
+    }
+
+    /// The snapshot numbers missing from the sequence (empty unless opened with
+    /// [`open_allowing_gaps`](Self::open_allowing_gaps)).
+    pub fn missing(&self) -> &[u64] {
+        &self.missing
+    }
+
+    fn open_inner(dir: &Path, allow_gaps: bool) -> Result<Self> {
+        let dir = dir.to_path_buf();
         let list = std::fs::read_dir(&dir).map_err(|source| Error::Io {
             path: dir.clone(),
             source,
         })?;
         let mut found = Vec::new();
         for e in list.flatten() {
-            if let Some((index, _)) = parse_name(&e.file_name().to_string_lossy()) {
-                found.push((index, e.path()));
+            if let Some(named) = parse_name(&e.file_name().to_string_lossy()) {
+                found.push((named, e.path()));
             }
         }
         if found.is_empty() {
@@ -226,8 +271,8 @@ impl SnapshotSet {
         found.sort();
         let mut snapshots: Vec<SnapshotInfo> = Vec::new();
         let mut params: Option<BTreeMap<String, Vec<usize>>> = None;
-        for (index, path) in found {
-            let (info, p) = describe(&path, index)?;
+        for (named, path) in found {
+            let (info, p) = describe(&path, named)?;
             match &params {
                 None => params = Some(p),
                 Some(first) if *first != p => {
@@ -254,18 +299,58 @@ impl SnapshotSet {
                 Some(_) => {}
             }
             if let Some(first) = snapshots.first() {
-                if first.dtype != info.dtype {
-                    return Err(bad(
+                let differs = |what: &str, theirs: String, ours: String| {
+                    bad(
                         &path,
                         K::Inconsistent,
                         format!(
-                            "stored as {:?}, {} as {:?}: one dtype for all snapshots",
-                            info.dtype,
-                            first.path.display(),
-                            first.dtype
+                            "{what} {theirs}, but {} has {ours}: snapshots of another recording \
+                             in this directory (move them elsewhere)",
+                            first.path.display()
                         ),
+                    )
+                };
+                if first.dtype != info.dtype {
+                    return Err(differs(
+                        "stored as",
+                        format!("{:?}", info.dtype),
+                        format!("{:?}", first.dtype),
                     ));
                 }
+                if first.run != info.run {
+                    return Err(differs(
+                        "of run",
+                        format!("{:?}", info.run.as_deref().unwrap_or("(none)")),
+                        format!("{:?}", first.run.as_deref().unwrap_or("(none)")),
+                    ));
+                }
+                let same = first.profiles.len() == info.profiles.len()
+                    && first.profiles.iter().zip(&info.profiles).all(|(a, b)| {
+                        a.suffix == b.suffix
+                            && (a.gamma - b.gamma).abs() <= 1e-12 * a.gamma.max(b.gamma)
+                    });
+                if !same {
+                    let list = |s: &SnapshotInfo| {
+                        let v: Vec<String> = s
+                            .profiles
+                            .iter()
+                            .map(|p| format!("{:.4}", p.sigma_rel))
+                            .collect();
+                        format!("profiles (sigma_rel) {}", v.join(", "))
+                    };
+                    return Err(differs("with", list(&info), list(first)));
+                }
+            }
+            if let Some(other) = snapshots.iter().find(|s| s.index == info.index) {
+                return Err(bad(
+                    &path,
+                    K::Inconsistent,
+                    format!(
+                        "a second snapshot numbered {} (also {})",
+                        info.index,
+                        other.path.display()
+                    ),
+                ));
             }
             if let Some(other) = snapshots.iter().find(|s| s.t == info.t) {
                 return Err(bad(
@@ -278,13 +363,47 @@ impl SnapshotSet {
                     ),
                 ));
             }
+            if let Some(before) = snapshots.last().filter(|s| s.t > info.t) {
+                return Err(bad(
+                    &path,
+                    K::Inconsistent,
+                    format!(
+                        "snapshot {} is of step {}, before snapshot {}'s step {}: numbers and \
+                         steps must grow together",
+                        info.index, info.t, before.index, before.t
+                    ),
+                ));
+            }
             snapshots.push(info);
+        }
+        // Numbered 0, 1, 2, ...: a number missing is a snapshot deleted.
+        let last = snapshots.last().map_or(0, |s| s.index);
+        let mut missing = Vec::new();
+        let mut have = snapshots.iter().map(|s| s.index).peekable();
+        for i in 0..=last {
+            if have.peek() == Some(&i) {
+                have.next();
+            } else {
+                missing.push(i);
+            }
+        }
+        if !missing.is_empty() && !allow_gaps {
+            let shown: Vec<String> = missing.iter().take(20).map(|i| i.to_string()).collect();
+            return Err(Error::PostHoc(format!(
+                "{}: snapshot number(s) {}{} missing from 0..={last}: deleted snapshots change \
+                 every synthesized EMA; restore them, or accept the gaps (--allow-gaps, \
+                 SnapshotSet::open_allowing_gaps)",
+                dir.display(),
+                shown.join(", "),
+                if missing.len() > 20 { ", ..." } else { "" }
+            )));
         }
         snapshots.sort_by_key(|s| s.t);
         Ok(Self {
             dir,
             snapshots,
             params: params.unwrap_or_default(),
+            missing,
         })
     }
 

@@ -39,14 +39,30 @@ pub struct Weights {
 }
 
 impl SnapshotSet {
-    /// The weights that synthesize the EMA of `sigma_rel` at step `t` (default: the last
-    /// snapshot's), from every profile of every snapshot taken at or before `t` (EDM2's rule:
+    /// The weights that synthesize the EMA of `sigma_rel` at step `t`, which must be a
+    /// snapshot's step (default: the last snapshot's; another step is an error naming the
+    /// nearest), from every profile of every snapshot taken at or before `t` (EDM2's rule:
     /// later snapshots hold steps the wanted EMA has not seen), by least squares over the
     /// profiles in f64, normalised to sum to 1.
     pub fn weights(&self, sigma_rel: f64, t: Option<u64>) -> Result<Weights> {
         let gamma = super::gamma_of_sigma_rel(sigma_rel)?;
         let last = self.snapshots.last().map_or(0, |s| s.t);
         let t = t.unwrap_or(last);
+        // EDM2 synthesizes at a snapshot's step: elsewhere the EMA being approximated has
+        // moved on from the last snapshot used, and nothing in the set says where to.
+        if !self.snapshots.iter().any(|s| s.t == t) {
+            let before = self.snapshots.iter().rev().find(|s| s.t < t);
+            let after = self.snapshots.iter().find(|s| s.t > t);
+            let near: Vec<String> = before
+                .into_iter()
+                .chain(after)
+                .map(|s| format!("{} (snapshot {})", s.t, s.index))
+                .collect();
+            return Err(Error::PostHoc(format!(
+                "no snapshot at step {t}: synthesis is at a snapshot's step; the nearest: {}",
+                near.join(", ")
+            )));
+        }
         let mut terms = Vec::new();
         for (i, s) in self.snapshots.iter().enumerate() {
             if s.t > t || s.t == 0 {

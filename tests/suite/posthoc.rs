@@ -201,7 +201,17 @@ fn resuming_continues_profiles_and_numbering() {
     ema.restore(&Checkpoint::load(&ckpt).unwrap()).unwrap();
     assert_eq!(ema.num_updates(), 120);
     assert!(matches!(rec.snapshot(&ema), Err(Error::PostHoc(_))));
+    // One recorder per directory: a second one is refused while the first lives.
+    let busy = Recorder::open(parts.path().join("snaps"), 30).unwrap_err();
+    crate::common::assert_checkpoint_kind(&busy, wgpu_ema::CheckpointErrorKind::Busy, None);
+    let run = rec.run_id().to_string();
+    drop(rec);
     let mut rec = Recorder::open(parts.path().join("snaps"), 30).unwrap();
+    assert_eq!(
+        rec.run_id(),
+        run,
+        "a reopened recorder continues the directory's run"
+    );
     let moved = rec.resume(120).unwrap();
     assert_eq!(moved.len(), 1, "{moved:?}");
     assert!(moved[0].to_string_lossy().contains("stale"));
@@ -283,10 +293,19 @@ fn bad_inputs_are_clear_errors() {
         set.weights(0.08, Some(9)).map(|_| ()),
         "target before the first snapshot",
     );
-    // A target between snapshots uses those before it only.
-    let w = set.weights(0.08, Some(25)).unwrap();
+    // A target between snapshots, or past the last, is no snapshot's step: an error naming
+    // the nearest (EDM2 synthesizes at a snapshot's step).
+    for (t, near) in [
+        (25, "20 (snapshot 1), 30 (snapshot 2)"),
+        (400, "40 (snapshot 3)"),
+    ] {
+        let e = set.weights(0.08, Some(t)).unwrap_err().to_string();
+        assert!(e.contains(near), "{e}");
+    }
+    // A target at a snapshot uses those up to it only.
+    let w = set.weights(0.08, Some(20)).unwrap();
     assert_eq!(w.terms.len(), 4);
-    assert!(w.terms.iter().all(|x| x.t <= 25));
+    assert!(w.terms.iter().all(|x| x.t <= 20));
     assert!((w.terms.iter().map(|x| x.weight).sum::<f64>() - 1.0).abs() < 1e-12);
 
     let first = set.snapshots()[0].path.clone();
@@ -395,7 +414,12 @@ fn f16_snapshots_refuse_values_past_its_range() {
     rec.snapshot(&ema).unwrap();
     let e = rec.finish().unwrap_err();
     assert!(e.to_string().contains("does not fit f16"), "{e}");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    let files = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name() != wgpu_ema::checkpoint::LOCK_FILE)
+        .count();
+    assert_eq!(files, 0, "no snapshot, no temporary");
+    drop(rec);
     // bf16 holds it.
     let mut rec = Recorder::open(dir.path(), 0)
         .unwrap()

@@ -73,14 +73,19 @@ fn bit_flips_in_a_saved_checkpoint_are_refused_or_change_nothing() {
 }
 
 #[test]
-fn files_without_checksums_still_load_unverified() {
+fn files_without_checksums_are_refused_unless_asked_for() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.safetensors");
     let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
     let view =
         safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data).unwrap();
     safetensors::serialize_to_file([("x", view)], None, &path).unwrap();
-    let c = Checkpoint::load(&path).unwrap();
+    let e = Checkpoint::load(&path).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, wgpu_ema::CheckpointErrorKind::Unverified, None);
+    assert!(e.to_string().contains("load_unverified"), "{e}");
+    let e = checkpoint::TensorFile::open(&path).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, wgpu_ema::CheckpointErrorKind::Unverified, None);
+    let c = Checkpoint::load_unverified(&path).unwrap();
     assert!(!c.verified());
     assert_eq!(c.get("x").unwrap().1, &[1.0, 2.0]);
 }
