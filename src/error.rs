@@ -238,6 +238,15 @@ pub enum Error {
     #[error("the GPU device refused the work: {0} (was it lost or destroyed?)")]
     Device(String),
 
+    /// A tracked buffer belongs to another wgpu device than the one the EMA is built on.
+    #[error("tensor `{name}`: its buffer belongs to another device than the EMA's ({detail})")]
+    OtherDevice {
+        /// The tensor.
+        name: String,
+        /// wgpu's message.
+        detail: String,
+    },
+
     /// Mapping a readback buffer failed, or the device was lost while waiting.
     #[error("reading shadows back from the GPU failed: {0}")]
     Readback(String),

@@ -160,6 +160,7 @@ pub const STATE_FILE: &str = "checkpoint";
 pub const TF_CHECKSUMS: &str = "_WGPU_EMA_CHECKSUMS";
 /// TensorFlow 2's object graph, present in checkpoints of `tf.train.Checkpoint` (whose data is
 /// laid out in object order, not key order).
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) const TF_OBJECT_GRAPH: &str = "_CHECKPOINTABLE_OBJECT_GRAPH";
 
 // burn's optimizer records (feature `burn`): leaf names under each parameter id, as

@@ -80,12 +80,7 @@ fn posthoc_snapshots_and_inspect() {
         );
     }
 
-    let one = std::fs::read_dir(&snaps)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let one = snaps.join("phema-000000-0000000100.safetensors");
     let (ok, out, err) = wgpu_ema(&["inspect", one.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(
@@ -108,4 +103,156 @@ fn posthoc_snapshots_and_inspect() {
         let (ok, _, err) = wgpu_ema(&args);
         assert!(!ok && err.starts_with("error: "), "{args:?}: {err}");
     }
+}
+
+/// A set recorded in `dir`, snapshots at `steps`.
+fn record(dir: &std::path::Path, steps: &[u64]) {
+    let specs = vec![TensorSpec::new("w", [5, 3]), TensorSpec::new("b", [5])];
+    let mut rec = Recorder::open(dir, 0).unwrap();
+    for &t in steps {
+        rec.write(&Seeded {
+            specs: specs.clone(),
+            t,
+        })
+        .unwrap();
+    }
+}
+
+fn snapshot(dir: &std::path::Path, index: u64, t: u64) -> std::path::PathBuf {
+    dir.join(format!("phema-{index:06}-{t:010}.safetensors"))
+}
+
+/// Sets that are not one recording are refused, naming the files; `--step` must be a
+/// snapshot's; `-o` cannot land in the set.
+#[test]
+fn posthoc_sets_of_other_runs_gaps_and_bad_targets_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    record(&a, &[100, 200, 300]);
+    record(&b, &[100, 200, 300]);
+    let s = a.to_str().unwrap();
+    let fails = |args: &[&str], needles: &[&str]| {
+        let (ok, _, err) = wgpu_ema(args);
+        assert!(!ok, "{args:?} succeeded");
+        for n in needles {
+            assert!(err.contains(n), "{args:?}: `{n}` not in {err}");
+        }
+    };
+    let good = std::fs::read(snapshot(&a, 1, 200)).unwrap();
+
+    // Another run's snapshot under the same name: same parameters, profiles and step.
+    std::fs::copy(snapshot(&b, 1, 200), snapshot(&a, 1, 200)).unwrap();
+    fails(&["snapshots", s], &["of run"]);
+    fails(
+        &["posthoc", s, "--sigma-rel", "0.08", "--dry-run"],
+        &["of run"],
+    );
+    std::fs::write(snapshot(&a, 1, 200), &good).unwrap();
+
+    // A snapshot renamed into another's place.
+    std::fs::rename(snapshot(&a, 2, 300), snapshot(&a, 3, 400)).unwrap();
+    fails(&["snapshots", s], &["renamed or copied"]);
+    std::fs::rename(snapshot(&a, 3, 400), snapshot(&a, 2, 300)).unwrap();
+
+    // A deleted snapshot: a gap, refused unless accepted, and then listed.
+    std::fs::rename(snapshot(&a, 1, 200), dir.path().join("aside")).unwrap();
+    fails(
+        &["posthoc", s, "--sigma-rel", "0.08", "--dry-run"],
+        &["missing", "1"],
+    );
+    let (ok, out, err) = wgpu_ema(&[
+        "posthoc",
+        s,
+        "--sigma-rel",
+        "0.08",
+        "--dry-run",
+        "--allow-gaps",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("number(s) 1 missing") && out.contains("4 terms"),
+        "{out}{err}"
+    );
+    std::fs::rename(dir.path().join("aside"), snapshot(&a, 1, 200)).unwrap();
+
+    // --step between snapshots, or past the last: an error naming the nearest.
+    fails(
+        &["posthoc", s, "--sigma-rel", "0.08", "--step", "250"],
+        &["200", "300"],
+    );
+    fails(
+        &["posthoc", s, "--sigma-rel", "0.08", "--step", "3000"],
+        &["300"],
+    );
+
+    // -o onto a snapshot of the set, or a snapshot's name in its folder: nothing written.
+    for out in [snapshot(&a, 1, 200), snapshot(&a, 3, 400)] {
+        fails(
+            &[
+                "posthoc",
+                s,
+                "--sigma-rel",
+                "0.08",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            &["refusing"],
+        );
+    }
+    assert_eq!(std::fs::read(snapshot(&a, 1, 200)).unwrap(), good);
+    assert!(!snapshot(&a, 3, 400).exists());
+    let (ok, _, err) = wgpu_ema(&["snapshots", s]);
+    assert!(ok, "{err}");
+}
+
+/// `inspect` takes a folder or TensorFlow's state file for the latest checkpoint; other
+/// inputs say what was expected; a file without checksums needs `--allow-unverified`.
+#[test]
+fn inspect_resolves_folders_and_refuses_unverified_files() {
+    use wgpu_ema::cpu::CpuEma;
+    use wgpu_ema::{HostTensors, Numerics, Schedule};
+    let dir = tempfile::tempdir().unwrap();
+    let mut ema = CpuEma::new(Schedule::tf(0.99), Numerics::TensorFlow).unwrap();
+    ema.track(TensorSpec::new("w", [3]), &[1.0, 2.0, 3.0])
+        .unwrap();
+    let mut params = HostTensors::new();
+    params
+        .insert(TensorSpec::new("w", [3]), vec![1.0, 2.0, 3.0])
+        .unwrap();
+    for step in [10, 20] {
+        ema.set_num_updates(step);
+        wgpu_ema::checkpoint::save_tf(
+            dir.path().join(format!("ckpt-{step}")),
+            &ema,
+            Some(&params),
+            &HostTensors::new(),
+        )
+        .unwrap();
+    }
+    let state = dir.path().join("checkpoint");
+    for path in [dir.path(), state.as_path()] {
+        let (ok, out, err) = wgpu_ema(&["inspect", path.to_str().unwrap()]);
+        assert!(ok, "{err}");
+        assert!(
+            out.contains("ckpt-20") && out.contains("num_updates: 20"),
+            "{out}"
+        );
+    }
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "a text file, not a checkpoint at all").unwrap();
+    for (path, needle) in [(&empty, "expected"), (&text, "expected")] {
+        let (ok, _, err) = wgpu_ema(&["inspect", path.to_str().unwrap()]);
+        assert!(!ok && err.contains(needle), "{err}");
+    }
+    let other = dir.path().join("other.safetensors");
+    let data: Vec<u8> = [1.0f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2], &data).unwrap();
+    safetensors::serialize_to_file([("x", view)], None, &other).unwrap();
+    let (ok, _, err) = wgpu_ema(&["inspect", other.to_str().unwrap()]);
+    assert!(!ok && err.contains("--allow-unverified"), "{err}");
+    let (ok, out, err) = wgpu_ema(&["inspect", other.to_str().unwrap(), "--allow-unverified"]);
+    assert!(ok && out.contains("UNVERIFIED"), "{out}{err}");
 }

@@ -1,7 +1,9 @@
-//! Loading is streaming: a checkpoint is memory-mapped, verified in place, and restored one
-//! tensor at a time, so the host's anonymous memory grows by about nothing beyond the
-//! destination itself. 256 MiB of tensors by default; `WGPU_EMA_STREAM_MIB=1024` for the
-//! README's 1 GiB figure. (Its own test binary: no other test allocates meanwhile.)
+//! Loading reads a checkpoint once into memory (read through the file, never mapped, so that a
+//! file truncated meanwhile is an error and not a fault), verifies it there, and restores
+//! from that copy one tensor at a time: the host's anonymous memory grows by the file's size
+//! at load and by nothing more at restore. 256 MiB of tensors by default;
+//! `WGPU_EMA_STREAM_MIB=1024` for the guide's 1 GiB figure. (Its own test binary: no other
+//! test allocates meanwhile.)
 
 use wgpu_ema::checkpoint::{self, Checkpoint, Entry};
 use wgpu_ema::cpu::CpuEma;
@@ -22,7 +24,7 @@ fn anon_mib() -> Option<f64> {
 }
 
 #[test]
-fn loading_and_restoring_a_large_checkpoint_takes_no_copy_of_it() {
+fn loading_takes_one_copy_of_a_large_checkpoint_and_restoring_none() {
     let mib: usize = std::env::var("WGPU_EMA_STREAM_MIB")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -73,15 +75,16 @@ fn loading_and_restoring_a_large_checkpoint_takes_no_copy_of_it() {
         loaded - before,
         restored - before
     );
+    let file_mib = std::fs::metadata(&path).unwrap().len() as f64 / (1 << 20) as f64;
     assert!(
-        loaded - before < 16.0,
-        "load copied the data: +{:.1} MiB",
+        loaded - before < file_mib + 16.0,
+        "load took more than one copy of the {file_mib:.0} MiB file: +{:.1} MiB",
         loaded - before
     );
     assert!(
-        restored - before < 16.0,
-        "restore copied the data: +{:.1} MiB",
-        restored - before
+        restored - loaded < 16.0,
+        "restore copied the data again: +{:.1} MiB",
+        restored - loaded
     );
     for (i, s) in specs.iter().enumerate() {
         let v = ema.shadow(&s.name).unwrap();

@@ -16,11 +16,15 @@ use super::write::META_GENERATION;
 use crate::error::Error;
 use crate::error::Result;
 
-/// A whole file's bytes: memory-mapped from disk, or handed in (a browser's file input).
+/// A whole file's bytes: read from disk into words (so that f32 tensors at 4-byte offsets,
+/// as our writer places them, are borrowed in place), or handed in (a browser's file input).
 #[derive(Debug)]
 enum Bytes {
     #[cfg(not(target_arch = "wasm32"))]
-    Map(memmap2::Mmap),
+    Words {
+        words: Vec<u32>,
+        len: usize,
+    },
     Heap(Vec<u8>),
 }
 
@@ -29,7 +33,7 @@ impl std::ops::Deref for Bytes {
     fn deref(&self) -> &[u8] {
         match self {
             #[cfg(not(target_arch = "wasm32"))]
-            Bytes::Map(m) => m,
+            Bytes::Words { words, len } => &bytemuck::cast_slice(words)[..*len],
             Bytes::Heap(v) => v,
         }
     }
@@ -61,11 +65,11 @@ impl Values {
 
 /// A loaded and validated checkpoint: f32 tensors by name, and the metadata.
 ///
-/// The files are memory-mapped, not read: a tensor's values are borrowed from the file when
-/// asked for, so loading takes host memory for the header alone, and a restore writes one
-/// tensor at a time. Our saves never change a file in place (they rename a new one over it),
-/// so a checkpoint stays valid while loaded; a file truncated in place by another program
-/// while mapped would fault on access, as any memory-mapped reader would.
+/// A file is read whole into memory once (host memory of about the file's size; values are
+/// borrowed from that copy, not copied again) and verified there: nothing touches the file
+/// afterwards, so another program changing or truncating it can make the read fail with an
+/// error, never the process fault (as a memory-mapped file would). For files larger than the
+/// memory to spare, [`TensorFile`](super::TensorFile) reads one piece at a time.
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
     path: PathBuf,
@@ -202,12 +206,29 @@ impl Checkpoint {
         let mut head = [0u8; 8];
         std::io::Read::read_exact(&mut file, &mut head).map_err(|_| too_short(path, len))?;
         check_header_size(path, u64::from_le_bytes(head), len)?;
-        // SAFETY: the map is read-only and lives in an Arc as long as a tensor borrows from
-        // it. Our writers replace files by rename, never in place; another program truncating
-        // the file while it is mapped is outside what a memory-mapped reader can guard.
-        // (The file itself is closed on return; the map stays valid without it.)
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::parse(path, Arc::new(Bytes::Map(map)))
+        // Read through the file, not mapped: a file truncated by another program while we read
+        // is a short read (an error), where a mapping would fault on access. Measured on a
+        // 256 MiB checkpoint (load and verify, warm page cache, 2 cores): 0.021 s mapped, 0.15 s
+        // read: the price of never faulting.
+        let len_usize = usize::try_from(len).map_err(|_| too_short(path, len))?;
+        let mut words = vec![0u32; len_usize.div_ceil(4)];
+        let bytes: &mut [u8] = &mut bytemuck::cast_slice_mut(&mut words)[..len_usize];
+        bytes[..8].copy_from_slice(&head);
+        std::io::Read::read_exact(&mut file, &mut bytes[8..]).map_err(|e| {
+            bad_from(
+                path,
+                K::Truncated,
+                format!("the file ended while being read ({len} bytes when opened)"),
+                e,
+            )
+        })?;
+        Self::parse(
+            path,
+            Arc::new(Bytes::Words {
+                words,
+                len: len_usize,
+            }),
+        )
     }
 
     /// Reads a safetensors checkpoint from bytes in memory (what a browser's file input

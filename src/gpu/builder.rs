@@ -205,6 +205,15 @@ impl<'a> GpuEmaBuilder<'a> {
                 });
             }
         }
+        // Another device's buffer is an error here, not a panic inside wgpu later (once per
+        // buffer: many tensors share one).
+        let mut checked: Vec<&wgpu::Buffer> = Vec::new();
+        for (spec, b, _) in &all {
+            if !checked.contains(&&b.buffer) {
+                super::device::check_same_device(device, &spec.name, &b.buffer)?;
+                checked.push(&b.buffer);
+            }
+        }
         crate::names::check_names(
             all.iter().map(|(s, ..)| s.name.as_str()),
             emas,
@@ -330,6 +339,7 @@ impl<'a> GpuEmaBuilder<'a> {
             arena: self.arena.cloned(),
             swapped: false,
             moved: false,
+            alive: super::device::Liveness::new(device),
         };
         // shadows := params, on the GPU.
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {

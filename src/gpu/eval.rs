@@ -24,13 +24,15 @@ impl GpuEma {
     /// [`record_swap`](Self::record_swap), submitted on the queue.
     pub fn swap(&mut self) -> Result<wgpu::SubmissionIndex> {
         let device = self.device.clone();
-        crate::readback::scoped(&device, || {
+        let index = crate::readback::scoped(&device, || {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("wgpu-ema swap"),
             });
             self.record_swap(&mut encoder)?;
             Ok(self.queue.submit(Some(encoder.finish())))
-        })?
+        })??;
+        self.alive.check(&self.device)?;
+        Ok(index)
     }
 
     /// True between two swaps: the parameters hold the EMA weights.

@@ -14,6 +14,7 @@
 mod arena;
 mod bindings;
 mod builder;
+mod device;
 mod dispatch;
 mod eval;
 mod overlaps;
@@ -115,6 +116,8 @@ pub struct GpuEma {
     /// A tensor was rebound since the last check for overlaps (checked when a pass is
     /// recorded: a framework moving every tensor may pass through overlaps on the way).
     moved: bool,
+    /// Whether the device is still there, checked after each submission.
+    alive: device::Liveness,
 }
 
 impl GpuEma {
@@ -273,13 +276,24 @@ impl GpuEma {
     /// A lost or destroyed device is [`Error::Device`].
     pub fn update(&mut self) -> Result<wgpu::SubmissionIndex> {
         let device = self.device.clone();
-        readback::scoped(&device, || {
+        let index = readback::scoped(&device, || {
             let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("wgpu-ema update"),
             });
             self.record_update(&mut encoder)?;
             Ok(self.queue.submit(Some(encoder.finish())))
-        })?
+        })??;
+        self.alive.check(&self.device)?;
+        Ok(index)
+    }
+
+    /// [`Error::Device`] if the device is known to be destroyed or lost (wgpu drops work on
+    /// such a device without an error): for callers that submit [`record_update`]'s work
+    /// themselves and want to know, after their submit.
+    ///
+    /// [`record_update`]: Self::record_update
+    pub fn check_device(&self) -> Result<()> {
+        self.alive.check(&self.device)
     }
 
     /// Records `shadow = param` for every tensor (restarts the averages from the current

@@ -34,6 +34,9 @@ impl GpuEma {
         if now.buffer == *buffer && now.offset == byte_offset {
             return Ok(());
         }
+        if now.buffer != *buffer {
+            super::device::check_same_device(&self.device, name, buffer)?;
+        }
         self.moved = true;
         let binding = param_binding(buffer, byte_offset, dtype);
         self.work

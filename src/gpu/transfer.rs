@@ -187,7 +187,7 @@ impl GpuEma {
     ) -> Result<()> {
         self.not_swapped()?;
         let specs = self.specs();
-        // Everything borrowed from the (memory-mapped) file and checked first; then written
+        // Everything borrowed from the loaded file and checked first; then written
         // one tensor at a time, flushing the queue's staging every 64 MiB, so host memory
         // stays near one tensor whatever the model's size.
         let config = crate::checkpoint::Config::of(&self.stepper, &self.extra);

@@ -90,6 +90,121 @@ fn files_without_checksums_are_refused_unless_asked_for() {
     assert_eq!(c.get("x").unwrap().1, &[1.0, 2.0]);
 }
 
+/// The edit that used to switch verification off: one byte changed in each of the two keys
+/// that say "ours" (`wgpu_ema_version`, `wgpu_ema_crc32c`), plus a flipped data bit; and the
+/// whole `__metadata__` dropped. Each is refused by default; only the explicit unverified read
+/// takes the file, and says so.
+#[test]
+fn checksums_cannot_be_switched_off_by_editing_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let ema = cpu_state(4, Schedule::tf(0.99));
+    checkpoint::save_training(&path, &ema, Some(&params(&ema)), &HostTensors::new()).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let rename = |bytes: &mut Vec<u8>, key: &str| {
+        let at = bytes[..8 + header_len]
+            .windows(key.len())
+            .position(|w| w == key.as_bytes())
+            .unwrap();
+        bytes[at + key.len() - 1] ^= 0x01; // `wgpu_ema_versioo`, `wgpu_ema_crc32b`
+    };
+    let mut edited = good.clone();
+    rename(&mut edited, checkpoint::META_VERSION);
+    rename(&mut edited, checkpoint::META_CHECKSUMS);
+    let last = edited.len() - 1;
+    edited[last] ^= 0x40;
+    std::fs::write(&path, &edited).unwrap();
+    let e = Checkpoint::load(&path).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, wgpu_ema::CheckpointErrorKind::Unverified, None);
+    let e = Checkpoint::from_bytes(edited.clone()).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, wgpu_ema::CheckpointErrorKind::Unverified, None);
+    let e = checkpoint::TensorFile::open(&path).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, wgpu_ema::CheckpointErrorKind::Unverified, None);
+    let mut back = cpu_state(0, Schedule::tf(0.99));
+    assert!(Checkpoint::load(&path)
+        .and_then(|c| back.restore(&c))
+        .is_err());
+    // Asked for, the file loads, and says it was not verified.
+    let c = Checkpoint::load_unverified(&path).unwrap();
+    assert!(!c.verified());
+
+    // No metadata at all (what a careless re-save by another tool leaves).
+    let st = safetensors::SafeTensors::deserialize(&good).unwrap();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().collect();
+    let bare = safetensors::serialize(views, None).unwrap();
+    let e = Checkpoint::from_bytes(bare).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, wgpu_ema::CheckpointErrorKind::Unverified, None);
+}
+
+/// A checkpoint read once and verified in memory: truncating or rewriting the file afterwards
+/// changes nothing that was loaded (a memory-mapped checkpoint would fault on the next read).
+#[test]
+fn a_file_changed_after_loading_cannot_fault_or_change_what_was_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.safetensors");
+    let ema = cpu_state(4, Schedule::tf(0.99));
+    checkpoint::save_training(&path, &ema, Some(&params(&ema)), &HostTensors::new()).unwrap();
+    let c = Checkpoint::load(&path).unwrap();
+    let before: Vec<Vec<f32>> = c.names().map(|n| c.get(n).unwrap().1.to_vec()).collect();
+    // Truncated in place (not replaced): the same inode.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(16)
+        .unwrap();
+    let after: Vec<Vec<f32>> = c.names().map(|n| c.get(n).unwrap().1.to_vec()).collect();
+    assert_eq!(before, after);
+    let mut back = cpu_state(0, Schedule::tf(0.99));
+    back.restore(&c).unwrap();
+    assert_eq!(back.shadows(), ema.shadows());
+    // Loading it now is an error, not a fault.
+    assert!(Checkpoint::load(&path).is_err());
+}
+
+/// A file shrinking while it is read: each load either gets the whole verified checkpoint or
+/// an error, never a crash (seeded timing, 30 rounds).
+#[test]
+fn a_file_truncated_while_being_loaded_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.safetensors");
+    let mut ema = CpuEma::new(Schedule::constant(0.9), Numerics::Exact).unwrap();
+    ema.track(TensorSpec::new("w", [8 << 20]), &random(7, 8 << 20))
+        .unwrap();
+    checkpoint::save_training(&path, &ema, Some(&params(&ema)), &HostTensors::new()).unwrap();
+    let good = std::fs::read(&path).unwrap();
+    let mut rng = fastrand::Rng::with_seed(11);
+    let (mut whole, mut refused) = (0, 0);
+    for _ in 0..30 {
+        std::fs::write(&path, &good).unwrap();
+        let delay = Duration::from_micros(rng.u64(0..30_000));
+        let p = path.clone();
+        let cut = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+            f.set_len(1 << 20).unwrap();
+        });
+        match Checkpoint::load(&path) {
+            Ok(c) => {
+                assert_eq!(
+                    c.get("w/ExponentialMovingAverage").unwrap().1,
+                    ema.shadow("w").unwrap()
+                );
+                whole += 1;
+            }
+            Err(_) => refused += 1,
+        }
+        cut.join().unwrap();
+    }
+    eprintln!("truncated while loading: {whole} whole, {refused} refused");
+    assert!(
+        refused > 0,
+        "no load met the truncation: the test checks nothing"
+    );
+}
+
 #[test]
 fn restore_refuses_another_configuration_and_non_finite_values() {
     let dir = tempfile::tempdir().unwrap();
@@ -148,10 +263,30 @@ fn names_that_would_break_a_file_are_refused_before_writing() {
         (&["a/ExponentialMovingAverage", "a"][..], 1),
         (&["x", "x/ExponentialMovingAverage_1"][..], 2),
         (&["__metadata__"][..], 1),
+        // Alone, names shaped like a shadow's: they saved, but read back as the shadow of an
+        // untracked tensor.
+        (&["b/ExponentialMovingAverage"][..], 1),
+        (&["b/ExponentialMovingAverage_3"][..], 1),
+        (&["b/ExponentialMovingAverage/Compensation"][..], 1),
+        (&["_WGPU_EMA_CHECKSUMS"][..], 1),
     ] {
         let e = build(names, k).unwrap_err();
         assert!(matches!(e, Error::NameCollision { .. }), "{names:?}: {e}");
     }
+    // Names that only look alike are fine.
+    build(
+        &["b/ExponentialMovingAverageX", "c/ExponentialMovingAverage_"],
+        1,
+    )
+    .unwrap();
+    let mut cpu = CpuEma::new(Schedule::tf(0.9), Numerics::Exact).unwrap();
+    let e = cpu
+        .track(
+            TensorSpec::new("b/ExponentialMovingAverage", [2]),
+            &[1.0, 2.0],
+        )
+        .unwrap_err();
+    assert!(matches!(e, Error::NameCollision { .. }), "{e}");
     // The CPU path and extra tensors: refused by the save, which writes nothing.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("n.safetensors");
@@ -272,14 +407,63 @@ fn zero_element_tensors_and_overflowing_shapes() {
     assert!(Schedule::power_sigma_rel(1e-200).is_err());
 }
 
-/// The child of the kill tests: saves checkpoints in a loop (every tensor of step `s` filled
-/// with `s`) until killed. Runs only when the parent sets `WGPU_EMA_SAVE_LOOP`.
+/// How the kill and two-writer tests save.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    Single,
+    Sharded,
+    /// TensorFlow's format, always to one prefix (`latest`).
+    TfSamePrefix,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Single => "single",
+            Mode::Sharded => "sharded",
+            Mode::TfSamePrefix => "tf",
+        }
+    }
+
+    /// What a load of the folder names: the file, the index, or (TensorFlow) the folder
+    /// itself, through its `checkpoint` state file.
+    fn target(self, dir: &Path) -> std::path::PathBuf {
+        match self {
+            Mode::Single => dir.join("c.safetensors"),
+            Mode::Sharded => dir.join(checkpoint::INDEX_FILE),
+            Mode::TfSamePrefix => dir.to_path_buf(),
+        }
+    }
+
+    /// One save of `ema` into `dir`.
+    fn save(self, dir: &Path, ema: &CpuEma) -> wgpu_ema::Result<()> {
+        let p = params(ema);
+        let none = HostTensors::new();
+        match self {
+            Mode::Single => {
+                checkpoint::save_training(dir.join("c.safetensors"), ema, Some(&p), &none)
+            }
+            Mode::Sharded => {
+                checkpoint::save_training_sharded(dir, ema, Some(&p), &none, 9000).map(|_| ())
+            }
+            Mode::TfSamePrefix => checkpoint::save_tf(dir.join("latest"), ema, Some(&p), &none),
+        }
+    }
+}
+
+/// The child of the kill and two-writer tests: saves checkpoints in a loop (every tensor of
+/// step `s` filled with `s`) until killed. Runs only when the parent sets `WGPU_EMA_SAVE_LOOP`;
+/// a save refused because another writer holds the folder is said and skipped.
 #[test]
 fn save_loop_child() {
     let Ok(dir) = std::env::var("WGPU_EMA_SAVE_LOOP") else {
         return;
     };
-    let sharded = std::env::var("WGPU_EMA_SAVE_SHARDED").is_ok();
+    let mode = match std::env::var("WGPU_EMA_SAVE_MODE").as_deref() {
+        Ok("sharded") => Mode::Sharded,
+        Ok("tf") => Mode::TfSamePrefix,
+        _ => Mode::Single,
+    };
     let start: u64 = std::env::var("WGPU_EMA_SAVE_START").map_or(1, |s| s.parse().unwrap_or(1));
     for step in start.. {
         let mut ema = CpuEma::new(Schedule::constant(0.9), Numerics::Exact).unwrap();
@@ -291,17 +475,16 @@ fn save_loop_child() {
             .unwrap();
         }
         ema.set_num_updates(step);
-        let p = params(&ema);
         // The parent reads these lines to kill inside a save and to know which saves ended.
         println!("saving {step}");
-        if sharded {
-            checkpoint::save_training_sharded(&dir, &ema, Some(&p), &HostTensors::new(), 9000)
-                .unwrap();
-        } else {
-            let path = Path::new(&dir).join("c.safetensors");
-            checkpoint::save_training(&path, &ema, Some(&p), &HostTensors::new()).unwrap();
+        match mode.save(Path::new(&dir), &ema) {
+            Ok(()) => println!("saved {step}"),
+            Err(Error::Checkpoint {
+                kind: wgpu_ema::CheckpointErrorKind::Busy,
+                ..
+            }) => println!("busy {step}"),
+            Err(e) => panic!("{e}"),
         }
-        println!("saved {step}");
     }
 }
 
@@ -344,33 +527,38 @@ impl Progress {
     }
 }
 
-fn kill_during_saves(sharded: bool) {
+/// The test binary running [`save_loop_child`] into `dir` from step `start`.
+fn save_loop(dir: &Path, mode: Mode, start: u64) -> std::process::Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "reliability::save_loop_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("WGPU_EMA_SAVE_LOOP", dir)
+        .env("WGPU_EMA_SAVE_START", start.to_string())
+        .env("WGPU_EMA_SAVE_MODE", mode.name())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn kill_during_saves(mode: Mode) {
+    let sharded = mode == Mode::Sharded;
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let target = if sharded {
-        dir.path().join(checkpoint::INDEX_FILE)
-    } else {
-        dir.path().join("c.safetensors")
-    };
-    let mut rng = fastrand::Rng::with_seed(if sharded { 1 } else { 2 });
+    let target = mode.target(dir.path());
+    let mut rng = fastrand::Rng::with_seed(match mode {
+        Mode::Sharded => 1,
+        Mode::Single => 2,
+        Mode::TfSamePrefix => 3,
+    });
     let mut start = 1u64;
     let rounds = 100;
     let mut inside = 0;
     for _ in 0..rounds {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "reliability::save_loop_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("WGPU_EMA_SAVE_LOOP", dir.path())
-            .env("WGPU_EMA_SAVE_START", start.to_string())
-            .envs(sharded.then_some(("WGPU_EMA_SAVE_SHARDED", "1")))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = save_loop(dir.path(), mode, start);
         let out = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -434,18 +622,12 @@ fn kill_during_saves(sharded: bool) {
         inside * 2 >= rounds,
         "only {inside} of {rounds} kills landed inside a save"
     );
-    eprintln!("kills inside a save: {inside} of {rounds} (sharded: {sharded})");
+    eprintln!("kills inside a save: {inside} of {rounds} ({mode:?})");
     // The next save removes what the killed saves left behind.
     let mut ema = CpuEma::new(Schedule::constant(0.9), Numerics::Exact).unwrap();
     ema.track(TensorSpec::new("t0", [4]), &[1.0; 4]).unwrap();
     ema.set_num_updates(1);
-    let p = params(&ema);
-    if sharded {
-        checkpoint::save_training_sharded(dir.path(), &ema, Some(&p), &HostTensors::new(), 9000)
-            .unwrap();
-    } else {
-        checkpoint::save_training(&target, &ema, Some(&p), &HostTensors::new()).unwrap();
-    }
+    mode.save(dir.path(), &ema).unwrap();
     check_consistent(&target);
     let left: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -457,16 +639,78 @@ fn kill_during_saves(sharded: bool) {
         })
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+    if mode == Mode::TfSamePrefix {
+        // Only the data files the index names: one, or two (the second empty).
+        let mut data: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("latest.data-"))
+            .collect();
+        data.sort();
+        assert!(
+            data == ["latest.data-00000-of-00001"]
+                || data == ["latest.data-00000-of-00002", "latest.data-00001-of-00002"],
+            "data files left: {data:?}"
+        );
+    }
 }
 
 #[test]
 fn sharded_saves_killed_at_random_points_never_load_torn() {
-    kill_during_saves(true);
+    kill_during_saves(Mode::Sharded);
 }
 
 #[test]
 fn single_file_saves_killed_at_random_points_never_load_torn() {
-    kill_during_saves(false);
+    kill_during_saves(Mode::Single);
+}
+
+#[test]
+fn tensorflow_saves_to_one_prefix_killed_at_random_points_never_load_torn() {
+    kill_during_saves(Mode::TfSamePrefix);
+}
+
+/// Two processes saving into one folder at once: one holds the folder's lock while it saves,
+/// the other's save is refused (`Busy`) rather than deleting the first one's files; whatever
+/// the timing, the folder loads as one whole checkpoint afterwards.
+fn two_writers(mode: Mode) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut busy = 0;
+    let mut saved = 0;
+    for round in 0..4u64 {
+        let mut children: Vec<_> = (0..2u64)
+            .map(|k| save_loop(dir.path(), mode, 1 + 1_000_000 * (2 * round + k)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(600));
+        for c in &mut children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for c in &mut children {
+            use std::io::Read;
+            let mut out = String::new();
+            let _ = c.stdout.take().unwrap().read_to_string(&mut out);
+            busy += out.lines().filter(|l| l.starts_with("busy")).count();
+            saved += out.lines().filter(|l| l.starts_with("saved")).count();
+        }
+        check_consistent(&mode.target(dir.path()));
+    }
+    eprintln!("two writers ({mode:?}): {saved} saves, {busy} refused as busy");
+    assert!(
+        saved > 0 && busy > 0,
+        "{saved} saved, {busy} busy: the writers never met"
+    );
+}
+
+#[test]
+fn two_writers_in_one_folder_never_break_a_sharded_checkpoint() {
+    two_writers(Mode::Sharded);
+}
+
+#[test]
+fn two_writers_in_one_folder_never_break_a_tensorflow_checkpoint() {
+    two_writers(Mode::TfSamePrefix);
 }
 
 #[test]
@@ -487,13 +731,64 @@ fn a_destroyed_device_is_an_error_not_a_panic() {
         ema.read_shadows_blocking(),
         Err(Error::Device(_) | Error::Readback(_))
     ));
-    let _ = ema.update();
+    // wgpu drops work on a destroyed device without an error; ours say so.
+    assert!(matches!(ema.update(), Err(Error::Device(_))));
+    assert!(matches!(ema.check_device(), Err(Error::Device(_))));
     let _ = ema.swap();
     if let Ok(s) = ema.snapshot(false) {
         use wgpu_ema::checkpoint::EmaState;
         assert!(s.read_shadow(0).is_err());
     }
     assert!(ema.read_shadow_blocking("w").is_err());
+}
+
+#[test]
+fn a_buffer_of_another_device_is_an_error_not_a_panic() {
+    let Some(ctx) = gpu() else { return };
+    // A second device of the same instance (a validation error in wgpu), and a device of
+    // another instance (unknown to this one: wgpu-core panics looking it up).
+    let (sibling, _queue) = pollster::block_on(
+        ctx.adapter
+            .request_device(&wgpu::DeviceDescriptor::default()),
+    )
+    .unwrap();
+    let other = wgpu_ema::GpuContext::new().unwrap();
+    let foreign_buffer = |device: &wgpu::Device| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    for device in [&sibling, &other.device] {
+        let foreign = foreign_buffer(device);
+        let e = GpuEma::builder(Schedule::constant(0.9))
+            .track_buffer(TensorSpec::new("w", [16]), &foreign, 0)
+            .build(&ctx.device, &ctx.queue)
+            .unwrap_err();
+        assert!(
+            matches!(&e, Error::OtherDevice { name, .. } if name == "w"),
+            "{e}"
+        );
+    }
+    let foreign = foreign_buffer(&sibling);
+    // Moved onto another device's buffer: refused, and the EMA keeps working where it was.
+    let ours = crate::common::buffer_with(ctx, &crate::common::random(3, 16), 0);
+    let mut ema = GpuEma::builder(Schedule::constant(0.5))
+        .track_buffer(TensorSpec::new("w", [16]), &ours, 0)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    let e = ema.rebind("w", &foreign, 0).unwrap_err();
+    assert!(
+        matches!(&e, Error::OtherDevice { name, .. } if name == "w"),
+        "{e}"
+    );
+    ema.update().unwrap();
+    assert_eq!(
+        ema.read_shadow_blocking("w").unwrap(),
+        crate::common::random(3, 16)
+    );
 }
 
 #[test]

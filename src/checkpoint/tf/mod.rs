@@ -622,3 +622,286 @@ fn check_layout(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! Crafted bundles, with valid checksums (built here with the table writer): what a file
+    //! says about sizes, offsets, keys and layout is checked before it is believed.
+    use super::*;
+    use crate::error::Error;
+
+    /// Writes a one-shard bundle at `dir/b` of `entries` (in the order given) over `data`.
+    fn bundle(dir: &Path, entries: &[(&str, BundleEntry)], data: &[u8]) -> PathBuf {
+        let prefix = dir.join("b");
+        let header = BundleHeader {
+            num_shards: 1,
+            endianness: 0,
+            version: None,
+        };
+        let mut kv = vec![(Vec::new(), header.encode_to_vec())];
+        kv.extend(
+            entries
+                .iter()
+                .map(|(k, e)| (k.as_bytes().to_vec(), e.encode_to_vec())),
+        );
+        std::fs::write(with_suffix(&prefix, ".index"), table::build(&kv)).unwrap();
+        std::fs::write(data_path(&prefix, 0, 1), data).unwrap();
+        prefix
+    }
+
+    fn float(shape: &[i64], offset: i64, bytes: &[u8]) -> BundleEntry {
+        BundleEntry {
+            dtype: DT_FLOAT,
+            shape: Some(TensorShape {
+                dim: shape
+                    .iter()
+                    .map(|&size| Dim {
+                        size,
+                        name: String::new(),
+                    })
+                    .collect(),
+                unknown_rank: false,
+            }),
+            shard_id: 0,
+            offset,
+            size: bytes.len() as i64,
+            crc32c: table::mask(crc32c::crc32c(bytes)),
+            slices: Vec::new(),
+        }
+    }
+
+    fn kind(r: Result<Loaded>) -> CheckpointKindOrOk {
+        match r {
+            Ok(_) => CheckpointKindOrOk::Ok,
+            Err(Error::Checkpoint { kind, .. }) => CheckpointKindOrOk::Kind(kind),
+            Err(e) => panic!("not a checkpoint error: {e}"),
+        }
+    }
+
+    #[derive(Debug, PartialEq)]
+    enum CheckpointKindOrOk {
+        Ok,
+        Kind(K),
+    }
+
+    fn le(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn sizes_past_the_file_are_refused_before_anything_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = le(&[1.0, 2.0, 3.0]);
+        // 2^61 elements (wrapped the old i64 check), 4 GiB, 32 GiB, 4 TiB: each with its own
+        // consistent shape and size, and a valid checksum of the bytes that are there.
+        for (shape, size) in [
+            (vec![1i64 << 61], i64::MIN),
+            (vec![1i64 << 61], 0),
+            (vec![1 << 30], 4i64 << 30),
+            (vec![8 << 30], 32i64 << 30),
+            (vec![1 << 40], 4i64 << 40),
+            (vec![i64::MAX, 2], 8),
+            (vec![3], -12),
+        ] {
+            let mut e = float(&[3], 0, &data);
+            e.shape = float(&shape, 0, &[]).shape;
+            e.size = size;
+            let prefix = bundle(dir.path(), &[("w", e)], &data);
+            let got = kind(load(&prefix));
+            assert!(
+                matches!(got, CheckpointKindOrOk::Kind(K::Truncated | K::Format)),
+                "shape {shape:?}, size {size}: {got:?}"
+            );
+        }
+        // An offset past the end, and one that wraps.
+        for offset in [12, i64::MAX - 4, -1] {
+            let prefix = bundle(dir.path(), &[("w", float(&[3], offset, &data))], &data);
+            assert_ne!(
+                kind(load(&prefix)),
+                CheckpointKindOrOk::Ok,
+                "offset {offset}"
+            );
+        }
+    }
+
+    #[test]
+    fn repeated_or_unsorted_keys_and_shared_bytes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (le(&[1.0, 2.0]), le(&[3.0, 4.0]));
+        let data = [a.clone(), b.clone()].concat();
+        let ok = bundle(
+            dir.path(),
+            &[("a", float(&[2], 0, &a)), ("b", float(&[2], 8, &b))],
+            &data,
+        );
+        assert_eq!(kind(load(&ok)), CheckpointKindOrOk::Ok);
+        for (what, entries) in [
+            (
+                "twice",
+                vec![("a", float(&[2], 0, &a)), ("a", float(&[2], 8, &b))],
+            ),
+            (
+                "unsorted",
+                vec![("b", float(&[2], 8, &b)), ("a", float(&[2], 0, &a))],
+            ),
+            (
+                "shared bytes",
+                vec![("a", float(&[2], 0, &a)), ("b", float(&[2], 0, &a))],
+            ),
+            (
+                "overlap",
+                vec![
+                    ("a", float(&[2], 0, &a)),
+                    ("b", float(&[2], 4, &data[4..12])),
+                ],
+            ),
+            // Values exchanged between two entries, their checksums recomputed: the data no
+            // longer follows the key order TensorFlow's Saver writes.
+            (
+                "exchanged",
+                vec![("a", float(&[2], 8, &b)), ("b", float(&[2], 0, &a))],
+            ),
+        ] {
+            let prefix = bundle(dir.path(), &entries, &data);
+            assert!(
+                matches!(
+                    kind(load(&prefix)),
+                    CheckpointKindOrOk::Kind(K::Format | K::Inconsistent)
+                ),
+                "{what}"
+            );
+        }
+    }
+
+    /// Our own saves bind names, dtypes, shapes and checksums: an exchange of values with the
+    /// offsets kept in order (the bytes themselves swapped, checksums recomputed) and a
+    /// reshape are refused even where the layout alone could not tell.
+    #[test]
+    fn what_our_save_binds_catches_exchanged_values_and_reshapes() {
+        use crate::cpu::CpuEma;
+        use crate::schedule::{Numerics, Schedule};
+        use crate::tensors::TensorSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("ckpt");
+        let mut ema = CpuEma::new(Schedule::constant(0.5), Numerics::Exact).unwrap();
+        ema.track(TensorSpec::new("b", [7]), &[1.0; 7]).unwrap();
+        ema.update(&[&[3.0; 7]]).unwrap();
+        let mut params = HostTensors::new();
+        params
+            .insert(TensorSpec::new("b", [7]), vec![3.0; 7])
+            .unwrap();
+        save_tf(&prefix, &ema, Some(&params), &HostTensors::new()).unwrap();
+        assert!(load(&prefix).is_ok());
+        let index_path = with_suffix(&prefix, ".index");
+        let data_path0 = data_path(&prefix, 0, 1);
+        let kv = table::read(&std::fs::read(&index_path).unwrap()).unwrap();
+        let data = std::fs::read(&data_path0).unwrap();
+        type Entries = Vec<(Vec<u8>, BundleEntry)>;
+        let rewrite = |edit: &dyn Fn(&mut Entries, &mut Vec<u8>)| {
+            let mut entries: Entries = kv[1..]
+                .iter()
+                .map(|(k, v)| (k.clone(), BundleEntry::decode(v.as_slice()).unwrap()))
+                .collect();
+            let mut d = data.clone();
+            edit(&mut entries, &mut d);
+            let mut out = vec![kv[0].clone()];
+            out.extend(entries.iter().map(|(k, e)| (k.clone(), e.encode_to_vec())));
+            std::fs::write(&index_path, table::build(&out)).unwrap();
+            std::fs::write(&data_path0, &d).unwrap();
+            kind(load(&prefix))
+        };
+        let find = |entries: &Entries, name: &str| {
+            entries
+                .iter()
+                .position(|(k, _)| k == name.as_bytes())
+                .unwrap()
+        };
+        // `b` and its shadow exchange their bytes; each entry's checksum recomputed.
+        let got = rewrite(&|entries, d| {
+            let (i, j) = (
+                find(entries, "b"),
+                find(entries, "b/ExponentialMovingAverage"),
+            );
+            let (ei, ej) = (entries[i].1.clone(), entries[j].1.clone());
+            let (ri, rj) = (
+                ei.offset as usize..(ei.offset + ei.size) as usize,
+                ej.offset as usize..(ej.offset + ej.size) as usize,
+            );
+            let (bi, bj) = (d[ri.clone()].to_vec(), d[rj.clone()].to_vec());
+            d[ri].copy_from_slice(&bj);
+            d[rj].copy_from_slice(&bi);
+            entries[i].1.crc32c = table::mask(crc32c::crc32c(&bj));
+            entries[j].1.crc32c = table::mask(crc32c::crc32c(&bi));
+        });
+        assert_eq!(
+            got,
+            CheckpointKindOrOk::Kind(K::Checksum),
+            "exchanged values"
+        );
+        // [7] → [7, 1].
+        let got = rewrite(&|entries, _| {
+            let i = find(entries, "b");
+            if let Some(s) = entries[i].1.shape.as_mut() {
+                s.dim.push(Dim {
+                    size: 1,
+                    name: String::new(),
+                });
+            }
+        });
+        assert_eq!(got, CheckpointKindOrOk::Kind(K::Checksum), "reshape");
+    }
+
+    /// Seeded random edits of every field of every entry of a bundle, with valid table
+    /// checksums: never a panic, and whatever loads reads only bytes inside the data file.
+    #[test]
+    fn random_entry_edits_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let values: Vec<[f32; 3]> = (0..4).map(|i| [i as f32, 1.0, -2.0]).collect();
+        let data: Vec<u8> = values.iter().flat_map(|v| le(v)).collect();
+        let names = ["a", "b", "c", "d"];
+        let mut rng = fastrand::Rng::with_seed(19);
+        let mut loaded = 0;
+        for _ in 0..2000 {
+            let mut entries: Vec<(&str, BundleEntry)> = names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| (*n, float(&[3], 12 * i as i64, &data[12 * i..12 * i + 12])))
+                .collect();
+            let e = &mut entries[rng.usize(..4)].1;
+            let big = |rng: &mut fastrand::Rng| match rng.u8(0..4) {
+                0 => rng.i64(..),
+                1 => 1i64 << rng.u32(0..63),
+                2 => -rng.i64(0..100),
+                _ => rng.i64(0..64),
+            };
+            match rng.u8(0..6) {
+                0 => e.offset = big(&mut rng),
+                1 => e.size = big(&mut rng),
+                2 => e.dtype = rng.i32(0..30),
+                3 => e.shard_id = rng.i32(-2..3),
+                4 => {
+                    if let Some(s) = e.shape.as_mut() {
+                        s.dim = (0..rng.usize(0..4))
+                            .map(|_| Dim {
+                                size: big(&mut rng),
+                                name: String::new(),
+                            })
+                            .collect();
+                    }
+                }
+                _ => e.crc32c = rng.u32(..),
+            }
+            let prefix = bundle(dir.path(), &entries, &data);
+            if let Ok(l) = load(&prefix) {
+                loaded += 1;
+                let bytes: usize = l.tensors.iter().map(|(_, _, v)| v.len() * 4).sum();
+                assert!(
+                    bytes <= data.len(),
+                    "{bytes} bytes read from {}",
+                    data.len()
+                );
+            }
+        }
+        assert!(loaded > 0 && loaded < 2000, "{loaded} of 2000 loaded");
+    }
+}
