@@ -157,7 +157,7 @@ impl Checkpoint {
     /// [`Unverified`](crate::error::CheckpointErrorKind::Unverified); read such a file with
     /// [`load_unverified`](Self::load_unverified).
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
-        let c = Self::load_unverified(path)?;
+        let c = Self::load_with(path.as_ref(), true)?;
         if !c.verified {
             return Err(unverified(&c.path));
         }
@@ -168,12 +168,18 @@ impl Checkpoint {
     /// [`load`](Self::load), also accepting files without wgpu-ema's checksums (written by
     /// another tool): every check but the checksums is made, files that do carry checksums are
     /// still verified, and [`verified`](Self::verified) says which it was. The explicit choice
-    /// to trust a file nothing can verify.
+    /// to trust a file nothing can verify. (A TensorFlow checkpoint whose float32 tensors are
+    /// not laid out in key order, as TensorFlow's Saver writes them, loads here, unverified.)
     pub fn load_unverified(path: impl AsRef<Path>) -> Result<Self> {
-        let path = super::resolve(path.as_ref())?;
+        Self::load_with(path.as_ref(), false)
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn load_with(path: &Path, strict: bool) -> Result<Self> {
+        let path = super::resolve(path)?;
         let path = path.as_path();
         if let Some(prefix) = super::tf::prefix_of(path) {
-            let t = super::tf::load(&prefix)?;
+            let t = super::tf::load(&prefix, strict)?;
             return Ok(Self {
                 path: t.index,
                 metadata: t.metadata,
@@ -182,8 +188,8 @@ impl Checkpoint {
                     .into_iter()
                     .map(|(n, s, v)| (n, (s, Values::Owned(v))))
                     .collect(),
-                // Every block and tensor matched its CRC32C.
-                verified: true,
+                // Every block and tensor matched its CRC32C (and the layout its key order).
+                verified: t.in_order,
                 unsupported: t.unsupported.into_iter().collect(),
             });
         }

@@ -15,7 +15,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::errors::{bad, io};
 use crate::error::CheckpointErrorKind as K;
@@ -24,14 +24,17 @@ use crate::error::Result;
 /// The lock file's name in a folder.
 pub const LOCK_FILE: &str = ".wgpu-ema.lock";
 
-/// Folders whose lock a [`FolderLock`] of this process holds for its owner: saves into them
-/// run under it instead of taking the lock again.
-static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Folders whose lock a [`FolderLock`] of this process holds for its owner, with the locked
+/// file: saves into them run under it instead of taking the lock again, and keep the file
+/// (so the lock) open while they write, even if the `FolderLock` is dropped meanwhile.
+static HELD: Mutex<Vec<(PathBuf, Arc<File>)>> = Mutex::new(Vec::new());
 
 /// The exclusive right to write checkpoints into a folder, until dropped.
 ///
 /// Saves take it on their own; hold one yourself to wait for another writer, or to keep the
-/// folder for a series of saves:
+/// folder for a series of saves. The right is the process's: while you hold it, every save
+/// and recorder of your process into that folder runs under it (keeping them from running at
+/// once, from several threads, is then yours to do).
 ///
 /// ```
 /// # fn main() -> wgpu_ema::Result<()> {
@@ -48,7 +51,8 @@ static HELD: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// ```
 #[derive(Debug)]
 pub struct FolderLock {
-    _file: File,
+    /// The locked file: the lock lasts while any clone of it is open.
+    file: Arc<File>,
     /// Set when this lock lets the saves of this process join it.
     shared_as: Option<PathBuf>,
 }
@@ -94,50 +98,51 @@ impl FolderLock {
                 Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
             }
         }
+        let file = Arc::new(file);
         let shared_as = if share {
             let key = std::fs::canonicalize(dir).map_err(io(dir))?;
             if let Ok(mut held) = HELD.lock() {
-                held.push(key.clone());
+                held.push((key.clone(), file.clone()));
             }
             Some(key)
         } else {
             None
         };
-        Ok(Self {
-            _file: file,
-            shared_as,
-        })
+        Ok(Self { file, shared_as })
     }
 }
 
 impl Drop for FolderLock {
     fn drop(&mut self) {
         if let (Some(key), Ok(mut held)) = (&self.shared_as, HELD.lock()) {
-            if let Some(i) = held.iter().position(|h| h == key) {
+            if let Some(i) = held
+                .iter()
+                .position(|(k, f)| k == key && Arc::ptr_eq(f, &self.file))
+            {
                 held.swap_remove(i);
             }
         }
     }
 }
 
-/// What a writer holds while it writes into a folder.
+/// What a writer holds while it writes into a folder: its own lock, or the locked file of
+/// a [`FolderLock`] its program holds (kept open, so the folder stays locked while it writes).
 #[derive(Debug)]
-pub(crate) enum WriterGuard {
-    /// Its own lock.
-    Own(#[allow(dead_code)] FolderLock),
-    /// A [`FolderLock`] its program holds.
-    Joined,
-}
+pub(crate) struct WriterGuard(#[allow(dead_code)] Arc<File>);
 
 /// The lock a writer takes before writing into `dir`: joins a [`FolderLock`] this process
 /// holds for the folder, else takes it, failing at once if another writer holds it.
 pub(crate) fn for_writer(dir: &Path) -> Result<WriterGuard> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let key = std::fs::canonicalize(dir).map_err(io(dir))?;
-    if HELD.lock().is_ok_and(|held| held.contains(&key)) {
-        return Ok(WriterGuard::Joined);
+    let joined = HELD
+        .lock()
+        .ok()
+        .and_then(|held| held.iter().find(|(k, _)| *k == key).map(|(_, f)| f.clone()));
+    match joined {
+        Some(file) => Ok(WriterGuard(file)),
+        None => FolderLock::take(dir, false, false).map(|l| WriterGuard(l.file.clone())),
     }
-    FolderLock::take(dir, false, false).map(WriterGuard::Own)
 }
 
 /// The folder a file at `path` is written into.
@@ -145,5 +150,33 @@ pub(crate) fn folder_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_joined_writer_keeps_the_folder_locked_after_the_lock_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = FolderLock::wait(dir.path()).unwrap();
+        // A writer of this process joins the held lock instead of being refused by it.
+        let writer = for_writer(dir.path()).unwrap();
+        drop(held);
+        // The folder stays locked while the joined writer writes.
+        let e = FolderLock::try_acquire(dir.path()).unwrap_err();
+        assert!(
+            matches!(e, crate::Error::Checkpoint { kind: K::Busy, .. }),
+            "{e}"
+        );
+        assert!(for_writer(dir.path()).is_err());
+        drop(writer);
+        let again = FolderLock::try_acquire(dir.path()).unwrap();
+        // A writer not joined to a held lock is refused by it.
+        drop(again);
+        let own = for_writer(dir.path()).unwrap();
+        assert!(FolderLock::try_acquire(dir.path()).is_err());
+        drop(own);
     }
 }

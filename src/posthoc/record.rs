@@ -95,13 +95,23 @@ pub struct Recorder {
     dtype: ParamDtype,
     next_index: u64,
     last_t: Option<u64>,
-    /// The recording run: the one the directory's snapshots belong to, or a new one.
-    run: String,
+    /// The recording run: the one the directory's snapshots belong to, or a new one (none
+    /// when continuing a recording of wgpu-ema 0.2, which had no run ids).
+    run: Option<String>,
     /// The profiles the directory's snapshots hold, if any: later snapshots must match.
     profiles: Option<Vec<serde_json::Value>>,
     /// The folder's lock, held while the recorder lives: one recorder per directory.
     _writer: crate::checkpoint::lock::WriterGuard,
-    pending: Option<std::thread::JoinHandle<Result<PathBuf>>>,
+    /// The snapshot being written: its thread, its number and the last step before it (to
+    /// give both back if the write fails, so that a failed write leaves no gap).
+    pending: Option<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    thread: std::thread::JoinHandle<Result<PathBuf>>,
+    index: u64,
+    last_t: Option<u64>,
 }
 
 impl Recorder {
@@ -125,7 +135,7 @@ impl Recorder {
             dtype: ParamDtype::F32,
             next_index: 0,
             last_t: None,
-            run: new_run_id(),
+            run: Some(new_run_id()),
             profiles: None,
             _writer: writer,
             pending: None,
@@ -137,10 +147,12 @@ impl Recorder {
     /// Continues the numbering, run and profiles of the snapshots in the directory.
     fn adopt_existing(&mut self) -> Result<()> {
         let mut run: Option<(String, PathBuf)> = None;
-        for (index, t, path) in self.existing()? {
-            self.next_index = self.next_index.max(index + 1);
+        let existing = self.existing()?;
+        for (index, t, path) in &existing {
+            let (index, t) = (*index, *t);
+            self.next_index = self.next_index.max(index.saturating_add(1));
             self.last_t = Some(self.last_t.map_or(t, |l| l.max(t)));
-            let file = TensorFile::open(&path)?;
+            let file = TensorFile::open(path)?;
             let meta = file.metadata();
             if let Some(id) = meta.get(META_RUN) {
                 match &run {
@@ -163,16 +175,20 @@ impl Recorder {
                     .and_then(|v| serde_json::from_str(v).ok());
             }
         }
-        if let Some((id, _)) = run {
-            self.run = id;
+        match run {
+            Some((id, _)) => self.run = Some(id),
+            // Snapshots of wgpu-ema 0.2: the set stays one without ids.
+            None if !existing.is_empty() => self.run = None,
+            None => {}
         }
         Ok(())
     }
 
     /// The recording run this recorder writes snapshots of (kept in each as
-    /// [`META_RUN`](super::META_RUN)).
-    pub fn run_id(&self) -> &str {
-        &self.run
+    /// [`META_RUN`](super::META_RUN)); `None` when it continues a recording of wgpu-ema 0.2,
+    /// whose snapshots carry none.
+    pub fn run_id(&self) -> Option<&str> {
+        self.run.as_deref()
     }
 
     /// Stores snapshots as `dtype`: f16 (as EDM2 does) or bf16 halve the disk; a shadow f16
@@ -228,7 +244,7 @@ impl Recorder {
                 std::fs::rename(&path, &to).map_err(io(&path))?;
                 moved.push(to);
             } else {
-                self.next_index = self.next_index.max(index + 1);
+                self.next_index = self.next_index.max(index.saturating_add(1));
                 self.last_t = Some(self.last_t.map_or(t, |l| l.max(t)));
             }
         }
@@ -256,11 +272,16 @@ impl Recorder {
         self.finish()?;
         self.check_step(ema.num_updates())?;
         let snapshot = ema.snapshot(false)?;
+        let last_t = self.last_t;
         let (index, path) = self.claim(ema.num_updates());
         let (dtype, run) = (self.dtype, self.run.clone());
-        self.pending = Some(std::thread::spawn(move || {
-            write_snapshot(&path, &snapshot, index, dtype, &run).map(|()| path)
-        }));
+        self.pending = Some(Pending {
+            thread: std::thread::spawn(move || {
+                write_snapshot(&path, &snapshot, index, dtype, run.as_deref()).map(|()| path)
+            }),
+            index,
+            last_t,
+        });
         Ok(index)
     }
 
@@ -278,13 +299,14 @@ impl Recorder {
             self.dir
                 .join(file_name(self.next_index, state.num_updates())),
         );
-        write_snapshot(&path, state, index, self.dtype, &self.run)?;
+        write_snapshot(&path, state, index, self.dtype, self.run.as_deref())?;
         self.claim(state.num_updates());
         Ok(path)
     }
 
-    /// Refuses profiles other than those of the snapshots already in the directory.
-    fn check_profiles(&self, profiles: &[serde_json::Value]) -> Result<()> {
+    /// Refuses profiles other than those of the snapshots already in the directory (or of
+    /// this recorder's first); the first ones become the directory's.
+    fn check_profiles(&mut self, profiles: &[serde_json::Value]) -> Result<()> {
         // Suffix and gamma (sigma_rel is derived; JSON's decimal may round its last digit).
         let key = |p: &serde_json::Value| {
             (
@@ -309,7 +331,11 @@ impl Recorder {
                 serde_json::Value::from(theirs.clone()),
                 serde_json::Value::from(profiles.to_vec()),
             ))),
-            _ => Ok(()),
+            Some(_) => Ok(()),
+            None => {
+                self.profiles = Some(profiles.to_vec());
+                Ok(())
+            }
         }
     }
 
@@ -328,26 +354,40 @@ impl Recorder {
     }
 
     /// Takes the next number for a snapshot at step `t` (checked), and its file. A background
-    /// write that fails later leaves its number unused; numbers only need to grow.
+    /// write that fails gives the number back ([`finish`](Self::finish)).
     fn claim(&mut self, t: u64) -> (u64, PathBuf) {
         let index = self.next_index;
-        self.next_index += 1;
+        self.next_index = self.next_index.saturating_add(1);
         self.last_t = Some(t);
         (index, self.dir.join(file_name(index, t)))
     }
 
     /// Waits for the snapshot being written, if any, and returns its error.
     pub fn finish(&mut self) -> Result<()> {
-        if let Some(h) = self.pending.take() {
-            h.join()
-                .map_err(|_| Error::PostHoc("the snapshot writer thread panicked".into()))??;
+        if let Some(p) = self.pending.take() {
+            let written = p
+                .thread
+                .join()
+                .map_err(|_| Error::PostHoc("the snapshot writer thread panicked".into()))
+                .and_then(|r| r);
+            if let Err(e) = written {
+                // Nothing was written (saves are atomic): the number and the step are free
+                // again, so the set keeps no gap.
+                self.next_index = p.index;
+                self.last_t = p.last_t;
+                return Err(e);
+            }
         }
         Ok(())
     }
 
     /// Returns the error of a write that has finished, without waiting for one that has not.
     fn collect_finished(&mut self) -> Result<()> {
-        if self.pending.as_ref().is_some_and(|h| h.is_finished()) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.thread.is_finished())
+        {
             return self.finish();
         }
         Ok(())
@@ -368,7 +408,7 @@ fn write_snapshot(
     state: &dyn EmaState,
     index: u64,
     dtype: ParamDtype,
-    run: &str,
+    run: Option<&str>,
 ) -> Result<()> {
     let schedules: Vec<Schedule> = (0..state.ema_count())
         .filter_map(|k| state.ema_schedule(k))
@@ -388,7 +428,7 @@ fn write_snapshot(
         }
     }
     let t = state.num_updates();
-    let metadata = HashMap::from([
+    let mut metadata = HashMap::from([
         (
             crate::checkpoint::META_KIND.to_string(),
             SNAPSHOT_FORMAT.to_string(),
@@ -404,12 +444,14 @@ fn write_snapshot(
             serde_json::Value::from(profiles).to_string(),
         ),
         (META_DTYPE.to_string(), format!("{dtype:?}")),
-        (META_RUN.to_string(), run.to_string()),
         (
             crate::checkpoint::META_VERSION.to_string(),
             env!("CARGO_PKG_VERSION").to_string(),
         ),
     ]);
+    if let Some(run) = run {
+        metadata.insert(META_RUN.to_string(), run.to_string());
+    }
     write_safetensors_as(path, entries, &metadata, dtype)?;
     // What was written must read back as a snapshot (cheap: the header alone).
     TensorFile::open(path).map(|_| ())

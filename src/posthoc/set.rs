@@ -37,7 +37,7 @@ pub struct SnapshotInfo {
     pub profiles: Vec<ProfileInfo>,
     /// How its tensors are stored.
     pub dtype: ParamDtype,
-    /// The recording run it belongs to (`None` for snapshots of wgpu-ema 0.3, which recorded
+    /// The recording run it belongs to (`None` for snapshots of wgpu-ema 0.2, which recorded
     /// none).
     pub run: Option<String>,
 }
@@ -227,6 +227,9 @@ pub(super) fn describe(
     Ok((info, params))
 }
 
+/// The most snapshot numbers a set may lack (with gaps accepted).
+const MAX_MISSING: u64 = 1 << 20;
+
 impl SnapshotSet {
     /// Reads the headers of every snapshot in `dir` (`phema-*.safetensors`; `stale/` is not
     /// looked into) and checks that they form one recording: every file verified against its
@@ -376,16 +379,24 @@ impl SnapshotSet {
             }
             snapshots.push(info);
         }
-        // Numbered 0, 1, 2, ...: a number missing is a snapshot deleted.
+        // Numbered 0, 1, 2, ...: a number missing is a snapshot deleted. (Numbers come from
+        // verified metadata, but a jump no recorder makes is refused rather than listed.)
         let last = snapshots.last().map_or(0, |s| s.index);
+        let absent = last
+            .saturating_add(1)
+            .saturating_sub(snapshots.len() as u64);
+        if absent > MAX_MISSING {
+            return Err(Error::PostHoc(format!(
+                "{}: snapshot numbers run to {last} for {} snapshots: not one recording",
+                dir.display(),
+                snapshots.len()
+            )));
+        }
         let mut missing = Vec::new();
-        let mut have = snapshots.iter().map(|s| s.index).peekable();
-        for i in 0..=last {
-            if have.peek() == Some(&i) {
-                have.next();
-            } else {
-                missing.push(i);
-            }
+        let mut expect = 0u64;
+        for s in &snapshots {
+            missing.extend(expect..s.index);
+            expect = s.index.saturating_add(1);
         }
         if !missing.is_empty() && !allow_gaps {
             let shown: Vec<String> = missing.iter().take(20).map(|i| i.to_string()).collect();

@@ -204,12 +204,12 @@ fn resuming_continues_profiles_and_numbering() {
     // One recorder per directory: a second one is refused while the first lives.
     let busy = Recorder::open(parts.path().join("snaps"), 30).unwrap_err();
     crate::common::assert_checkpoint_kind(&busy, wgpu_ema::CheckpointErrorKind::Busy, None);
-    let run = rec.run_id().to_string();
+    let run = rec.run_id().unwrap().to_string();
     drop(rec);
     let mut rec = Recorder::open(parts.path().join("snaps"), 30).unwrap();
     assert_eq!(
         rec.run_id(),
-        run,
+        Some(run.as_str()),
         "a reopened recorder continues the directory's run"
     );
     let moved = rec.resume(120).unwrap();
@@ -414,6 +414,8 @@ fn f16_snapshots_refuse_values_past_its_range() {
     rec.snapshot(&ema).unwrap();
     let e = rec.finish().unwrap_err();
     assert!(e.to_string().contains("does not fit f16"), "{e}");
+    // The failed write gives its number back: the next snapshot leaves no gap.
+    assert_eq!(rec.next_index(), 0);
     let files = std::fs::read_dir(dir.path())
         .unwrap()
         .filter(|e| e.as_ref().unwrap().file_name() != wgpu_ema::checkpoint::LOCK_FILE)

@@ -310,6 +310,9 @@ pub(crate) struct Loaded {
     pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
     /// Tensors of other dtypes, not read: (name, why), an error when one is asked for.
     pub unsupported: Vec<(String, String)>,
+    /// False when, read leniently, the float32 tensors were not laid out in key order where
+    /// the writer would have (see [`load`]).
+    pub in_order: bool,
 }
 
 /// A tensor of the index, checked against its data file but not read yet.
@@ -328,11 +331,13 @@ struct Planned {
 ///
 /// Nothing is allocated for a tensor before its size is checked against the dtype and shape
 /// and its bytes against the data file's length; the index's keys must be strictly sorted;
-/// no two tensors may share bytes; in a checkpoint without TensorFlow 2's object graph (what
-/// `tf.compat.v1.train.Saver` and [`save_tf`] write) each data file holds its tensors in key
-/// order, so values exchanged between two entries (their checksums recomputed) are refused;
-/// and the entries [`TF_CHECKSUMS`] binds must match it.
-pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
+/// no two tensors may share bytes; the entries [`TF_CHECKSUMS`] binds must match it. And in a
+/// checkpoint without TensorFlow 2's object graph (what `tf.compat.v1.train.Saver` and
+/// [`save_tf`] write) each data file holds its float32 tensors in key order, so values
+/// exchanged between two entries (their checksums recomputed) are refused when `strict`;
+/// leniently (a writer of another layout, trusted by the caller) `in_order` says so instead.
+/// (`global_step`, an integer, is outside that order: wgpu-ema 0.2 wrote it last.)
+pub(crate) fn load(prefix: &Path, strict: bool) -> Result<Loaded> {
     let index = with_suffix(prefix, ".index");
     let bytes = std::fs::read(&index).map_err(io(&index))?;
     let kv = table::read(&bytes).map_err(|m| bad(&index, K::Format, m))?;
@@ -361,8 +366,8 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
     let mut files: HashMap<i32, (File, u64)> = HashMap::new();
     let mut planned: Vec<Planned> = Vec::new();
     let mut unsupported = Vec::new();
-    // (shard, offset, size, name) of every entry holding bytes, for the layout checks.
-    let mut ranges: Vec<(i32, u64, u64, String)> = Vec::new();
+    // Every entry holding bytes, for the layout checks, in key order.
+    let mut ranges: Vec<Range> = Vec::new();
     let mut bound: Option<Planned> = None;
     let mut bindings: Vec<(String, u32)> = Vec::new();
     let mut object_graph = false;
@@ -425,7 +430,13 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
             ));
         }
         if name != TF_CHECKSUMS {
-            ranges.push((e.shard_id, offset, size, name.clone()));
+            ranges.push(Range {
+                shard: e.shard_id,
+                offset,
+                size,
+                name: name.clone(),
+                float: e.dtype == DT_FLOAT,
+            });
         }
         let shape = e.shape.clone().unwrap_or_default();
         if shape.unknown_rank || shape.dim.iter().any(|d| d.size < 0) {
@@ -479,7 +490,24 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
             planned.push(p);
         }
     }
-    check_layout(&index, &mut ranges, !object_graph)?;
+    let out_of_order = if object_graph {
+        None
+    } else {
+        out_of_key_order(&ranges)
+    };
+    if let (Some((a, b)), true) = (&out_of_order, strict) {
+        return Err(bad_tensor(
+            &index,
+            K::Inconsistent,
+            b,
+            format!(
+                "tensor `{b}` is placed before `{a}` in the data file, out of the key order \
+                 TensorFlow's Saver writes: entries were edited (values exchanged?); a file of \
+                 another writer's layout loads with Checkpoint::load_unverified"
+            ),
+        ));
+    }
+    check_no_shared_bytes(&index, &mut ranges)?;
     // Pass 2: the bytes, each tensor's checksum, then what binds them.
     let mut read = |p: &Planned| -> Result<Vec<u8>> {
         let path = data_path(prefix, p.shard, header.num_shards);
@@ -584,43 +612,55 @@ pub(crate) fn load(prefix: &Path) -> Result<Loaded> {
         metadata,
         tensors,
         unsupported,
+        in_order: out_of_order.is_none(),
     })
 }
 
-/// Refuses two entries sharing bytes of a data file, and, where `key_order` (the layout of
-/// TensorFlow's Saver and ours), an entry placed before the one whose key precedes it.
-/// `ranges` come in key order.
-fn check_layout(
-    index: &Path,
-    ranges: &mut [(i32, u64, u64, String)],
-    key_order: bool,
-) -> Result<()> {
-    if !key_order {
-        ranges.sort_by_key(|&(shard, offset, size, _)| (shard, offset, size));
-    } else {
-        // Key order within each shard (a stable sort keeps it).
-        ranges.sort_by_key(|&(shard, ..)| shard);
-    }
+/// Where an entry's bytes are.
+struct Range {
+    shard: i32,
+    offset: u64,
+    size: u64,
+    name: String,
+    /// A float32 tensor: one whose place in the key order is checked.
+    float: bool,
+}
+
+/// Refuses two entries sharing bytes of a data file (sizes are checked against the file
+/// already, so the sums cannot overflow).
+fn check_no_shared_bytes(index: &Path, ranges: &mut [Range]) -> Result<()> {
+    ranges.sort_by_key(|r| (r.shard, r.offset, r.size));
     for w in ranges.windows(2) {
-        let ((s0, o0, n0, a), (s1, o1, _, b)) = (&w[0], &w[1]);
-        if s0 == s1 && *o1 < o0 + n0 {
-            let why = if o1 < o0 {
-                "is placed before"
-            } else {
-                "overlaps"
-            };
+        let (a, b) = (&w[0], &w[1]);
+        if a.shard == b.shard && b.offset < a.offset + a.size {
             return Err(bad_tensor(
                 index,
                 K::Inconsistent,
-                b,
+                &b.name,
                 format!(
-                    "tensor `{b}` {why} `{a}` in the data file, which TensorFlow's writers never \
-                     do: entries were edited (values exchanged, or bytes shared)"
+                    "tensor `{}` shares bytes with `{}` in the data file, which TensorFlow's \
+                     writers never do: the index was edited",
+                    b.name, a.name
                 ),
             ));
         }
     }
     Ok(())
+}
+
+/// The first pair (earlier key, later key) of float32 tensors of one data file whose bytes
+/// are not in their keys' order. `ranges` come in key order.
+fn out_of_key_order(ranges: &[Range]) -> Option<(String, String)> {
+    let mut last: HashMap<i32, &Range> = HashMap::new();
+    for r in ranges.iter().filter(|r| r.float) {
+        if let Some(prev) = last.get(&r.shard) {
+            if r.offset < prev.offset + prev.size {
+                return Some((prev.name.clone(), r.name.clone()));
+            }
+        }
+        last.insert(r.shard, r);
+    }
+    None
 }
 
 #[cfg(test)]
@@ -707,7 +747,7 @@ mod tests {
             e.shape = float(&shape, 0, &[]).shape;
             e.size = size;
             let prefix = bundle(dir.path(), &[("w", e)], &data);
-            let got = kind(load(&prefix));
+            let got = kind(load(&prefix, true));
             assert!(
                 matches!(got, CheckpointKindOrOk::Kind(K::Truncated | K::Format)),
                 "shape {shape:?}, size {size}: {got:?}"
@@ -717,7 +757,7 @@ mod tests {
         for offset in [12, i64::MAX - 4, -1] {
             let prefix = bundle(dir.path(), &[("w", float(&[3], offset, &data))], &data);
             assert_ne!(
-                kind(load(&prefix)),
+                kind(load(&prefix, true)),
                 CheckpointKindOrOk::Ok,
                 "offset {offset}"
             );
@@ -734,7 +774,7 @@ mod tests {
             &[("a", float(&[2], 0, &a)), ("b", float(&[2], 8, &b))],
             &data,
         );
-        assert_eq!(kind(load(&ok)), CheckpointKindOrOk::Ok);
+        assert_eq!(kind(load(&ok, true)), CheckpointKindOrOk::Ok);
         for (what, entries) in [
             (
                 "twice",
@@ -765,12 +805,50 @@ mod tests {
             let prefix = bundle(dir.path(), &entries, &data);
             assert!(
                 matches!(
-                    kind(load(&prefix)),
+                    kind(load(&prefix, true)),
                     CheckpointKindOrOk::Kind(K::Format | K::Inconsistent)
                 ),
                 "{what}"
             );
         }
+    }
+
+    /// wgpu-ema 0.2 wrote `global_step` after every float tensor: outside the key order, which
+    /// only float32 tensors keep. Floats out of key order (another writer's layout, or an
+    /// edit) are refused, or loaded unverified when the caller is lenient.
+    #[test]
+    fn the_layouts_of_wgpu_ema_0_2_and_of_other_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (b, w) = (le(&[1.0, 2.0]), le(&[3.0, 4.0]));
+        let step = 7i64.to_le_bytes();
+        let mut gs = float(&[], 16, &step);
+        gs.dtype = DT_INT64;
+        let data = [b.clone(), w.clone(), step.to_vec()].concat();
+        let prefix = bundle(
+            dir.path(),
+            &[
+                ("bias", float(&[2], 0, &b)),
+                ("global_step", gs),
+                ("weight", float(&[2], 8, &w)),
+            ],
+            &data,
+        );
+        let l = load(&prefix, true).unwrap();
+        assert!(l.in_order);
+        assert_eq!(l.metadata[META_NUM_UPDATES], "7");
+        let data = [w.clone(), b.clone()].concat();
+        let prefix = bundle(
+            dir.path(),
+            &[("bias", float(&[2], 8, &b)), ("weight", float(&[2], 0, &w))],
+            &data,
+        );
+        assert_eq!(
+            kind(load(&prefix, true)),
+            CheckpointKindOrOk::Kind(K::Inconsistent)
+        );
+        let l = load(&prefix, false).unwrap();
+        assert!(!l.in_order);
+        assert_eq!(l.tensors[1].2, [3.0, 4.0]);
     }
 
     /// Our own saves bind names, dtypes, shapes and checksums: an exchange of values with the
@@ -791,7 +869,7 @@ mod tests {
             .insert(TensorSpec::new("b", [7]), vec![3.0; 7])
             .unwrap();
         save_tf(&prefix, &ema, Some(&params), &HostTensors::new()).unwrap();
-        assert!(load(&prefix).is_ok());
+        assert!(load(&prefix, true).is_ok());
         let index_path = with_suffix(&prefix, ".index");
         let data_path0 = data_path(&prefix, 0, 1);
         let kv = table::read(&std::fs::read(&index_path).unwrap()).unwrap();
@@ -808,7 +886,7 @@ mod tests {
             out.extend(entries.iter().map(|(k, e)| (k.clone(), e.encode_to_vec())));
             std::fs::write(&index_path, table::build(&out)).unwrap();
             std::fs::write(&data_path0, &d).unwrap();
-            kind(load(&prefix))
+            kind(load(&prefix, true))
         };
         let find = |entries: &Entries, name: &str| {
             entries
@@ -892,7 +970,7 @@ mod tests {
                 _ => e.crc32c = rng.u32(..),
             }
             let prefix = bundle(dir.path(), &entries, &data);
-            if let Ok(l) = load(&prefix) {
+            if let Ok(l) = load(&prefix, true) {
                 loaded += 1;
                 let bytes: usize = l.tensors.iter().map(|(_, _, v)| v.len() * 4).sum();
                 assert!(
