@@ -156,6 +156,8 @@ impl GpuEma {
             self.queue.submit(Some(enc.finish()));
             buffer
         })?;
+        // A snapshot of a lost device would only fail later, when read back.
+        self.alive.check(&self.device)?;
         Ok(Snapshot {
             data: Data::Gpu {
                 device: self.device.clone(),
