@@ -54,6 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .policy(Policy {
             update_after_step: 100,
             update_every: 1,
+            write_back_every: 0,
         })
         .track_arena(&params)
         .build(device, queue)?;

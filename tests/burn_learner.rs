@@ -74,6 +74,7 @@ fn shadows_match_the_f64_reference() {
     let policy = Policy {
         update_after_step: 2,
         update_every: 2,
+        write_back_every: 0,
     };
     let mut net = Mlp::new(&device);
     let mut optim: ModuleOptimizer = EmaOptim::new(AdamConfig::new().build(), schedules[0])
@@ -115,6 +116,41 @@ fn shadows_match_the_f64_reference() {
                 16.0 * f32::EPSILON as f64,
             );
         }
+    }
+}
+
+/// Switch EMA under `EmaOptim`: every 2nd update the optimizer returns the first EMA's weights
+/// as the parameters (bit for bit), and training goes on from them.
+#[test]
+fn switch_ema_returns_the_ema_as_the_parameters_every_w_updates() {
+    let _one = lock();
+    let Some(device) = device() else { return };
+    let device = device.autodiff();
+    let policy = Policy {
+        write_back_every: 2,
+        ..Policy::default()
+    };
+    let mut net = Mlp::new(&device);
+    let mut optim: ModuleOptimizer =
+        EmaOptim::new(AdamConfig::new().build(), Schedule::constant(0.5))
+            .unwrap()
+            .policy(policy)
+            .unwrap()
+            .into();
+    let start = values(&net);
+    for n in 1..=6u64 {
+        let g = grads(&net, n, &device);
+        net = optim.step(1e-2, net, g);
+        let now = values(&net);
+        let w = EmaWeights::from_record(optim.to_record()).unwrap();
+        let same = start.iter().zip(&now).all(|((_, id), (v, _))| {
+            let (_, shadow) = w.shadow(*id, 0).unwrap();
+            shadow
+                .iter()
+                .zip(v)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        });
+        assert_eq!(same, policy.writes_back(n), "after update {n}");
     }
 }
 

@@ -215,6 +215,18 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
                 Action::Skip => {}
             }
         }
+        // Switch EMA: every `write_back_every`-th update, training continues from the first
+        // EMA's weights (in the parameter's own dtype).
+        let param = match (action, shadows.first()) {
+            (Action::Update(_), Some(back)) if self.policy.writes_back(n) => {
+                if param.dtype() == back.dtype() {
+                    back.clone()
+                } else {
+                    back.clone().cast(FloatDType::from(param.dtype()))
+                }
+            }
+            _ => param,
+        };
         (
             param,
             Some(EmaOptimState {

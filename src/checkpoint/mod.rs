@@ -123,12 +123,18 @@ pub use crate::names::{
     META_NUM_UPDATES, META_POLICY, META_SCHEDULE, META_VERSION,
 };
 
-/// The policy as the metadata stores it: `update_after_step=M,update_every=K`.
+/// The policy as the metadata stores it: `update_after_step=M,update_every=K`, and
+/// `,write_back_every=W` when it writes back (so that files of policies without write-back
+/// read as before).
 pub fn describe_policy(p: Policy) -> String {
-    format!(
+    let mut s = format!(
         "update_after_step={},update_every={}",
         p.update_after_step, p.update_every
-    )
+    );
+    if p.write_back_every > 0 {
+        s += &format!(",write_back_every={}", p.write_back_every);
+    }
+    s
 }
 
 /// What a restore accepts beyond a checkpoint of the same configuration with finite values.

@@ -146,8 +146,43 @@ impl CpuEma {
         self.update_at(n, params)
     }
 
-    /// One update as update number `n` (the caller's global step).
+    /// One update as update number `n` (the caller's global step). A policy that writes the
+    /// EMA back into the parameters at `n` needs [`update_at_mut`](Self::update_at_mut): here
+    /// it is an error, before anything changes.
     pub fn update_at(&mut self, n: u64, params: &[&[f32]]) -> Result<()> {
+        if self.stepper.policy().writes_back(n) {
+            return Err(Error::InvalidConfig(format!(
+                "the policy writes the EMA into the parameters at update {n} \
+                 (write_back_every = {}): call update_mut / update_at_mut, which may write them",
+                self.stepper.policy().write_back_every
+            )));
+        }
+        self.apply(n, params)
+    }
+
+    /// [`update`](Self::update) that may write into the parameters: after every
+    /// `write_back_every`-th update of the [`Policy`], the shadows are copied into `params`
+    /// (Switch EMA).
+    pub fn update_mut(&mut self, params: &mut [&mut [f32]]) -> Result<()> {
+        let n = self.stepper.next();
+        self.update_at_mut(n, params)
+    }
+
+    /// [`update_at`](Self::update_at) that may write into the parameters (see
+    /// [`update_mut`](Self::update_mut)).
+    pub fn update_at_mut(&mut self, n: u64, params: &mut [&mut [f32]]) -> Result<()> {
+        let views: Vec<&[f32]> = params.iter().map(|p| &**p).collect();
+        self.apply(n, &views)?;
+        if self.stepper.policy().writes_back(n) {
+            for (p, s) in params.iter_mut().zip(&self.shadows) {
+                p.copy_from_slice(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// The update of call `n` into the shadows.
+    fn apply(&mut self, n: u64, params: &[&[f32]]) -> Result<()> {
         if params.len() != self.specs.len() {
             return Err(Error::TensorCountMismatch {
                 expected: self.specs.len(),

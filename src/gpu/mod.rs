@@ -241,7 +241,9 @@ impl GpuEma {
     /// its `num_updates` variable. The internal counter becomes `n`.
     ///
     /// Under a [`Policy`], a call before `update_after_step` records the exact copy
-    /// `shadow = param`, and a call between two updates of `update_every` records nothing.
+    /// `shadow = param`, a call between two updates of `update_every` records nothing, and
+    /// every `write_back_every`-th update is followed by the copy `param = shadow` of the first
+    /// EMA (rounded to nearest even into f16/bf16 parameters), in the same encoder.
     pub fn record_update_at(&mut self, encoder: &mut wgpu::CommandEncoder, n: u64) -> Result<()> {
         if self.swapped {
             return Err(Error::Swapped);
@@ -253,7 +255,11 @@ impl GpuEma {
             Action::Copy => self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS])?,
             Action::Update(alpha) => {
                 alphas[0] = alpha;
-                self.record_pass(encoder, Op::Update, alphas)?
+                self.record_pass(encoder, Op::Update, alphas)?;
+                // Switch EMA: training continues from the averaged weights.
+                if self.stepper.policy().writes_back(n) {
+                    self.record_pass(encoder, Op::ToParams, [1.0; MAX_EMAS])?;
+                }
             }
         }
         Ok(())

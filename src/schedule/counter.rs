@@ -113,6 +113,7 @@ mod tests {
         let policy = Policy {
             update_after_step: 2,
             update_every: 2,
+            write_back_every: 0,
         };
         let mut s = Stepper::new(Schedule::constant(0.5), Numerics::Exact, policy, 0).unwrap();
         let actions: Vec<Action> = (0..6)
@@ -153,6 +154,7 @@ mod tests {
         let zero = Policy {
             update_after_step: 0,
             update_every: 0,
+            write_back_every: 0,
         };
         assert!(s.set_policy(zero).is_err());
         assert!(Stepper::new(Schedule::constant(0.9), Numerics::Exact, zero, 0).is_err());

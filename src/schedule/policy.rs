@@ -15,13 +15,26 @@ use crate::error::{Error, Result};
 /// - an update evaluates the schedule at `n - update_after_step`, so warm-ups start when the
 ///   averaging does. With `update_every = k`, each update folds in one parameter value per
 ///   `k` steps: pick the decay per update (a [`Schedule::HalfLife`] with
-///   `update_interval = k` does it for you).
+///   `update_interval = k` does it for you);
+/// - with `write_back_every = w > 0` (Switch EMA, arXiv 2402.09240; ema-pytorch's
+///   `update_model_with_ema_every`, Keras' `ema_overwrite_frequency`), every `w`-th update
+///   then writes the first EMA's shadows into the parameters, in the same encoder, after the
+///   update: training continues from the averaged weights.
+///
+/// ```
+/// use wgpu_ema::schedule::Policy;
+/// // Average from step 101 on, every 2nd step; write the EMA back every 50th update.
+/// let p = Policy { update_after_step: 100, update_every: 2, write_back_every: 50 };
+/// assert!(p.writes_back(200) && !p.writes_back(198));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
     /// Calls up to and including this one copy instead of averaging (default 0).
     pub update_after_step: u64,
     /// Update on every k-th call (default 1).
     pub update_every: u64,
+    /// Write the EMA into the parameters after every w-th update (default 0: never).
+    pub write_back_every: u64,
 }
 
 impl Default for Policy {
@@ -29,6 +42,7 @@ impl Default for Policy {
         Self {
             update_after_step: 0,
             update_every: 1,
+            write_back_every: 0,
         }
     }
 }
@@ -59,7 +73,7 @@ impl Policy {
     ///
     /// ```
     /// use wgpu_ema::schedule::{Action, Numerics, Policy, Schedule};
-    /// let p = Policy { update_after_step: 2, update_every: 3 };
+    /// let p = Policy { update_after_step: 2, update_every: 3, write_back_every: 0 };
     /// let s = Schedule::constant(0.5);
     /// assert_eq!(p.action(&s, 1, Numerics::Exact).unwrap(), Action::Copy);
     /// assert_eq!(p.action(&s, 3, Numerics::Exact).unwrap(), Action::Skip);
@@ -76,6 +90,17 @@ impl Policy {
         }
         Ok(Action::Update(schedule.alpha(k, numerics)?))
     }
+
+    /// True when call `n` ends by writing the first EMA into the parameters: it updates, and
+    /// it is the `write_back_every`-th update since the last write-back.
+    pub fn writes_back(&self, n: u64) -> bool {
+        if self.write_back_every == 0 || self.update_every == 0 || n <= self.update_after_step {
+            return false;
+        }
+        let k = n - self.update_after_step;
+        k.is_multiple_of(self.update_every)
+            && (k / self.update_every).is_multiple_of(self.write_back_every)
+    }
 }
 
 #[cfg(test)]
@@ -88,6 +113,7 @@ mod tests {
         let p = Policy {
             update_after_step: 3,
             update_every: 2,
+            write_back_every: 0,
         };
         let acts: Vec<Action> = (1..=8)
             .map(|n| p.action(&s, n, Numerics::Exact).unwrap())
@@ -109,7 +135,26 @@ mod tests {
         let bad = Policy {
             update_after_step: 0,
             update_every: 0,
+            write_back_every: 0,
         };
         assert!(bad.action(&s, 1, Numerics::Exact).is_err());
+    }
+
+    #[test]
+    fn write_back_every_w_th_update() {
+        // Updates at n = 5, 7, 9, 11, 13, 15 (after 3, every 2nd): the 3rd and 6th write back.
+        let p = Policy {
+            update_after_step: 3,
+            update_every: 2,
+            write_back_every: 3,
+        };
+        let back: Vec<u64> = (1..=16).filter(|&n| p.writes_back(n)).collect();
+        assert_eq!(back, [9, 15]);
+        assert!(!(1..=100).any(|n| Policy::default().writes_back(n)));
+        let every = Policy {
+            write_back_every: 1,
+            ..Policy::default()
+        };
+        assert!((1..=5).all(|n| every.writes_back(n)));
     }
 }

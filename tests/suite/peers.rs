@@ -85,6 +85,7 @@ fn cases() -> Vec<Case> {
                 policy: Policy {
                     update_after_step: u(o, "update_after_step"),
                     update_every: u(o, "update_every"),
+                    write_back_every: 0,
                 },
                 start: u(o, "start"),
                 build_from: u(o, "build_from") as usize,

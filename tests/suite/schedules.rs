@@ -104,6 +104,7 @@ fn every_schedule_and_policy_matches_the_reference_on_the_gpu() {
             Policy {
                 update_after_step: 5,
                 update_every: 3,
+                write_back_every: 0,
             },
         ] {
             let p0 = random(1, n);
@@ -160,7 +161,8 @@ fn invalid_policies_and_schedules_are_refused() {
         Schedule::constant(0.5),
         Policy {
             update_after_step: 0,
-            update_every: 0
+            update_every: 0,
+            write_back_every: 0,
         }
     )
     .is_err());

@@ -23,6 +23,7 @@ fn k_emas_in_one_pass_equal_k_separate_passes() {
             Policy {
                 update_after_step: 3,
                 update_every: 2,
+                write_back_every: 0,
             },
         ] {
             let n_user = 1029;
