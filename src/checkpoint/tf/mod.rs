@@ -672,9 +672,14 @@ mod tests {
 
     /// Writes a one-shard bundle at `dir/b` of `entries` (in the order given) over `data`.
     fn bundle(dir: &Path, entries: &[(&str, BundleEntry)], data: &[u8]) -> PathBuf {
+        bundle_of(dir, entries, &[data])
+    }
+
+    /// A bundle of as many data shards as `shards`.
+    fn bundle_of(dir: &Path, entries: &[(&str, BundleEntry)], shards: &[&[u8]]) -> PathBuf {
         let prefix = dir.join("b");
         let header = BundleHeader {
-            num_shards: 1,
+            num_shards: shards.len() as i32,
             endianness: 0,
             version: None,
         };
@@ -685,7 +690,10 @@ mod tests {
                 .map(|(k, e)| (k.as_bytes().to_vec(), e.encode_to_vec())),
         );
         std::fs::write(with_suffix(&prefix, ".index"), table::build(&kv)).unwrap();
-        std::fs::write(data_path(&prefix, 0, 1), data).unwrap();
+        let n = shards.len() as i32;
+        for (i, data) in shards.iter().enumerate() {
+            std::fs::write(data_path(&prefix, i as i32, n), data).unwrap();
+        }
         prefix
     }
 
@@ -927,6 +935,68 @@ mod tests {
             }
         });
         assert_eq!(got, CheckpointKindOrOk::Kind(K::Checksum), "reshape");
+    }
+
+    /// Saves over one prefix alternate between one data file and two, and remove the other
+    /// count's files once committed.
+    #[test]
+    fn saves_over_one_prefix_alternate_their_data_files() {
+        use crate::cpu::CpuEma;
+        use crate::schedule::{Numerics, Schedule};
+        use crate::tensors::TensorSpec;
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("latest");
+        let data_files = || {
+            let mut v: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("latest.data-"))
+                .collect();
+            v.sort();
+            v
+        };
+        for step in 1..=4u64 {
+            let mut ema = CpuEma::new(Schedule::constant(0.5), Numerics::Exact).unwrap();
+            ema.track(TensorSpec::new("w", [3]), &[step as f32; 3])
+                .unwrap();
+            ema.set_num_updates(step);
+            let mut params = HostTensors::new();
+            params
+                .insert(TensorSpec::new("w", [3]), vec![step as f32; 3])
+                .unwrap();
+            save_tf(&prefix, &ema, Some(&params), &HostTensors::new()).unwrap();
+            assert_eq!(
+                current_shards(&prefix),
+                Some(if step % 2 == 1 { 1 } else { 2 })
+            );
+            let want: &[&str] = if step % 2 == 1 {
+                &["latest.data-00000-of-00001"]
+            } else {
+                &["latest.data-00000-of-00002", "latest.data-00001-of-00002"]
+            };
+            assert_eq!(data_files(), want, "after save {step}");
+            let l = load(&prefix, true).unwrap();
+            assert_eq!(l.metadata[META_NUM_UPDATES], step.to_string());
+            assert_eq!(l.tensors[0].2, [step as f32; 3]);
+        }
+        // A stale data file of the prefix goes; files that merely start alike stay.
+        for f in [
+            "latest.data-00002-of-00003",
+            "latest2.data-00000-of-00001",
+            "latest.data-notes",
+        ] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        remove_other_data(&prefix, 2);
+        assert!(dir.path().join("latest2.data-00000-of-00001").exists());
+        assert_eq!(
+            data_files(),
+            [
+                "latest.data-00000-of-00002",
+                "latest.data-00001-of-00002",
+                "latest.data-notes"
+            ]
+        );
     }
 
     /// Seeded random edits of every field of every entry of a bundle, with valid table
