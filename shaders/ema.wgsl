@@ -113,7 +113,17 @@ fn ema4(s: vec4<f32>, p: vec4<f32>, a: f32) -> vec4<f32> {
 // items. Padding lanes of a segment's last item compute on whatever lies past the tensor
 // and write only the shadows' padding, never parameters.
 
+// A tensor selected to be copied rather than averaged (running statistics) has `Seg.flags`
+// bit 0 set: its update is the exact copy, as at initialisation.
+fn follows(it: Item) -> bool {
+    return (it.seg.flags & 1u) != 0u;
+}
+
 fn update_item(it: Item) {
+    if follows(it) {
+        init_item(it);
+        return;
+    }
     shadow[it.sh] = ema4(shadow[it.sh], load_params(it), step.alpha);
 }
 
@@ -130,6 +140,10 @@ fn init_item(it: Item) {
 // the multiplication by 1 is exact. The tests check the accuracy on each backend.
 
 fn update_item_kahan(it: Item) {
+    if follows(it) {
+        init_item_kahan(it);
+        return;
+    }
     let s = shadow[it.sh];
     let y = step.alpha * (load_params(it) - s) - comp[it.sh];
     let t = s + y;
@@ -147,6 +161,10 @@ fn init_item_kahan(it: Item) {
 // updated, 4 + 8K bytes per element instead of 12K for K separate passes.
 
 fn update_item_multi(it: Item) {
+    if follows(it) {
+        init_item_multi(it);
+        return;
+    }
     let a = step.alphas;
     let p = load_params(it);
     let i = it.sh;

@@ -62,6 +62,7 @@ mod plan;
 pub mod posthoc;
 mod readback;
 pub mod schedule;
+pub mod select;
 mod shader;
 mod tensors;
 

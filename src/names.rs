@@ -117,6 +117,9 @@ pub const META_SCHEDULE: &str = "schedule";
 pub const META_EXTRA_SCHEDULES: &str = "extra_schedules";
 /// Metadata key: when updates happen, `update_after_step=M,update_every=K`.
 pub const META_POLICY: &str = "policy";
+/// Metadata key: the tensors copied and left out, `copy=a,b;exclude=c` (absent when every
+/// tensor is averaged).
+pub const META_SELECTION: &str = "selection";
 /// Metadata key: `exact` or `tensorflow`.
 pub const META_NUMERICS: &str = "numerics";
 /// Metadata key: the version of wgpu-ema that wrote the file.

@@ -56,7 +56,7 @@ const STEP_FIELDS: [(&str, &str); 5] = [
 
 /// `struct Seg`'s fields in WGSL, in [`SegRow`](crate::plan::SegRow)'s order (all `u32`).
 const SEG_FIELDS: [&str; 8] = [
-    "vstart", "count", "param", "shadow", "slot", "dtype", "pad0", "pad1",
+    "vstart", "count", "param", "shadow", "slot", "dtype", "flags", "pad1",
 ];
 
 /// Bytes of [`StepValues`].
@@ -529,7 +529,7 @@ mod tests {
             ("shadow", std::mem::offset_of!(SegRow, shadow)),
             ("slot", std::mem::offset_of!(SegRow, slot)),
             ("dtype", std::mem::offset_of!(SegRow, dtype)),
-            ("pad0", std::mem::offset_of!(SegRow, pad0)),
+            ("flags", std::mem::offset_of!(SegRow, flags)),
             ("pad1", std::mem::offset_of!(SegRow, pad1)),
         ];
         let rust_seg: Vec<(String, u32)> = rust_seg

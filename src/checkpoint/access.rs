@@ -5,7 +5,7 @@ use super::errors::{bad, bad_tensor};
 use super::load::Checkpoint;
 use super::{
     describe_policy, ema_shadow_name, Config, RestoreOptions, META_EXTRA_SCHEDULES, META_NUMERICS,
-    META_NUM_UPDATES, META_POLICY, META_SCHEDULE,
+    META_NUM_UPDATES, META_POLICY, META_SCHEDULE, META_SELECTION,
 };
 use crate::error::CheckpointErrorKind as K;
 use crate::error::Result;
@@ -96,12 +96,16 @@ impl Checkpoint {
                 (META_NUMERICS, config.numerics.as_str().to_string()),
                 (META_POLICY, describe_policy(config.policy)),
                 (META_EXTRA_SCHEDULES, extra.join("; ")),
+                (META_SELECTION, config.selection.to_string()),
             ];
             for (key, mine) in ours {
                 let theirs = match (self.metadata().get(key), key) {
                     (Some(v), _) => v.clone(),
-                    // A file of one EMA has no such key; others must have one.
-                    (None, META_EXTRA_SCHEDULES) if self.metadata().contains_key(META_SCHEDULE) => {
+                    // A file of one EMA, or of no selection, has no such key (ours always have
+                    // a schedule); others must have one.
+                    (None, META_EXTRA_SCHEDULES | META_SELECTION)
+                        if self.metadata().contains_key(META_SCHEDULE) =>
+                    {
                         String::new()
                     }
                     (None, _) => continue,

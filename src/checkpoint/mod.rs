@@ -120,7 +120,7 @@ use crate::tensors::{HostTensors, TensorSpec};
 // The names and metadata keys are `crate::names`'; re-exported here where users found them.
 pub use crate::names::{
     ema_shadow_name, COMPENSATION_SUFFIX, META_EXTRA_SCHEDULES, META_KIND, META_NUMERICS,
-    META_NUM_UPDATES, META_POLICY, META_SCHEDULE, META_VERSION,
+    META_NUM_UPDATES, META_POLICY, META_SCHEDULE, META_SELECTION, META_VERSION,
 };
 
 /// The policy as the metadata stores it: `update_after_step=M,update_every=K`, and
@@ -154,16 +154,24 @@ pub(crate) struct Config<'a> {
     pub numerics: Numerics,
     pub policy: Policy,
     pub extra: &'a [Schedule],
+    /// The tensors copied and left out (`select::describe`; empty when all are averaged).
+    pub selection: &'a str,
 }
 
 impl<'a> Config<'a> {
-    /// An EMA's: its step counter's schedule, numerics and policy, and its further EMAs.
-    pub fn of(stepper: &crate::schedule::Stepper, extra: &'a [Schedule]) -> Self {
+    /// An EMA's: its step counter's schedule, numerics and policy, its further EMAs, and its
+    /// selection.
+    pub fn of(
+        stepper: &crate::schedule::Stepper,
+        extra: &'a [Schedule],
+        selection: &'a str,
+    ) -> Self {
         Self {
             schedule: stepper.schedule(),
             numerics: stepper.numerics(),
             policy: stepper.policy(),
             extra,
+            selection,
         }
     }
 }
@@ -211,6 +219,11 @@ pub trait EmaState {
     fn read_compensation(&self, _i: usize) -> Result<Option<Vec<f32>>> {
         Ok(None)
     }
+    /// The tensors copied and left out (see [`select`](crate::select)), as
+    /// [`META_SELECTION`] records it; empty when every tensor is averaged.
+    fn selection(&self) -> String {
+        String::new()
+    }
 }
 
 fn metadata(state: &dyn EmaState, kind: &str) -> HashMap<String, String> {
@@ -220,6 +233,10 @@ fn metadata(state: &dyn EmaState, kind: &str) -> HashMap<String, String> {
             .filter_map(|k| state.ema_schedule(k).map(|s| s.describe()))
             .collect();
         m.insert(META_EXTRA_SCHEDULES.to_string(), extra.join("; "));
+    }
+    let selection = state.selection();
+    if !selection.is_empty() {
+        m.insert(META_SELECTION.to_string(), selection);
     }
     m
 }

@@ -34,6 +34,10 @@ pub struct CpuEma {
     /// Kahan compensation terms, one per shadow; empty when not compensated.
     comps: Vec<Vec<f32>>,
     compensated: bool,
+    /// Per tensor: its shadow follows its parameter exactly (selected to be copied).
+    follow: Vec<bool>,
+    /// The selection as checkpoints record it.
+    selection: String,
 }
 
 impl CpuEma {
@@ -45,6 +49,8 @@ impl CpuEma {
             shadows: Vec::new(),
             comps: Vec::new(),
             compensated: false,
+            follow: Vec::new(),
+            selection: String::new(),
         })
     }
 
@@ -69,6 +75,7 @@ impl CpuEma {
             });
         }
         self.specs.push(spec);
+        self.follow.push(false);
         self.shadows.push(values.to_vec());
         if self.compensated {
             self.comps.push(vec![0.0; values.len()]);
@@ -181,6 +188,40 @@ impl CpuEma {
         Ok(())
     }
 
+    /// Applies a [`Selection`](crate::select::Selection) to the tensors tracked so far, as
+    /// [`GpuEmaBuilder::select`](crate::GpuEmaBuilder::select) does at build: excluded
+    /// tensors are dropped, copied ones take their parameters' values exactly on every update.
+    /// Errors (nothing changes): a pattern that matches no tracked tensor, a tensor both
+    /// copied and excluded, a second selection.
+    pub fn select(&mut self, selection: &crate::select::Selection) -> Result<()> {
+        use crate::select::Mode;
+        if !self.selection.is_empty() {
+            return Err(Error::InvalidConfig(format!(
+                "this EMA already has a selection ({}): select once, after tracking",
+                self.selection
+            )));
+        }
+        let modes = selection.resolve(self.specs.iter().map(|s| s.name.as_str()))?;
+        self.selection = crate::select::describe(
+            self.specs
+                .iter()
+                .map(|s| s.name.as_str())
+                .zip(modes.iter().copied()),
+        );
+        let kept: Vec<bool> = modes.iter().map(|&m| m != Mode::Exclude).collect();
+        retain_where(&mut self.specs, &kept);
+        retain_where(&mut self.shadows, &kept);
+        if self.compensated {
+            retain_where(&mut self.comps, &kept);
+        }
+        self.follow = modes
+            .iter()
+            .filter(|&&m| m != Mode::Exclude)
+            .map(|&m| m == Mode::Copy)
+            .collect();
+        Ok(())
+    }
+
     /// The update of call `n` into the shadows.
     fn apply(&mut self, n: u64, params: &[&[f32]]) -> Result<()> {
         if params.len() != self.specs.len() {
@@ -193,9 +234,20 @@ impl CpuEma {
             check_len(&spec.name, spec.numel() as usize, p.len())?;
         }
         let action = self.stepper.advance_to(n)?;
+        // A tensor selected to be copied takes its parameter on every update, as on a copy.
+        let act = |i: usize| match action {
+            Action::Update(_) if self.follow.get(i).copied().unwrap_or(false) => Action::Copy,
+            a => a,
+        };
         if self.compensated {
-            for ((s, c), p) in self.shadows.iter_mut().zip(&mut self.comps).zip(params) {
-                match action {
+            for (i, ((s, c), p)) in self
+                .shadows
+                .iter_mut()
+                .zip(&mut self.comps)
+                .zip(params)
+                .enumerate()
+            {
+                match act(i) {
                     Action::Skip => {}
                     Action::Copy => {
                         s.copy_from_slice(p);
@@ -206,8 +258,8 @@ impl CpuEma {
             }
             return Ok(());
         }
-        for (s, p) in self.shadows.iter_mut().zip(params) {
-            match (action, self.stepper.numerics()) {
+        for (i, (s, p)) in self.shadows.iter_mut().zip(params).enumerate() {
+            match (act(i), self.stepper.numerics()) {
                 (Action::Skip, _) => {}
                 (Action::Copy, _) => s.copy_from_slice(p),
                 (Action::Update(alpha), Numerics::Exact) => ema_step(s, p, alpha)?,
@@ -257,7 +309,7 @@ impl CpuEma {
         checkpoint: &crate::checkpoint::Checkpoint,
         opts: crate::checkpoint::RestoreOptions,
     ) -> Result<()> {
-        let config = crate::checkpoint::Config::of(&self.stepper, &[]);
+        let config = crate::checkpoint::Config::of(&self.stepper, &[], &self.selection);
         let set = checkpoint.restore_set(&self.specs, self.compensated, &config, opts)?;
         for (i, values) in set.shadows.iter().enumerate() {
             self.shadows[i].copy_from_slice(values);
@@ -294,6 +346,9 @@ impl crate::checkpoint::EmaState for CpuEma {
     fn policy(&self) -> Policy {
         self.stepper.policy()
     }
+    fn selection(&self) -> String {
+        self.selection.clone()
+    }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
         self.shadows
             .get(i)
@@ -313,6 +368,12 @@ impl crate::checkpoint::EmaState for CpuEma {
     fn read_param(&self, _i: usize) -> Result<Option<Vec<f32>>> {
         Ok(None)
     }
+}
+
+/// Keeps the elements of `v` whose flag in `keep` is set.
+fn retain_where<T>(v: &mut Vec<T>, keep: &[bool]) {
+    let mut flags = keep.iter();
+    v.retain(|_| flags.next().copied().unwrap_or(true));
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::num::NonZeroU64;
 use super::bindings;
 use super::*;
 use crate::plan::{self, Plan};
+use crate::select::Mode;
 use crate::shader::{self, Shape, STEP_BYTES};
 
 /// The most parameter bindings one dispatch selects between (the `switch` in the shader
@@ -38,6 +39,7 @@ pub struct GpuEmaBuilder<'a> {
     prefer_immediates: bool,
     arena: Option<&'a ParamArena>,
     buffers: Vec<(TensorSpec, ParamBinding<wgpu::Buffer>)>,
+    selection: crate::select::Selection,
 }
 
 impl<'a> GpuEmaBuilder<'a> {
@@ -54,6 +56,7 @@ impl<'a> GpuEmaBuilder<'a> {
             prefer_immediates: true,
             arena: None,
             buffers: Vec::new(),
+            selection: crate::select::Selection::new(),
         }
     }
 
@@ -67,6 +70,27 @@ impl<'a> GpuEmaBuilder<'a> {
     /// updates).
     pub fn policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// Which tracked tensors are copied (their shadows take the parameters' values exactly on
+    /// every update: running statistics) or left out (not tracked at all), by name patterns;
+    /// every other tensor is averaged. Applied at [`build`](Self::build), over the arena's
+    /// tensors and the buffers' alike; a pattern that matches nothing, or a tensor both copied
+    /// and excluded, is an error there. Checkpoints record the selection, and a restore into an
+    /// EMA of another selection is refused.
+    ///
+    /// ```no_run
+    /// # fn demo(ctx: &wgpu_ema::GpuContext, arena: &wgpu_ema::ParamArena) -> wgpu_ema::Result<()> {
+    /// use wgpu_ema::{select::Selection, GpuEma, Schedule};
+    /// let ema = GpuEma::builder(Schedule::constant(0.999))
+    ///     .select(Selection::new().copy("*.running_*").exclude("*.num_batches_tracked"))
+    ///     .track_arena(arena)
+    ///     .build(&ctx.device, &ctx.queue)?;
+    /// # let _ = ema; Ok(()) }
+    /// ```
+    pub fn select(mut self, selection: crate::select::Selection) -> Self {
+        self.selection = selection;
         self
     }
 
@@ -197,6 +221,27 @@ impl<'a> GpuEmaBuilder<'a> {
             bindings::validate_binding(&spec, &b.buffer, b.offset, b.dtype)?;
             all.push((spec, b, false));
         }
+        // The selection: excluded tensors leave, copied ones follow their parameters.
+        let modes = self
+            .selection
+            .resolve(all.iter().map(|(s, ..)| s.name.as_str()))?;
+        let selection = crate::select::describe(
+            all.iter()
+                .map(|(s, ..)| s.name.as_str())
+                .zip(modes.iter().copied()),
+        );
+        let all: Vec<_> = all
+            .into_iter()
+            .zip(modes)
+            .filter_map(|((spec, mut b, in_arena), mode)| match mode {
+                Mode::Exclude => None,
+                Mode::Copy => {
+                    b.follow = true;
+                    Some((spec, b, in_arena))
+                }
+                Mode::Average => Some((spec, b, in_arena)),
+            })
+            .collect();
         let mut names = HashMap::with_capacity(all.len());
         for (i, (spec, ..)) in all.iter().enumerate() {
             if names.insert(spec.name.clone(), i).is_some() {
@@ -340,6 +385,7 @@ impl<'a> GpuEmaBuilder<'a> {
             swapped: false,
             moved: false,
             alive: super::device::Liveness::new(device),
+            selection,
         };
         // shadows := params, on the GPU.
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {

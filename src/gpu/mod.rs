@@ -70,6 +70,7 @@ fn param_binding(
         buffer_size: buffer.size(),
         offset,
         dtype,
+        follow: false,
     }
 }
 
@@ -118,6 +119,8 @@ pub struct GpuEma {
     moved: bool,
     /// Whether the device is still there, checked after each submission.
     alive: device::Liveness,
+    /// The tensors copied and left out, as checkpoints record it (`select::describe`).
+    selection: String,
 }
 
 impl GpuEma {
@@ -341,6 +344,12 @@ impl GpuEma {
     /// The numerics.
     pub fn numerics(&self) -> Numerics {
         self.stepper.numerics()
+    }
+
+    /// The tensors copied and left out (`copy=a,b;exclude=c`, as checkpoints record it;
+    /// empty when every tensor is averaged). See [`GpuEmaBuilder::select`].
+    pub fn selection(&self) -> &str {
+        &self.selection
     }
 
     /// When updates happen.

@@ -41,6 +41,7 @@ pub struct Snapshot {
     /// `extra_at[k - 1][i]`: tensor `i` of EMA `k`.
     extra_at: Vec<Vec<u64>>,
     extra_schedules: Vec<Schedule>,
+    selection: String,
     param_at: Vec<Option<u64>>,
     num_updates: u64,
     schedule: Schedule,
@@ -174,6 +175,7 @@ impl GpuEma {
             schedule: self.schedule(),
             numerics: self.numerics(),
             policy: self.update_policy(),
+            selection: self.selection.clone(),
         })
     }
 }
@@ -276,6 +278,9 @@ impl EmaState for Snapshot {
     }
     fn policy(&self) -> Policy {
         self.policy
+    }
+    fn selection(&self) -> String {
+        self.selection.clone()
     }
     fn read_shadow(&self, i: usize) -> Result<Vec<f32>> {
         let n = self.numel(i)?;

@@ -190,7 +190,7 @@ impl GpuEma {
         // Everything borrowed from the loaded file and checked first; then written
         // one tensor at a time, flushing the queue's staging every 64 MiB, so host memory
         // stays near one tensor whatever the model's size.
-        let config = crate::checkpoint::Config::of(&self.stepper, &self.extra);
+        let config = crate::checkpoint::Config::of(&self.stepper, &self.extra, &self.selection);
         let set = checkpoint.restore_set(&specs, self.is_compensated(), &config, opts)?;
         let mut staged = 0usize;
         let mut flush = |ema: &Self, bytes: usize| {

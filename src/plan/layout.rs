@@ -148,6 +148,8 @@ pub(crate) struct SegPlan {
     pub shadow: u64,
     pub count: u64,
     pub dtype: ParamDtype,
+    /// The tensor's shadows follow its parameters (set by the plan from its binding).
+    pub follow: bool,
 }
 
 impl SegPlan {
@@ -194,6 +196,7 @@ pub(crate) fn plan_tensor(
                 shadow: piece.offset / 4 + inside,
                 count,
                 dtype,
+                follow: false,
             });
             inside += count;
         }

@@ -51,6 +51,9 @@ pub(crate) struct ParamBinding<B> {
     pub buffer_size: u64,
     pub offset: u64,
     pub dtype: ParamDtype,
+    /// The shadows follow the parameters exactly on every update (a tensor selected to be
+    /// copied, not averaged: running statistics). Set when planned; a rebind keeps it.
+    pub follow: bool,
 }
 
 /// One row of the chunk table, as the shader reads it (`struct Seg` in `shaders/ema.wgsl`;
@@ -69,7 +72,8 @@ pub(crate) struct SegRow {
     pub slot: u32,
     /// [`dtype_code`] of the parameters.
     pub dtype: u32,
-    pub pad0: u32,
+    /// Bit 0: the shadows follow the parameters ([`ParamBinding::follow`]).
+    pub flags: u32,
     pub pad1: u32,
 }
 
@@ -93,7 +97,7 @@ impl SegRow {
             shadow: seg.shadow as u32,
             slot: slot as u32,
             dtype: dtype_code(seg.dtype),
-            pad0: 0,
+            flags: u32::from(seg.follow),
             pad1: 0,
         }
     }
@@ -257,7 +261,8 @@ impl<B: Clone + Eq + Hash> Plan<B> {
                 buffers.push(&b.buffer);
                 buffers.len() - 1
             });
-            let mine = plan_tensor(pieces, b.offset, b.dtype, b.buffer_size, &self.lim);
+            let mut mine = plan_tensor(pieces, b.offset, b.dtype, b.buffer_size, &self.lim);
+            mine.iter_mut().for_each(|s| s.follow = b.follow);
             self.rows.push(vec![(0, 0); mine.len()]);
             segs.extend(mine.into_iter().enumerate().map(|(k, s)| (t, k, id, s)));
         }
@@ -357,7 +362,8 @@ impl<B: Clone + Eq + Hash> Plan<B> {
     /// Points tensor `t`'s parameters at `binding` and says what changed. Rows are patched
     /// in place where they can be; otherwise, or when windows were freed so that the live ones
     /// would fit in fewer dispatches, everything is planned again.
-    pub fn rebind(&mut self, t: usize, binding: ParamBinding<B>) -> Change {
+    pub fn rebind(&mut self, t: usize, mut binding: ParamBinding<B>) -> Change {
+        binding.follow = self.tensors[t].1.follow;
         self.tensors[t].1 = binding;
         match self.patch(t) {
             Some(touched) if !self.take_fragmented() => Change::Patched(touched),
@@ -372,7 +378,8 @@ impl<B: Clone + Eq + Hash> Plan<B> {
     /// (the rows may then be half patched: the caller plans again).
     fn patch(&mut self, t: usize) -> Option<Vec<usize>> {
         let (pieces, b) = &self.tensors[t];
-        let segs = plan_tensor(pieces, b.offset, b.dtype, b.buffer_size, &self.lim);
+        let mut segs = plan_tensor(pieces, b.offset, b.dtype, b.buffer_size, &self.lim);
+        segs.iter_mut().for_each(|s| s.follow = b.follow);
         let rows = self.rows.get(t)?;
         if rows.len() != segs.len() {
             return None;
@@ -472,6 +479,7 @@ mod tests {
             buffer_size: 4096,
             offset,
             dtype: ParamDtype::F32,
+            follow: false,
         }
     }
 
@@ -492,6 +500,7 @@ mod tests {
                 buffer_size: 4096,
                 offset,
                 dtype: ParamDtype::F32,
+                follow: false,
             },
         )
     }
@@ -556,6 +565,7 @@ mod tests {
                     buffer_size: 1000,
                     offset,
                     dtype: ParamDtype::F32,
+                    follow: false,
                 },
             )
         };
@@ -581,6 +591,7 @@ mod tests {
                 buffer_size: 4096,
                 offset: 64,
                 dtype: ParamDtype::F32,
+                follow: false,
             },
         );
         assert_eq!(change, Change::Patched(vec![]));
@@ -656,6 +667,7 @@ mod tests {
             buffer_size: 1000,
             offset,
             dtype: ParamDtype::F32,
+            follow: false,
         };
         let piece = |at| {
             vec![Piece {
@@ -683,6 +695,7 @@ mod tests {
             buffer_size: 2864,
             offset,
             dtype: ParamDtype::F32,
+            follow: false,
         };
         let tensors = pieces.into_iter().zip(offsets.map(binding)).collect();
         let mut plan = Plan::new(lim, 2, tensors);

@@ -98,6 +98,7 @@ fn binding(l: &Layout, buffer: u32, offset: u64, dtype: ParamDtype) -> ParamBind
         buffer_size: l.buffer_sizes[buffer as usize],
         offset,
         dtype,
+        follow: buffer % 2 == 1,
     }
 }
 
@@ -158,6 +159,10 @@ fn check(plan: &Plan<u32>, l: &Layout) -> Vec<Runs> {
                 ParamDtype::BF16 => 2,
             };
             assert_eq!(row.dtype, code, "tensor {t}: dtype code");
+            // A tensor's selection is its own, whatever it was rebound to since.
+            let follows = l.tensors[t].1 % 2 == 1;
+            assert_eq!(b.follow, follows, "tensor {t}: selection lost in a rebind");
+            assert_eq!(row.flags, u32::from(follows), "tensor {t}: follow flag");
             assert!(row.count > 0);
             mine.push((
                 d.shadow_buffer,

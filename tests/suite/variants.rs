@@ -5,7 +5,7 @@
 use crate::common::{gpu, random};
 use wgpu_ema::cpu::CpuEma;
 use wgpu_ema::schedule::Policy;
-use wgpu_ema::{Error, GpuEma, Numerics, ParamArena, Schedule, TensorSpec};
+use wgpu_ema::{wgpu, Error, GpuEma, Numerics, ParamArena, Schedule, TensorSpec};
 
 /// The f64 EMA of a training run whose parameters take a step `delta(t)` from where they are.
 /// A write-back sets the parameters to the EMA under test's own shadows (asserted equal to
@@ -157,4 +157,217 @@ fn switch_ema_on_the_cpu_path_and_its_refusal_without_mutable_parameters() {
         assert_eq!(param, r.param, "step {n}");
     }
     crate::common::assert_close("w", ema.shadow("w").unwrap(), &r.shadow, 1e-6);
+}
+
+/// The model of the selection tests: averaged weights, running statistics (one of them bf16,
+/// in a user buffer at an odd offset), and a counter that is left out.
+fn selection() -> wgpu_ema::select::Selection {
+    wgpu_ema::select::Selection::new()
+        .copy("*.running_*")
+        .exclude("*.num_batches")
+}
+
+const SELECTED: &str = "copy=bn.running_mean,bn.running_var;exclude=bn.num_batches";
+
+/// Copied tensors take their parameters exactly on every update (in every EMA), averaged ones
+/// follow the f64 EMA, excluded ones are not tracked; checkpoints record the selection and a
+/// restore into another one is refused.
+#[test]
+fn selected_tensors_are_copied_or_left_out_on_the_gpu() {
+    use half::bf16;
+    use wgpu_ema::checkpoint::{self, Checkpoint};
+    use wgpu_ema::{HostTensors, ParamDtype};
+    let Some(ctx) = gpu() else { return };
+    let arena_specs = vec![
+        TensorSpec::new("conv.w", [37, 3]),
+        TensorSpec::new("bn.running_mean", [5]),
+        TensorSpec::new("bn.num_batches", [1]),
+    ];
+    let arena = ParamArena::new(&ctx.device, arena_specs.clone()).unwrap();
+    // bf16 running variance, 13 elements at byte 4 of its own buffer, NaN around it.
+    let var_n = 13usize;
+    let var_bits = |seed: u64| -> (Vec<u16>, Vec<f32>) {
+        random(seed, var_n)
+            .iter()
+            .map(|&x| (bf16::from_f32(x).to_bits(), bf16::from_f32(x).to_f32()))
+            .unzip()
+    };
+    let var_buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let write_var = |bits: &[u16]| {
+        let mut all = vec![0xFFFFu16; 2];
+        all.extend_from_slice(bits);
+        all.resize(32, 0xFFFF);
+        ctx.queue
+            .write_buffer(&var_buf, 0, bytemuck::cast_slice(&all));
+    };
+    let write_all = |seed: u64| -> Vec<Vec<f32>> {
+        let mut values = Vec::new();
+        for (i, s) in arena_specs.iter().enumerate() {
+            let v = random(seed * 10 + i as u64, s.numel() as usize);
+            arena.write(&ctx.queue, &s.name, &v).unwrap();
+            values.push(v);
+        }
+        let (bits, decoded) = var_bits(seed * 10 + 7);
+        write_var(&bits);
+        values.push(decoded);
+        values
+    };
+    let build = |sel: wgpu_ema::select::Selection| {
+        GpuEma::builder(Schedule::constant(DECAY))
+            .extra_ema(Schedule::constant(0.5))
+            .select(sel)
+            .track_arena(&arena)
+            .track_buffer_as(
+                TensorSpec::new("bn.running_var", [var_n]),
+                &var_buf,
+                4,
+                ParamDtype::BF16,
+            )
+            .build(&ctx.device, &ctx.queue)
+    };
+    let mut values = write_all(1);
+    let mut ema = build(selection()).unwrap();
+    let names: Vec<String> = ema.specs().iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, ["conv.w", "bn.running_mean", "bn.running_var"]);
+    assert_eq!(ema.selection(), SELECTED);
+    // f64 EMAs of the averaged tensor, for both schedules.
+    let mut refs: Vec<Vec<f64>> = vec![values[0].iter().map(|&x| f64::from(x)).collect(); 2];
+    for step in 2..=6u64 {
+        values = write_all(step);
+        ema.update().unwrap();
+        for (r, decay) in refs.iter_mut().zip([DECAY, 0.5]) {
+            for (s, &p) in r.iter_mut().zip(&values[0]) {
+                *s += (1.0 - decay) * (f64::from(p) - *s);
+            }
+        }
+        for (k, r) in refs.iter().enumerate() {
+            let got = ema.read_ema_blocking(k).unwrap();
+            assert_eq!(
+                got.try_get("bn.running_mean").unwrap(),
+                values[1].as_slice(),
+                "EMA {k} step {step}"
+            );
+            assert_eq!(
+                got.try_get("bn.running_var").unwrap(),
+                values[3].as_slice(),
+                "EMA {k} step {step}"
+            );
+            crate::common::assert_close("conv.w", got.try_get("conv.w").unwrap(), r, 1e-6);
+            assert!(got.try_get("bn.num_batches").is_err());
+        }
+    }
+    // The checkpoint records the selection; the same selection restores, another is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sel.safetensors");
+    let mut params = HostTensors::new();
+    for (name, v) in [
+        ("conv.w", &values[0]),
+        ("bn.running_mean", &values[1]),
+        ("bn.running_var", &values[3]),
+    ] {
+        let spec = ema.specs().into_iter().find(|s| s.name == name).unwrap();
+        params.insert(spec, v.clone()).unwrap();
+    }
+    checkpoint::save_training(
+        &path,
+        &ema.snapshot(false).unwrap(),
+        Some(&params),
+        &HostTensors::new(),
+    )
+    .unwrap();
+    let ck = Checkpoint::load(&path).unwrap();
+    assert_eq!(ck.metadata()[checkpoint::META_SELECTION], SELECTED);
+    assert!(ck.get("bn.num_batches/ExponentialMovingAverage").is_none());
+    let mut same = build(selection()).unwrap();
+    same.restore(&ck).unwrap();
+    assert_eq!(
+        same.read_shadows_blocking()
+            .unwrap()
+            .try_get("conv.w")
+            .unwrap(),
+        ema.read_shadows_blocking()
+            .unwrap()
+            .try_get("conv.w")
+            .unwrap()
+    );
+    let mut other = build(wgpu_ema::select::Selection::new().exclude("*.num_batches")).unwrap();
+    let e = other.restore(&ck).unwrap_err();
+    crate::common::assert_checkpoint_kind(&e, wgpu_ema::CheckpointErrorKind::Config, None);
+    assert!(e.to_string().contains("selection"), "{e}");
+    // Bad selections are errors at build.
+    for (sel, needle) in [
+        (
+            wgpu_ema::select::Selection::new().copy("*.runing_*"),
+            "matches none",
+        ),
+        (
+            wgpu_ema::select::Selection::new()
+                .copy("bn.*")
+                .exclude("*.num_batches"),
+            "both copied",
+        ),
+        (
+            wgpu_ema::select::Selection::new().exclude("[bad"),
+            "pattern",
+        ),
+    ] {
+        let e = build(sel).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidConfig(m) if m.contains(needle)),
+            "{e}"
+        );
+    }
+}
+
+/// The same selection on the CPU path, compensated: copied tensors exact, averaged ones the
+/// f64 EMA, the metadata as the GPU's.
+#[test]
+fn selected_tensors_on_the_cpu_path() {
+    let mut ema = CpuEma::new(Schedule::constant(DECAY), Numerics::Exact).unwrap();
+    ema.set_compensated(true).unwrap();
+    let specs = [
+        TensorSpec::new("conv.w", [7]),
+        TensorSpec::new("bn.running_mean", [3]),
+        TensorSpec::new("bn.num_batches", [1]),
+        TensorSpec::new("bn.running_var", [3]),
+    ];
+    for (i, s) in specs.iter().enumerate() {
+        ema.track(s.clone(), &random(i as u64, s.numel() as usize))
+            .unwrap();
+    }
+    assert!(ema
+        .select(&wgpu_ema::select::Selection::new().copy("*.runnin_*"))
+        .is_err());
+    assert_eq!(ema.specs().len(), 4, "a refused selection changes nothing");
+    ema.select(&selection()).unwrap();
+    let names: Vec<&str> = ema.specs().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["conv.w", "bn.running_mean", "bn.running_var"]);
+    let mut r: Vec<f64> = random(0, 7).iter().map(|&x| f64::from(x)).collect();
+    for step in 1..=5u64 {
+        let p: Vec<Vec<f32>> = [7usize, 3, 3]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| random(100 * step + i as u64, n))
+            .collect();
+        ema.update(&[&p[0], &p[1], &p[2]]).unwrap();
+        for (s, &x) in r.iter_mut().zip(&p[0]) {
+            *s += (1.0 - DECAY) * (f64::from(x) - *s);
+        }
+        assert_eq!(ema.shadow("bn.running_mean").unwrap(), p[1].as_slice());
+        assert_eq!(ema.shadow("bn.running_var").unwrap(), p[2].as_slice());
+        assert_eq!(
+            ema.compensation("bn.running_var").unwrap().unwrap(),
+            [0.0; 3]
+        );
+    }
+    crate::common::assert_close("conv.w", ema.shadow("conv.w").unwrap(), &r, 1e-6);
+    use wgpu_ema::checkpoint::EmaState;
+    assert_eq!(ema.selection(), SELECTED);
 }
