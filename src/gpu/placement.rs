@@ -45,9 +45,12 @@ impl GpuEma {
     }
 
     /// A binding of the shadow of `name`, for your own shaders (evaluating with the EMA
-    /// weights on the GPU without copying them). Every shadow is one contiguous run starting
-    /// at a storage-aligned offset, except those of tensors larger than one storage binding
-    /// ([`Error::NotContiguous`]).
+    /// weights on the GPU without copying them, or a target network's forward pass reading
+    /// them every step). Every shadow is one contiguous run starting at a storage-aligned
+    /// offset, except those of tensors larger than one storage binding
+    /// ([`Error::NotContiguous`]). The buffer and the offset are the same for the EMA's whole
+    /// life (restores, swaps and rebinds of the parameters write into them, never move them):
+    /// a bind group made once stays valid.
     pub fn shadow_binding(&self, name: &str) -> Result<wgpu::BufferBinding<'_>> {
         match self.placed(self.index(name)?).0 {
             [] => Err(Error::EmptyTensor {

@@ -151,6 +151,26 @@ impl Schedule {
         Schedule::Constant { decay }
     }
 
+    /// A target network's soft update (Polyak averaging), `target = (1 - tau) target + tau
+    /// online`, as Stable-Baselines3's `polyak_update(tau)`, torchrl's `SoftUpdate(tau=...)`
+    /// and CleanRL write it: the constant decay `1 - tau`. `tau` must lie in `(0, 1]` (an
+    /// error otherwise, where a decay outside `[0, 1]` would be).
+    ///
+    /// ```
+    /// use wgpu_ema::Schedule;
+    /// let s = Schedule::polyak(0.005).unwrap();
+    /// assert_eq!(s, Schedule::constant(0.995));
+    /// assert!(Schedule::polyak(0.0).is_err() && Schedule::polyak(1.5).is_err());
+    /// ```
+    pub fn polyak(tau: f64) -> Result<Self> {
+        if !(tau > 0.0 && tau <= 1.0) {
+            return Err(Error::InvalidSchedule(format!(
+                "polyak tau = {tau}: the fraction of the online network taken per update lies in (0, 1]"
+            )));
+        }
+        Ok(Schedule::Constant { decay: 1.0 - tau })
+    }
+
     /// TensorFlow's `ExponentialMovingAverage(decay, num_updates=step)`.
     ///
     /// ```

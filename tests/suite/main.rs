@@ -41,5 +41,5 @@ mod tf_checkpoint;
 mod tf_fixture;
 /// The GPU update against the f64 reference: sizes, offsets, numerics, immediates and the ring.
 mod update;
-/// EMA variants: Switch EMA, selection by name.
+/// EMA variants: Switch EMA, selection by name, target networks.
 mod variants;

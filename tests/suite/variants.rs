@@ -371,3 +371,72 @@ fn selected_tensors_on_the_cpu_path() {
     use wgpu_ema::checkpoint::EmaState;
     assert_eq!(ema.selection(), SELECTED);
 }
+
+/// A target network: soft updates `target = (1 - tau) target + tau online` every step
+/// (Stable-Baselines3's polyak_update, written out in f64 here) and a hard update (an exact
+/// copy) every 4th step; the target's shadow binding never moves.
+#[test]
+fn target_networks_soft_and_hard_updates() {
+    let Some(ctx) = gpu() else { return };
+    let tau = 0.05;
+    let specs = vec![TensorSpec::new("q.w", [17, 5]), TensorSpec::new("q.b", [5])];
+    let arena = ParamArena::new(&ctx.device, specs.clone()).unwrap();
+    let online = |step: u64| -> Vec<Vec<f32>> {
+        specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| random(1000 * step + i as u64, s.numel() as usize))
+            .collect()
+    };
+    let start = online(0);
+    for (s, v) in specs.iter().zip(&start) {
+        arena.write(&ctx.queue, &s.name, v).unwrap();
+    }
+    let mut ema = GpuEma::builder(Schedule::polyak(tau).unwrap())
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    let binding = |ema: &GpuEma| {
+        let b = ema.shadow_binding("q.w").unwrap();
+        (b.buffer.clone(), b.offset, b.size)
+    };
+    let bound = binding(&ema);
+    let mut target: Vec<Vec<f64>> = start
+        .iter()
+        .map(|v| v.iter().map(|&x| f64::from(x)).collect())
+        .collect();
+    for step in 1..=9u64 {
+        let now = online(step);
+        for (s, v) in specs.iter().zip(&now) {
+            arena.write(&ctx.queue, &s.name, v).unwrap();
+        }
+        if step % 4 == 0 {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            ema.record_reset(&mut enc).unwrap();
+            ctx.queue.submit(Some(enc.finish()));
+            for (t, v) in target.iter_mut().zip(&now) {
+                *t = v.iter().map(|&x| f64::from(x)).collect();
+            }
+            let got = ema.read_shadows_blocking().unwrap();
+            for (s, v) in specs.iter().zip(&now) {
+                assert_eq!(
+                    got.try_get(&s.name).unwrap(),
+                    v.as_slice(),
+                    "hard update {step}"
+                );
+            }
+        } else {
+            ema.update().unwrap();
+            for (t, v) in target.iter_mut().zip(&now) {
+                for (t, &x) in t.iter_mut().zip(v) {
+                    *t = (1.0 - tau) * *t + tau * f64::from(x);
+                }
+            }
+        }
+    }
+    let got = ema.read_shadows_blocking().unwrap();
+    for (s, t) in specs.iter().zip(&target) {
+        crate::common::assert_close(&s.name, got.try_get(&s.name).unwrap(), t, 1e-6);
+    }
+    assert!(binding(&ema) == bound, "the target's binding moved");
+}
