@@ -38,8 +38,18 @@ fn values<M: Module>(m: &M) -> Vec<Vec<f32>> {
     v.0
 }
 
-fn burn_device() -> Option<(Device, burn::tensor::wgpu::WgpuSetup)> {
-    match Device::wgpu_options().init_with_setup() {
+/// burn's wgpu device and its setup, made once per process (burn's runtime registers once),
+/// and a lock the tests hold while they use it (one at a time on one device).
+fn burn_device() -> Option<(
+    Device,
+    burn::tensor::wgpu::WgpuSetup,
+    std::sync::MutexGuard<'static, ()>,
+)> {
+    static SETUP: std::sync::OnceLock<Option<(Device, burn::tensor::wgpu::WgpuSetup)>> =
+        std::sync::OnceLock::new();
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    let setup = SETUP.get_or_init(|| match Device::wgpu_options().init_with_setup() {
         Ok(x) => Some(x),
         Err(e) => {
             if std::env::var("WGPU_EMA_REQUIRE_ADAPTER").as_deref() == Ok("1") {
@@ -48,12 +58,13 @@ fn burn_device() -> Option<(Device, burn::tensor::wgpu::WgpuSetup)> {
             eprintln!("SKIPPED: no wgpu adapter for burn ({e})");
             None
         }
-    }
+    });
+    setup.clone().map(|(d, s)| (d, s, one))
 }
 
 #[test]
 fn shadows_of_a_burn_mlp_match_the_reference() {
-    let Some((device, setup)) = burn_device() else {
+    let Some((device, setup, _one)) = burn_device() else {
         return;
     };
     let device = device.autodiff();
@@ -124,5 +135,63 @@ fn shadows_of_a_burn_mlp_match_the_reference() {
     assert!(
         matches!(e, Error::Burn { ref name, .. } if name == "hidden.weight"),
         "{e}"
+    );
+}
+
+/// A selection over module paths: `out.bias` copied (as running statistics would be),
+/// `hidden.bias` left out (not tracked; the EMA module keeps its trained value), the rest
+/// averaged.
+#[test]
+fn a_selection_over_module_paths() {
+    let Some((device, setup, _one)) = burn_device() else {
+        return;
+    };
+    let device = device.autodiff();
+    device.seed(11);
+    let mut net = Net {
+        hidden: LinearConfig::new(5, 7).init(&device),
+        out: LinearConfig::new(7, 3).init(&device),
+    };
+    let sel = wgpu_ema::select::Selection::new()
+        .copy("out.bias")
+        .exclude("hidden.bias");
+    let mut ema = BurnEma::with_selection(
+        &net,
+        &setup.device,
+        &setup.queue,
+        Schedule::constant(0.5),
+        &sel,
+    )
+    .unwrap();
+    let names: Vec<&str> = ema.specs().iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["hidden.weight", "out.weight", "out.bias"]);
+    let mut optim = AdamConfig::new().init();
+    let mut rng = fastrand::Rng::with_seed(5);
+    for _ in 0..3 {
+        let x: Vec<f32> = (0..8 * 5).map(|_| rng.f32() - 0.5).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [8, 5]), &device);
+        let d = net.out.forward(net.hidden.forward(x));
+        let grads = GradientsParams::from_grads(d.clone().mul(d).mean().backward(), &net);
+        net = optim.step(0.05, net, grads);
+        ema.update(&net).unwrap();
+        let now = values(&net);
+        let shadows = ema.read_shadows().unwrap();
+        assert_eq!(
+            shadows.try_get("out.bias").unwrap(),
+            now[3].as_slice(),
+            "copied"
+        );
+        assert_ne!(
+            shadows.try_get("out.weight").unwrap(),
+            now[2].as_slice(),
+            "averaged"
+        );
+    }
+    let now = values(&net);
+    let ema_net = ema.ema_module(net.clone()).unwrap();
+    assert_eq!(
+        values(&ema_net)[1],
+        now[1],
+        "an excluded parameter keeps its value"
     );
 }

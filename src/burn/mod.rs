@@ -168,6 +168,8 @@ fn resolve_module<M: Module>(module: &M) -> Result<Vec<Resolved>> {
 struct WithShadows<'a> {
     path: PathStack,
     shadows: &'a HashMap<String, Vec<f32>>,
+    /// Parameters left out by the selection: kept as they are.
+    excluded: &'a std::collections::HashSet<String>,
     error: Option<Error>,
 }
 
@@ -183,7 +185,9 @@ impl ModuleMapper for WithShadows<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let name = self.path.name();
         let Some(values) = self.shadows.get(&name) else {
-            self.error.get_or_insert(Error::UnknownName { name });
+            if !self.excluded.contains(&name) {
+                self.error.get_or_insert(Error::UnknownName { name });
+            }
             return param;
         };
         param.map(|tensor| {
@@ -198,6 +202,8 @@ impl ModuleMapper for WithShadows<'_> {
 pub struct BurnEma {
     ema: GpuEma,
     specs: Vec<TensorSpec>,
+    /// Parameters the selection leaves out, by module path.
+    excluded: std::collections::HashSet<String>,
 }
 
 impl std::fmt::Debug for BurnEma {
@@ -219,20 +225,46 @@ impl BurnEma {
         queue: &wgpu::Queue,
         schedule: Schedule,
     ) -> Result<Self> {
+        Self::with_selection(
+            module,
+            device,
+            queue,
+            schedule,
+            &crate::select::Selection::new(),
+        )
+    }
+
+    /// [`new`](Self::new) with a [`Selection`](crate::select::Selection) over the module
+    /// paths: copied parameters (running statistics) follow their values exactly, excluded
+    /// ones are not tracked (and [`ema_module`](Self::ema_module) leaves them as they are).
+    pub fn with_selection<M: Module>(
+        module: &M,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        schedule: Schedule,
+        selection: &crate::select::Selection,
+    ) -> Result<Self> {
         let _ = BURN_0_22_AND_WGPU_EMA_0_1_SHARE_WGPU_30;
         let params = resolve_module(module)?;
-        let specs: Vec<TensorSpec> = params
-            .iter()
-            .map(|p| TensorSpec::new(p.name.clone(), &p.shape))
-            .collect();
-        let mut builder = GpuEma::builder(schedule);
-        for (p, spec) in params.iter().zip(&specs) {
+        let mut builder = GpuEma::builder(schedule).select(selection.clone());
+        for p in &params {
             let r = p.resource.resource();
-            builder = builder.track_buffer(spec.clone(), &r.buffer, r.offset);
+            let spec = TensorSpec::new(p.name.clone(), &p.shape);
+            builder = builder.track_buffer(spec, &r.buffer, r.offset);
         }
         let ema = builder.build(device, queue)?;
+        let specs = ema.specs();
+        let excluded = params
+            .iter()
+            .filter(|p| !specs.iter().any(|s| s.name == p.name))
+            .map(|p| p.name.clone())
+            .collect();
         drop(params);
-        Ok(Self { ema, specs })
+        Ok(Self {
+            ema,
+            specs,
+            excluded,
+        })
     }
 
     /// One update after the optimizer's step: finds each parameter's current buffer and
@@ -241,13 +273,17 @@ impl BurnEma {
     /// parameters' memory is held until the pass is submitted.
     pub fn update<M: Module>(&mut self, module: &M) -> Result<()> {
         let params = resolve_module(module)?;
-        if params.len() != self.specs.len() {
+        let tracked: Vec<&Resolved> = params
+            .iter()
+            .filter(|p| !self.excluded.contains(&p.name))
+            .collect();
+        if tracked.len() != self.specs.len() {
             return Err(Error::TensorCountMismatch {
                 expected: self.specs.len(),
-                got: params.len(),
+                got: tracked.len(),
             });
         }
-        for (p, spec) in params.iter().zip(&self.specs) {
+        for (p, spec) in tracked.iter().zip(&self.specs) {
             if p.name != spec.name || p.shape != spec.shape {
                 return Err(burn_error(
                     &p.name,
@@ -300,6 +336,7 @@ impl BurnEma {
         let mut mapper = WithShadows {
             path: PathStack::default(),
             shadows: &shadows,
+            excluded: &self.excluded,
             error: None,
         };
         let out = module.map(&mut mapper);
