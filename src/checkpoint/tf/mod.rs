@@ -783,6 +783,30 @@ mod tests {
             &data,
         );
         assert_eq!(kind(load(&ok, true)), CheckpointKindOrOk::Ok);
+        // Shared bytes are refused whatever the layout rule (here read leniently, where the
+        // key order is not enforced); the same offsets in two shards share nothing.
+        for entries in [
+            vec![("a", float(&[2], 0, &a)), ("b", float(&[2], 0, &a))],
+            vec![
+                ("a", float(&[2], 4, &data[4..12])),
+                ("b", float(&[2], 0, &a)),
+            ],
+        ] {
+            let prefix = bundle(dir.path(), &entries, &data);
+            assert_eq!(
+                kind(load(&prefix, false)),
+                CheckpointKindOrOk::Kind(K::Inconsistent)
+            );
+        }
+        let mut in_second = float(&[2], 0, &b);
+        in_second.shard_id = 1;
+        let two = bundle_of(
+            dir.path(),
+            &[("a", float(&[2], 0, &a)), ("b", in_second)],
+            &[&a, &b],
+        );
+        let l = load(&two, true).unwrap();
+        assert_eq!(l.tensors[1].2, [3.0, 4.0]);
         for (what, entries) in [
             (
                 "twice",
@@ -984,6 +1008,8 @@ mod tests {
             "latest.data-00002-of-00003",
             "latest2.data-00000-of-00001",
             "latest.data-notes",
+            "latest.data-x-of-y",
+            "latest.data-0000a-of-00002",
         ] {
             std::fs::write(dir.path().join(f), b"x").unwrap();
         }
@@ -994,7 +1020,9 @@ mod tests {
             [
                 "latest.data-00000-of-00002",
                 "latest.data-00001-of-00002",
-                "latest.data-notes"
+                "latest.data-0000a-of-00002",
+                "latest.data-notes",
+                "latest.data-x-of-y",
             ]
         );
     }
