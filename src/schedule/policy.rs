@@ -94,12 +94,16 @@ impl Policy {
     /// True when call `n` ends by writing the first EMA into the parameters: it updates, and
     /// it is the `write_back_every`-th update since the last write-back.
     pub fn writes_back(&self, n: u64) -> bool {
-        if self.write_back_every == 0 || self.update_every == 0 || n <= self.update_after_step {
-            return false;
+        // `k.is_multiple_of(0)` holds only for k = 0, which never reaches it: so
+        // `write_back_every = 0` (never) and an invalid `update_every = 0` (the division is
+        // then not reached) need no case of their own.
+        match n.checked_sub(self.update_after_step) {
+            Some(k) if k > 0 => {
+                k.is_multiple_of(self.update_every)
+                    && (k / self.update_every).is_multiple_of(self.write_back_every)
+            }
+            _ => false,
         }
-        let k = n - self.update_after_step;
-        k.is_multiple_of(self.update_every)
-            && (k / self.update_every).is_multiple_of(self.write_back_every)
     }
 }
 
@@ -150,7 +154,13 @@ mod tests {
         };
         let back: Vec<u64> = (1..=16).filter(|&n| p.writes_back(n)).collect();
         assert_eq!(back, [9, 15]);
-        assert!(!(1..=100).any(|n| Policy::default().writes_back(n)));
+        assert!(!(0..=100).any(|n| Policy::default().writes_back(n)));
+        let invalid = Policy {
+            update_every: 0,
+            write_back_every: 1,
+            ..Policy::default()
+        };
+        assert!(!(0..=10).any(|n| invalid.writes_back(n)));
         let every = Policy {
             write_back_every: 1,
             ..Policy::default()
