@@ -154,6 +154,14 @@ mod tests {
         };
         let back: Vec<u64> = (1..=16).filter(|&n| p.writes_back(n)).collect();
         assert_eq!(back, [9, 15]);
+        // Updates at n = 4, 6, 8, ... (k = 2, 4, 6, ...): every 4th update is k = 8, 16.
+        let p = Policy {
+            update_after_step: 2,
+            update_every: 2,
+            write_back_every: 4,
+        };
+        let back: Vec<u64> = (1..=20).filter(|&n| p.writes_back(n)).collect();
+        assert_eq!(back, [10, 18]);
         assert!(!(0..=100).any(|n| Policy::default().writes_back(n)));
         let invalid = Policy {
             update_every: 0,
