@@ -109,42 +109,21 @@ pub fn save_tf(
         };
         // Every tensor in key order (TensorFlow's Saver's layout, which `load` checks), one
         // in memory at a time; global_step in its place.
-        let mut step_written = false;
-        for e in &mut entries {
-            if !step_written && e.name.as_str() > GLOBAL_STEP {
+        let step_at = entries.partition_point(|e| e.name.as_str() < GLOBAL_STEP);
+        for i in 0..=entries.len() {
+            if i == step_at {
                 w.write_all(&step).map_err(io(&data))?;
-                put(
-                    &mut index,
-                    GLOBAL_STEP,
-                    DT_INT64,
-                    &[],
-                    8,
-                    crc32c::crc32c(&step),
-                );
-                step_written = true;
+                let crc = crc32c::crc32c(&step);
+                put(&mut index, GLOBAL_STEP, DT_INT64, &[], 8, crc);
             }
+            let Some(e) = entries.get_mut(i) else {
+                break;
+            };
             let values = e.produce_checked(&data)?;
             // The safetensors writer's little-endian write, which also gives the CRC32C.
             let crc = write_f32_le(w, &values, 0).map_err(io(&data))?;
-            put(
-                &mut index,
-                &e.name,
-                DT_FLOAT,
-                &e.shape,
-                values.len() as i64 * 4,
-                crc,
-            );
-        }
-        if !step_written {
-            w.write_all(&step).map_err(io(&data))?;
-            put(
-                &mut index,
-                GLOBAL_STEP,
-                DT_INT64,
-                &[],
-                8,
-                crc32c::crc32c(&step),
-            );
+            let size = values.len() as i64 * 4;
+            put(&mut index, &e.name, DT_FLOAT, &e.shape, size, crc);
         }
         // What binds each entry's name to its values, last (the one entry outside key order).
         let bound: Vec<u8> = index
