@@ -307,21 +307,16 @@ impl Recorder {
     /// Refuses profiles other than those of the snapshots already in the directory (or of
     /// this recorder's first); the first ones become the directory's.
     fn check_profiles(&mut self, profiles: &[serde_json::Value]) -> Result<()> {
-        // Suffix and gamma (sigma_rel is derived; JSON's decimal may round its last digit).
-        let key = |p: &serde_json::Value| {
-            (
-                p.get("suffix").and_then(|s| s.as_str()).map(str::to_string),
-                p.get("gamma").and_then(|g| g.as_f64()),
-            )
+        let keys = |list: &[serde_json::Value]| -> Vec<(Option<String>, Option<f64>)> {
+            list.iter()
+                .map(|p| {
+                    let suffix = p.get("suffix").and_then(|s| s.as_str()).map(str::to_string);
+                    (suffix, p.get("gamma").and_then(|g| g.as_f64()))
+                })
+                .collect()
         };
         let same = |a: &[serde_json::Value], b: &[serde_json::Value]| {
-            a.len() == b.len()
-                && a.iter().zip(b).all(|(x, y)| match (key(x), key(y)) {
-                    ((sx, Some(gx)), (sy, Some(gy))) => {
-                        sx == sy && (gx - gy).abs() <= 1e-12 * gx.abs().max(gy.abs())
-                    }
-                    _ => false,
-                })
+            super::set::same_profiles(&keys(a), &keys(b))
         };
         match &self.profiles {
             Some(theirs) if !same(theirs, profiles) => Err(Error::PostHoc(format!(

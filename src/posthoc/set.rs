@@ -227,6 +227,22 @@ pub(super) fn describe(
     Ok((info, params))
 }
 
+/// True when two lists of profiles, as (suffix, gamma), are one recording's: the same suffixes
+/// and gammas in order, gamma within 1e-12 relative (sigma_rel is derived from it, and JSON's
+/// decimal may round its last digit). A missing field matches nothing.
+pub(super) fn same_profiles(
+    a: &[(Option<String>, Option<f64>)],
+    b: &[(Option<String>, Option<f64>)],
+) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| match (x, y) {
+            ((Some(sx), Some(gx)), (Some(sy), Some(gy))) => {
+                sx == sy && (gx - gy).abs() <= 1e-12 * gx.abs().max(gy.abs())
+            }
+            _ => false,
+        })
+}
+
 /// The most snapshot numbers a set may lack (with gaps accepted).
 const MAX_MISSING: u64 = 1 << 20;
 
@@ -327,12 +343,13 @@ impl SnapshotSet {
                         format!("{:?}", first.run.as_deref().unwrap_or("(none)")),
                     ));
                 }
-                let same = first.profiles.len() == info.profiles.len()
-                    && first.profiles.iter().zip(&info.profiles).all(|(a, b)| {
-                        a.suffix == b.suffix
-                            && (a.gamma - b.gamma).abs() <= 1e-12 * a.gamma.max(b.gamma)
-                    });
-                if !same {
+                let key = |s: &SnapshotInfo| -> Vec<(Option<String>, Option<f64>)> {
+                    s.profiles
+                        .iter()
+                        .map(|p| (Some(p.suffix.clone()), Some(p.gamma)))
+                        .collect()
+                };
+                if !same_profiles(&key(first), &key(&info)) {
                     let list = |s: &SnapshotInfo| {
                         let v: Vec<String> = s
                             .profiles
@@ -434,5 +451,30 @@ impl SnapshotSet {
             .iter()
             .map(|(n, s)| TensorSpec::new(n.clone(), s))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_profiles;
+
+    #[test]
+    fn profiles_match_by_suffix_and_gamma_within_a_rounding() {
+        let p = |s: &str, g: f64| (Some(s.to_string()), Some(g));
+        let a = [p("/E", 6.937203937601807), p("/E_1", 16.97)];
+        assert!(same_profiles(
+            &a,
+            &[p("/E", 6.937203937601806), p("/E_1", 16.97)]
+        ));
+        assert!(!same_profiles(&a, &[p("/E", 6.94), p("/E_1", 16.97)]));
+        assert!(!same_profiles(
+            &a,
+            &[p("/E_1", 6.937203937601807), p("/E", 16.97)]
+        ));
+        assert!(!same_profiles(&a, &a[..1]));
+        assert!(!same_profiles(
+            &a,
+            &[(None, Some(6.937203937601807)), p("/E_1", 16.97)]
+        ));
     }
 }
