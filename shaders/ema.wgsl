@@ -191,6 +191,28 @@ fn init_item_multi(it: Item) {
     }
 }
 
+// BEMA, the bias-corrected EMA: beside the shadows the anchor `theta_0` (`anchor`), taken with
+// the shadows when the burn-in ends and at each restart; the update itself is `update_item`
+// (it does not read the anchor). The corrected weights are computed on request into
+// `bema_out`, with the correction's weight `alpha_t` in `step.alpha`; the executor then reads
+// them back, or swaps or copies them into the parameters by binding `bema_out` in the
+// shadows' place. A tensor selected to be copied has the parameter as its weights.
+
+fn init_item_bema(it: Item) {
+    let p = load_params(it);
+    shadow[it.sh] = p;
+    anchor[it.sh] = p;
+}
+
+fn bema_item(it: Item) {
+    let p = load_params(it);
+    if follows(it) {
+        bema_out[it.sh] = p;
+        return;
+    }
+    bema_out[it.sh] = shadow[it.sh] + step.alpha * (p - anchor[it.sh]);
+}
+
 // Evaluation with the EMA weights: the parameters bound read-write (`load4_rw`, `store_rw`).
 // Swapping moves bits, never arithmetic, so swapping twice restores both sides exactly. Only
 // the item's `n` real elements of the parameters are written.

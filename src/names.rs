@@ -5,7 +5,8 @@
 //! Checkpoints name the shadow of tracked tensor `weight` as TensorFlow saves it,
 //! `weight/ExponentialMovingAverage` ([`ema_shadow_name`]); further EMAs add `_1`, `_2`, ...;
 //! a compensated shadow's Kahan term is `weight/ExponentialMovingAverage/Compensation`
-//! ([`compensation_name`]). Tracked names whose derived names would collide are refused when an
+//! ([`compensation_name`]); BEMA's anchor `theta_0` is `weight/ExponentialMovingAverage/Theta0`
+//! ([`anchor_name`]). Tracked names whose derived names would collide are refused when an
 //! EMA is built.
 //!
 //! ```
@@ -13,6 +14,7 @@
 //! assert_eq!(names::ema_shadow_name("w", 0), "w/ExponentialMovingAverage");
 //! assert_eq!(names::ema_shadow_name("w", 2), "w/ExponentialMovingAverage_2");
 //! assert_eq!(names::compensation_name("w"), "w/ExponentialMovingAverage/Compensation");
+//! assert_eq!(names::anchor_name("w"), "w/ExponentialMovingAverage/Theta0");
 //! ```
 
 use crate::error::{Error, Result};
@@ -38,22 +40,34 @@ pub fn compensation_name(name: &str) -> String {
     format!("{name}{EMA_SUFFIX}{COMPENSATION_SUFFIX}")
 }
 
+/// Suffix of BEMA's anchor: `weight/ExponentialMovingAverage/Theta0`.
+pub const ANCHOR_SUFFIX: &str = "/Theta0";
+
+/// The name of BEMA's anchor `theta_0` of `name` (the parameters when the burn-in ended or
+/// the average last restarted).
+pub fn anchor_name(name: &str) -> String {
+    format!("{name}{EMA_SUFFIX}{ANCHOR_SUFFIX}")
+}
+
 /// The name safetensors reserves for the metadata.
 pub(crate) const RESERVED_NAME: &str = "__metadata__";
 
 /// Every name a checkpoint derives from tracked tensor `name` with `emas` EMAs (compensated or
-/// not): the parameter, each EMA's shadow, and the compensation term.
+/// not): the parameter, each EMA's shadow, the compensation term, and BEMA's anchor (listed
+/// always: it collides with nothing the others do not).
 pub(crate) fn derived_names(name: &str, emas: usize, compensated: bool) -> Vec<String> {
     let mut v = vec![name.to_string()];
     v.extend((0..emas.max(1)).map(|k| ema_shadow_name(name, k)));
     if compensated {
         v.push(compensation_name(name));
     }
+    v.push(anchor_name(name));
     v
 }
 
 /// True for a name shaped like one this crate derives (`…/ExponentialMovingAverage`,
-/// `…/ExponentialMovingAverage_<k>`, `…/ExponentialMovingAverage/Compensation`): a tracked
+/// `…/ExponentialMovingAverage_<k>`, `…/ExponentialMovingAverage/Compensation`,
+/// `…/ExponentialMovingAverage/Theta0`): a tracked
 /// tensor of such a name would read back as another tensor's shadow.
 pub(crate) fn looks_derived(name: &str) -> bool {
     let Some(at) = name.rfind(EMA_SUFFIX) else {
@@ -62,6 +76,7 @@ pub(crate) fn looks_derived(name: &str) -> bool {
     let rest = &name[at + EMA_SUFFIX.len()..];
     rest.is_empty()
         || rest == COMPENSATION_SUFFIX
+        || rest == ANCHOR_SUFFIX
         || rest
             .strip_prefix('_')
             .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))

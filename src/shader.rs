@@ -84,6 +84,10 @@ pub(crate) enum Role {
     Shadow(usize),
     /// The Kahan compensation terms, laid out as the shadows.
     Comp,
+    /// BEMA's anchor `theta_0`, laid out as the shadows.
+    Anchor,
+    /// BEMA's weights, computed on request into a buffer laid out as the shadows.
+    BemaOut,
     /// Parameter window number `slot` of the dispatch.
     Param(usize),
 }
@@ -96,6 +100,8 @@ impl Role {
             Role::Shadow(0) => 1,
             Role::Comp => 2,
             Role::Shadow(k) => 2 + k as u32,
+            Role::Anchor => 6,
+            Role::BemaOut => 7,
             Role::Param(slot) => FIRST_PARAM + slot as u32,
         }
     }
@@ -109,6 +115,8 @@ impl Role {
             Role::Shadow(2) => "shadow_c",
             Role::Shadow(_) => "shadow_d",
             Role::Comp => "comp",
+            Role::Anchor => "anchor",
+            Role::BemaOut => "bema_out",
             Role::Param(_) => "p",
         }
     }
@@ -124,9 +132,11 @@ pub(crate) struct Entry {
 /// Which bindings a family of passes uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Family {
-    /// Update and init: parameters read-only; every shadow buffer the EMA has.
+    /// Update, init and BEMA's weights: parameters read-only; every buffer the EMA has
+    /// beside them.
     Read,
-    /// Swap and copy into the parameters: parameters read-write; EMA 0's shadows.
+    /// Swap and copy into the parameters: parameters read-write; EMA 0's shadows (or, for
+    /// BEMA's weights, their buffer bound in the shadows' place: the executor chooses).
     Write,
 }
 
@@ -136,6 +146,9 @@ pub(crate) struct Shape {
     /// EMAs in one pass (1 to [`MAX_EMAS`]).
     pub emas: usize,
     pub compensated: bool,
+    /// BEMA: the anchor and the weights' buffer beside the shadows (one EMA, not
+    /// compensated).
+    pub bema: bool,
     /// Parameter bindings per dispatch.
     pub slots: usize,
 }
@@ -164,6 +177,10 @@ pub(crate) fn entries(family: Family, shape: &Shape) -> Vec<Entry> {
         if shape.emas > 1 {
             out.extend((1..MAX_EMAS).map(|k| rw(Role::Shadow(k))));
         }
+        if shape.bema {
+            out.push(rw(Role::Anchor));
+            out.push(rw(Role::BemaOut));
+        }
     }
     out.extend((0..shape.slots).map(|slot| Entry {
         role: Role::Param(slot),
@@ -188,16 +205,24 @@ pub(crate) enum Op {
     Swap,
     /// `param = shadow` (parameters bound read-write).
     ToParams,
+    /// BEMA's weights: `bema_out = shadow + alpha_t (param - anchor)`.
+    Bema,
 }
 
 impl Op {
     /// Every op, in the order the generated source declares their entry points.
-    pub const ALL: [Op; 4] = [Op::Update, Op::Init, Op::Swap, Op::ToParams];
+    pub const ALL: [Op; 5] = [Op::Update, Op::Init, Op::Swap, Op::ToParams, Op::Bema];
+
+    /// True when an EMA of `shape` has this op (its source declares the entry point, and
+    /// its pipelines include it).
+    pub fn applies(self, shape: &Shape) -> bool {
+        self != Op::Bema || shape.bema
+    }
 
     /// The bindings this op's pass uses.
     pub fn family(self) -> Family {
         match self {
-            Op::Update | Op::Init => Family::Read,
+            Op::Update | Op::Init | Op::Bema => Family::Read,
             Op::Swap | Op::ToParams => Family::Write,
         }
     }
@@ -209,13 +234,18 @@ impl Op {
             Op::Init => "init",
             Op::Swap => "swap",
             Op::ToParams => "to_params",
+            Op::Bema => "bema",
         }
     }
 
     /// The body function in `shaders/ema.wgsl` that does this op for one item, for an EMA
     /// of `shape`.
     fn body(self, shape: &Shape) -> &'static str {
+        if self == Op::Init && shape.bema {
+            return "init_item_bema";
+        }
         match (self, shape.emas > 1, shape.compensated) {
+            (Op::Bema, ..) => "bema_item",
             (Op::Update, true, _) => "update_item_multi",
             (Op::Update, false, true) => "update_item_kahan",
             (Op::Update, false, false) => "update_item",
@@ -234,6 +264,7 @@ impl Op {
             Op::Init => "wgpu-ema init",
             Op::Swap => "wgpu-ema swap",
             Op::ToParams => "wgpu-ema shadows to params",
+            Op::Bema => "wgpu-ema BEMA weights",
         }
     }
 }
@@ -273,7 +304,7 @@ pub(crate) fn source(shape: &Shape, step: StepSource) -> String {
     s.push('\n');
     s.push_str(BODY);
     s.push('\n');
-    for op in Op::ALL {
+    for op in Op::ALL.into_iter().filter(|op| op.applies(shape)) {
         let _ = write!(
             s,
             "
@@ -323,6 +354,8 @@ fn declarations(slots: usize) -> String {
         Role::Shadow(1),
         Role::Shadow(2),
         Role::Shadow(3),
+        Role::Anchor,
+        Role::BemaOut,
     ] {
         let _ = writeln!(
             s,
@@ -397,12 +430,18 @@ mod tests {
         let mut count = 0;
         for step in [StepSource::Immediate, StepSource::Ring] {
             for slots in [1, 2, 4, 16, 29, 64, 120] {
-                for (emas, compensated) in
-                    [(1, false), (1, true), (2, false), (3, false), (4, false)]
-                {
+                for (emas, compensated, bema) in [
+                    (1, false, false),
+                    (1, true, false),
+                    (2, false, false),
+                    (3, false, false),
+                    (4, false, false),
+                    (1, false, true),
+                ] {
                     let shape = Shape {
                         emas,
                         compensated,
+                        bema,
                         slots,
                     };
                     let src = source(&shape, step);
@@ -411,7 +450,7 @@ mod tests {
                         let constants = overrides(&shape, tf_form).into_iter();
                         let constants: naga::back::PipelineConstants =
                             constants.map(|(k, v)| (k.to_string(), v)).collect();
-                        for op in Op::ALL {
+                        for op in Op::ALL.into_iter().filter(|op| op.applies(&shape)) {
                             naga::back::pipeline_constants::process_overrides(
                                 &module,
                                 &info,
@@ -425,21 +464,28 @@ mod tests {
                 }
             }
         }
-        assert_eq!(count, 2 * 7 * 5 * 2 * 4);
+        // Four ops in every variant, the fifth (BEMA's weights) in BEMA's.
+        assert_eq!(count, 2 * 7 * 2 * (5 * 4 + 5));
     }
 
     /// The bindings each entry point uses are exactly in its family's table for the shape, with
     /// the access the table says: what wgpu checks against the bind group layout.
     #[test]
     fn entry_points_use_what_the_table_binds() {
-        for (emas, compensated) in [(1, false), (1, true), (3, false)] {
+        for (emas, compensated, bema) in [
+            (1, false, false),
+            (1, true, false),
+            (3, false, false),
+            (1, false, true),
+        ] {
             let shape = Shape {
                 emas,
                 compensated,
+                bema,
                 slots: 3,
             };
             let (module, info) = parse(&source(&shape, StepSource::Ring));
-            for op in Op::ALL {
+            for op in Op::ALL.into_iter().filter(|op| op.applies(&shape)) {
                 let table = entries(op.family(), &shape);
                 let (i, _) = module
                     .entry_points
@@ -486,6 +532,7 @@ mod tests {
         let shape = Shape {
             emas: 1,
             compensated: false,
+            bema: false,
             slots: 1,
         };
         let (module, _) = parse(&source(&shape, StepSource::Ring));
@@ -544,6 +591,7 @@ mod tests {
         let shape = Shape {
             emas: 3,
             compensated: true,
+            bema: true,
             slots: 4,
         };
         let r = entries(Family::Read, &shape);
@@ -551,7 +599,7 @@ mod tests {
         numbers.sort_unstable();
         numbers.dedup();
         assert_eq!(numbers.len(), r.len());
-        assert_eq!(fixed_bindings(&shape), 6);
+        assert_eq!(fixed_bindings(&shape), 8);
         assert!(r
             .iter()
             .filter(|e| e.role.binding() < FIRST_PARAM)

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use wgpu_ema::checkpoint::{Checkpoint, TensorFile, COMPENSATION_SUFFIX};
+use wgpu_ema::names::ANCHOR_SUFFIX;
 use wgpu_ema::posthoc::{SnapshotSet, Weights};
 use wgpu_ema::EMA_SUFFIX;
 
@@ -308,6 +309,9 @@ fn posthoc(
 fn kind_of(name: &str) -> String {
     if name.ends_with(COMPENSATION_SUFFIX) {
         return "compensation terms".into();
+    }
+    if name.ends_with(&format!("{EMA_SUFFIX}{ANCHOR_SUFFIX}")) {
+        return "BEMA anchors (theta_0)".into();
     }
     if name.ends_with(EMA_SUFFIX) {
         return "EMA 0 shadows".into();

@@ -20,6 +20,8 @@ pub(crate) struct RestoreSet<'a> {
     pub comps: Option<Vec<&'a [f32]>>,
     /// EMA 1, 2, ...
     pub extras: Vec<Vec<&'a [f32]>>,
+    /// BEMA's anchors, for an EMA whose schedule is BEMA.
+    pub anchors: Option<Vec<&'a [f32]>>,
 }
 
 impl Checkpoint {
@@ -43,6 +45,11 @@ impl Checkpoint {
         let extras = (1..=config.extra.len())
             .map(|k| self.slices(specs, |s| ema_shadow_name(&s.name, k)))
             .collect::<Result<Vec<_>>>()?;
+        // A BEMA EMA cannot resume without its anchor: every one must be there.
+        let anchors = match config.schedule.as_bema() {
+            Some(_) => Some(self.slices(specs, |s| crate::names::anchor_name(&s.name))?),
+            None => None,
+        };
         // Each value under its name in the file, so that a refusal names what to look at.
         let mut named: Vec<(String, &[f32])> = Vec::new();
         for (spec, v) in specs.iter().zip(&shadows) {
@@ -56,6 +63,9 @@ impl Checkpoint {
                 named.push((ema_shadow_name(&spec.name, k + 1), v));
             }
         }
+        for (spec, v) in specs.iter().zip(anchors.iter().flatten()) {
+            named.push((crate::names::anchor_name(&spec.name), v));
+        }
         let all: Vec<(&str, &[f32])> = named.iter().map(|(n, v)| (n.as_str(), *v)).collect();
         self.check_restore(config, opts, &all)?;
         Ok(RestoreSet {
@@ -63,6 +73,7 @@ impl Checkpoint {
             shadows,
             comps,
             extras,
+            anchors,
         })
     }
 

@@ -219,6 +219,12 @@ pub trait EmaState {
     fn read_compensation(&self, _i: usize) -> Result<Option<Vec<f32>>> {
         Ok(None)
     }
+    /// BEMA's anchor `theta_0` of tensor `i`, for an EMA whose schedule is
+    /// [`Schedule::Bema`] (saved as [`anchor_name`](crate::names::anchor_name), restored
+    /// exactly).
+    fn read_anchor(&self, _i: usize) -> Result<Option<Vec<f32>>> {
+        Ok(None)
+    }
     /// The tensors copied and left out (see [`select`](crate::select)), as
     /// [`META_SELECTION`] records it; empty when every tensor is averaged.
     fn selection(&self) -> String {
@@ -293,6 +299,20 @@ fn training_entries<'a>(
                 shape: spec.shape.clone(),
                 produce: Box::new(move || {
                     state.read_compensation(i)?.ok_or(Error::UnknownName {
+                        name: missing.clone(),
+                    })
+                }),
+            });
+            names.push(name);
+        }
+        if state.schedule().as_bema().is_some() {
+            let name = crate::names::anchor_name(&spec.name);
+            let missing = name.clone();
+            entries.push(Entry {
+                name: name.clone(),
+                shape: spec.shape.clone(),
+                produce: Box::new(move || {
+                    state.read_anchor(i)?.ok_or(Error::UnknownName {
                         name: missing.clone(),
                     })
                 }),

@@ -38,6 +38,8 @@ pub struct CpuEma {
     follow: Vec<bool>,
     /// The selection as checkpoints record it.
     selection: String,
+    /// BEMA's anchors `theta_0`, one per shadow; empty unless the schedule is BEMA.
+    anchors: Vec<Vec<f32>>,
 }
 
 impl CpuEma {
@@ -51,7 +53,12 @@ impl CpuEma {
             compensated: false,
             follow: Vec::new(),
             selection: String::new(),
+            anchors: Vec::new(),
         })
+    }
+
+    fn is_bema(&self) -> bool {
+        self.stepper.schedule().as_bema().is_some()
     }
 
     /// Tracks a tensor; its shadow starts equal to `values`.
@@ -77,6 +84,9 @@ impl CpuEma {
         self.specs.push(spec);
         self.follow.push(false);
         self.shadows.push(values.to_vec());
+        if self.is_bema() {
+            self.anchors.push(values.to_vec());
+        }
         if self.compensated {
             self.comps.push(vec![0.0; values.len()]);
         }
@@ -91,6 +101,9 @@ impl CpuEma {
             return Err(Error::InvalidConfig(
                 "compensated shadows use Numerics::Exact".into(),
             ));
+        }
+        if yes && self.is_bema() {
+            return Err(Error::InvalidConfig("a BEMA EMA is not compensated".into()));
         }
         self.compensated = yes;
         self.comps = if yes {
@@ -211,6 +224,9 @@ impl CpuEma {
         let kept: Vec<bool> = modes.iter().map(|&m| m != Mode::Exclude).collect();
         retain_where(&mut self.specs, &kept);
         retain_where(&mut self.shadows, &kept);
+        if self.is_bema() {
+            retain_where(&mut self.anchors, &kept);
+        }
         if self.compensated {
             retain_where(&mut self.comps, &kept);
         }
@@ -259,6 +275,11 @@ impl CpuEma {
             return Ok(());
         }
         for (i, (s, p)) in self.shadows.iter_mut().zip(params).enumerate() {
+            // A copy (burn-in, restart) takes BEMA's anchor too; a followed tensor's update
+            // (also a copy) leaves it: its weights are its parameter anyway.
+            if let (Action::Copy, Some(z)) = (action, self.anchors.get_mut(i)) {
+                z.copy_from_slice(p);
+            }
             match (act(i), self.stepper.numerics()) {
                 (Action::Skip, _) => {}
                 (Action::Copy, _) => s.copy_from_slice(p),
@@ -284,6 +305,49 @@ impl CpuEma {
             c.fill(0.0);
         }
         Ok(())
+    }
+
+    /// BEMA's anchor `theta_0` of `name`, for a BEMA EMA.
+    pub fn anchor(&self, name: &str) -> Result<Option<&[f32]>> {
+        let i = self.index(name)?;
+        Ok(self.anchors.get(i).map(Vec::as_slice))
+    }
+
+    /// BEMA's weights `EMA_t + alpha_t (theta_t - theta_0)` for the parameters `params` (one
+    /// slice per tracked tensor, in tracking order; pass those of the last update), with
+    /// `alpha_t` of the last update ([`Bema`](crate::schedule::Bema)), computed in f32 as the
+    /// GPU does. A tensor selected to be copied has its parameter as its weights. An error
+    /// unless the schedule is BEMA.
+    pub fn bema_weights(&self, params: &[&[f32]]) -> Result<HostTensors> {
+        let Some(a) = self.stepper.bias_weight() else {
+            return Err(Error::InvalidConfig(format!(
+                "BEMA's weights asked of an EMA whose schedule is {}",
+                self.stepper.schedule().describe()
+            )));
+        };
+        if params.len() != self.specs.len() {
+            return Err(Error::TensorCountMismatch {
+                expected: self.specs.len(),
+                got: params.len(),
+            });
+        }
+        let a = a as f32;
+        let mut out = Vec::with_capacity(params.len());
+        for (i, (spec, p)) in self.specs.iter().zip(params).enumerate() {
+            check_len(&spec.name, spec.numel() as usize, p.len())?;
+            let w: Vec<f32> = if self.follow.get(i).copied().unwrap_or(false) {
+                p.to_vec()
+            } else {
+                self.shadows[i]
+                    .iter()
+                    .zip(self.anchors[i].iter())
+                    .zip(p.iter())
+                    .map(|((&s, &z), &p)| s + a * (p - z))
+                    .collect()
+            };
+            out.push((spec.clone(), w));
+        }
+        Ok(HostTensors::from_parts(out))
     }
 
     /// All shadows, by name.
@@ -320,6 +384,9 @@ impl CpuEma {
         }
         for (i, values) in set.comps.iter().flatten().enumerate() {
             self.comps[i].copy_from_slice(values);
+        }
+        for (i, values) in set.anchors.iter().flatten().enumerate() {
+            self.anchors[i].copy_from_slice(values);
         }
         self.stepper.set_num_updates(set.num_updates);
         Ok(())
@@ -362,6 +429,9 @@ impl crate::checkpoint::EmaState for CpuEma {
     }
     fn read_compensation(&self, i: usize) -> Result<Option<Vec<f32>>> {
         Ok(self.comps.get(i).cloned())
+    }
+    fn read_anchor(&self, i: usize) -> Result<Option<Vec<f32>>> {
+        Ok(self.anchors.get(i).cloned())
     }
     /// The CPU EMA does not hold the parameters: pass them to
     /// [`save_training`](crate::checkpoint::save_training).

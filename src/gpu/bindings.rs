@@ -48,6 +48,9 @@ pub(crate) struct Store {
     pub shadows: Vec<Vec<wgpu::Buffer>>,
     /// Compensation terms, laid out as EMA 0's shadows; empty when not compensated.
     pub comp: Vec<wgpu::Buffer>,
+    /// BEMA's anchor `theta_0` and its weights, laid out as the shadows; empty but for BEMA.
+    pub anchor: Vec<wgpu::Buffer>,
+    pub bema_out: Vec<wgpu::Buffer>,
     /// Bound to unused read-only bindings (all of them: read-only ranges may alias).
     pub placeholder_read: wgpu::Buffer,
     /// Bound to unused read-write bindings: binding `b` gets 16 bytes at
@@ -66,6 +69,14 @@ impl Store {
     }
 }
 
+/// What the passes that write the parameters (swap, copy) exchange with them: EMA 0's
+/// shadows, or BEMA's weights (bound in the shadows' place).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    Ema,
+    Bema,
+}
+
 /// What a dispatch's bind group depends on.
 pub(crate) struct Place<'a> {
     /// Parameter bindings of the layout (the pipelines' slot count).
@@ -74,19 +85,25 @@ pub(crate) struct Place<'a> {
     pub slots: &'a [Slot],
     pub table_offset: u64,
     pub rows: usize,
+    /// What a writing family binds in the shadows' place.
+    pub target: Target,
 }
 
 /// The bind group of one dispatch for `family`, with `layout` (the family's layout for the
 /// dispatch's tier).
-pub(crate) fn bind_group(
+pub(crate) fn bind_group<'s>(
     device: &wgpu::Device,
     layout: &wgpu::BindGroupLayout,
-    store: &Store,
+    store: &'s Store,
     shape: &Shape,
     family: Family,
     table: &wgpu::Buffer,
     d: &Place<'_>,
 ) -> wgpu::BindGroup {
+    let per_buffer = |set: &'s [wgpu::Buffer], binding: u32| match set.get(d.shadow_buffer) {
+        Some(b) => b.as_entire_binding(),
+        None => store.unused_writable(binding),
+    };
     let shape = Shape {
         slots: d.tier,
         ..*shape
@@ -101,14 +118,16 @@ pub(crate) fn bind_group(
                     offset: d.table_offset,
                     size: NonZeroU64::new(d.rows as u64 * ROW_BYTES),
                 }),
+                Role::Shadow(0) if family == Family::Write && d.target == Target::Bema => {
+                    per_buffer(&store.bema_out, b.role.binding())
+                }
                 Role::Shadow(k) => match store.shadows.get(k) {
                     Some(s) => s[d.shadow_buffer].as_entire_binding(),
                     None => store.unused_writable(b.role.binding()),
                 },
-                Role::Comp => match store.comp.get(d.shadow_buffer) {
-                    Some(c) => c.as_entire_binding(),
-                    None => store.unused_writable(b.role.binding()),
-                },
+                Role::Comp => per_buffer(&store.comp, b.role.binding()),
+                Role::Anchor => per_buffer(&store.anchor, b.role.binding()),
+                Role::BemaOut => per_buffer(&store.bema_out, b.role.binding()),
                 Role::Param(i) => match d.slots.get(i).and_then(Option::as_ref) {
                     Some((buffer, w)) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                         buffer,

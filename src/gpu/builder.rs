@@ -196,6 +196,19 @@ impl<'a> GpuEmaBuilder<'a> {
                 "{emas} EMAs asked for; one pass updates at most {MAX_EMAS}"
             )));
         }
+        let bema = self.schedule.as_bema().is_some();
+        if bema && (emas > 1 || self.compensated) {
+            return Err(Error::InvalidConfig(
+                "a BEMA EMA is one EMA, not compensated (its anchor and weights sit beside \
+                 one set of shadows)"
+                    .into(),
+            ));
+        }
+        if self.extra_emas.iter().any(|s| s.as_bema().is_some()) {
+            return Err(Error::InvalidConfig(
+                "BEMA is the first EMA's schedule only: give it to GpuEma::builder".into(),
+            ));
+        }
         if emas > 1 && self.compensated {
             return Err(Error::InvalidConfig(
                 "several EMAs in one pass cannot also be compensated".into(),
@@ -302,6 +315,14 @@ impl<'a> GpuEmaBuilder<'a> {
         } else {
             Vec::new()
         };
+        let (anchor, bema_out) = if bema {
+            (
+                make_buffers("wgpu-ema BEMA anchor"),
+                make_buffers("wgpu-ema BEMA weights"),
+            )
+        } else {
+            (Vec::new(), Vec::new())
+        };
         let placeholder = |label: &str, size: u64| {
             device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some(label),
@@ -317,6 +338,8 @@ impl<'a> GpuEmaBuilder<'a> {
         let store = Store {
             shadows,
             comp,
+            anchor,
+            bema_out,
             placeholder_read: placeholder("wgpu-ema unused binding (read)", 16),
             placeholder_write: placeholder(
                 "wgpu-ema unused binding (read-write)",
@@ -331,6 +354,7 @@ impl<'a> GpuEmaBuilder<'a> {
         let mut shape = Shape {
             emas,
             compensated: self.compensated,
+            bema,
             slots: 0,
         };
         let storage = device.limits().max_storage_buffers_per_shader_stage as usize;
@@ -382,7 +406,7 @@ impl<'a> GpuEmaBuilder<'a> {
             store,
             work,
             arena: self.arena.cloned(),
-            swapped: false,
+            swapped: None,
             moved: false,
             alive: super::device::Liveness::new(device),
             selection,

@@ -3,7 +3,7 @@
 //! which window in which slot, which rows change on a rebind) are the plan's; this module
 //! only makes and caches the wgpu objects they call for.
 
-use super::bindings::{bind_group, Place, Slot, Store};
+use super::bindings::{bind_group, Place, Slot, Store, Target};
 use super::pipelines::Pipelines;
 use crate::plan::{Change, ParamBinding, Plan, ROW_BYTES};
 use crate::shader::{Family, Shape};
@@ -17,7 +17,15 @@ struct BindGroups {
     /// The windows they bind, in slot order.
     key: Vec<Slot>,
     read: wgpu::BindGroup,
-    write: Option<wgpu::BindGroup>,
+    /// With the parameters read-write, per [`Target`] (EMA, BEMA), made on first use.
+    write: [Option<wgpu::BindGroup>; 2],
+}
+
+fn target_index(target: Target) -> usize {
+    match target {
+        Target::Ema => 0,
+        Target::Bema => 1,
+    }
 }
 
 /// Every dispatch of a step: the plan, and its wgpu objects.
@@ -65,7 +73,7 @@ impl Dispatches {
         &self.plan
     }
 
-    fn place(&self, d: usize) -> Place<'_> {
+    fn place(&self, d: usize, target: Target) -> Place<'_> {
         let p = &self.plan.dispatches()[d];
         Place {
             tier: p.tier,
@@ -73,6 +81,7 @@ impl Dispatches {
             slots: &p.slots,
             table_offset: p.table_offset,
             rows: p.rows.len(),
+            target,
         }
     }
 
@@ -83,7 +92,7 @@ impl Dispatches {
         store: &Store,
         d: usize,
     ) -> BindGroups {
-        let place = self.place(d);
+        let place = self.place(d, Target::Ema);
         BindGroups {
             key: place.slots.to_vec(),
             read: bind_group(
@@ -95,7 +104,7 @@ impl Dispatches {
                 &self.table,
                 &place,
             ),
-            write: None,
+            write: [None, None],
         }
     }
 
@@ -152,11 +161,18 @@ impl Dispatches {
         }
     }
 
-    /// Makes the bind groups with the parameters read-write, where missing.
-    pub fn ensure_write(&mut self, device: &wgpu::Device, pipes: &Pipelines, store: &Store) {
+    /// Makes the bind groups with the parameters read-write for `target`, where missing.
+    pub fn ensure_write(
+        &mut self,
+        device: &wgpu::Device,
+        pipes: &Pipelines,
+        store: &Store,
+        target: Target,
+    ) {
+        let t = target_index(target);
         for d in 0..self.groups.len() {
-            if self.groups[d].0.write.is_none() {
-                let place = self.place(d);
+            if self.groups[d].0.write[t].is_none() {
+                let place = self.place(d, target);
                 let g = bind_group(
                     device,
                     pipes.layout(Family::Write, place.tier),
@@ -166,15 +182,17 @@ impl Dispatches {
                     &self.table,
                     &place,
                 );
-                self.groups[d].0.write = Some(g);
+                self.groups[d].0.write[t] = Some(g);
             }
         }
     }
 
-    /// (bind group, slot count of its pipelines, workgroups) of every dispatch, for `family`.
+    /// (bind group, slot count of its pipelines, workgroups) of every dispatch, for `family`
+    /// (and, writing the parameters, `target`).
     pub fn each(
         &self,
         family: Family,
+        target: Target,
     ) -> impl Iterator<Item = (&wgpu::BindGroup, usize, (u32, u32))> {
         self.groups
             .iter()
@@ -182,7 +200,7 @@ impl Dispatches {
             .filter_map(move |((g, _), d)| {
                 let g = match family {
                     Family::Read => Some(&g.read),
-                    Family::Write => g.write.as_ref(),
+                    Family::Write => g.write[target_index(target)].as_ref(),
                 };
                 g.map(|g| (g, d.tier, d.groups))
             })

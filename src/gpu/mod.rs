@@ -36,7 +36,7 @@ use crate::schedule::Stepper;
 use crate::schedule::{Action, Numerics, Policy, Schedule};
 use crate::shader::{Family, Op, StepValues, MAX_EMAS};
 use crate::tensors::{HostTensors, ParamDtype, TensorSpec};
-use bindings::Store;
+use bindings::{Store, Target};
 use dispatch::Dispatches;
 use pipelines::Pipelines;
 
@@ -113,7 +113,8 @@ pub struct GpuEma {
     store: Store,
     work: Dispatches,
     arena: Option<ParamArena>,
-    swapped: bool,
+    /// Between two swaps: what the parameters were exchanged with.
+    swapped: Option<Target>,
     /// A tensor was rebound since the last check for overlaps (checked when a pass is
     /// recorded: a framework moving every tensor may pass through overlaps on the way).
     moved: bool,
@@ -131,7 +132,7 @@ impl GpuEma {
 
     /// [`Error::Swapped`] while the parameters hold the EMA weights.
     fn not_swapped(&self) -> Result<()> {
-        if self.swapped {
+        if self.swapped.is_some() {
             return Err(Error::Swapped);
         }
         Ok(())
@@ -155,13 +156,33 @@ impl GpuEma {
             .map(|i| self.tensors[i].spec.name.as_str())
     }
 
-    /// Records one pass of `op`; `alphas` (one per EMA) are used by `Op::Update` only.
+    /// Records one pass of `op`; `alphas` (one per EMA) are used by `Op::Update` only (and
+    /// `alphas[0]` by `Op::Bema`, as BEMA's correction weight).
     fn record_pass(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         op: Op,
         alphas: [f32; MAX_EMAS],
     ) -> Result<()> {
+        self.record_pass_for(encoder, op, alphas, Target::Ema)
+    }
+
+    /// [`record_pass`](Self::record_pass); an op writing the parameters exchanges them with
+    /// `target`.
+    fn record_pass_for(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        op: Op,
+        alphas: [f32; MAX_EMAS],
+        target: Target,
+    ) -> Result<()> {
+        // Every op the EMA records exists in its shape; this keeps a slip from panicking.
+        let Some(_) = self.pipes.get(op, self.work.slots()) else {
+            return Err(Error::InvalidConfig(format!(
+                "this EMA has no `{}` pass",
+                op.entry_point()
+            )));
+        };
         if self.moved {
             overlaps::check(self.tensors.iter().enumerate().map(|(i, t)| {
                 let b = self.placed(i).1;
@@ -173,7 +194,7 @@ impl GpuEma {
         let family = op.family();
         if family == Family::Write {
             self.work
-                .ensure_write(&self.device, &self.pipes, &self.store);
+                .ensure_write(&self.device, &self.pipes, &self.store, target);
         }
         let values = StepValues::new(alphas);
         let bytes = bytemuck::bytes_of(&values);
@@ -211,12 +232,15 @@ impl GpuEma {
             timestamp_writes: None,
         });
         let mut tier = None;
-        for (group, slots, (x, y)) in self.work.each(family) {
+        for (group, slots, (x, y)) in self.work.each(family, target) {
             // Dispatches of different slot counts run different pipelines; immediates and
             // the ring's bind group are set again after each pipeline change.
             if tier != Some(slots) {
                 tier = Some(slots);
-                pass.set_pipeline(self.pipes.get(op, slots));
+                let Some(pipeline) = self.pipes.get(op, slots) else {
+                    continue;
+                };
+                pass.set_pipeline(pipeline);
                 match (&self.step, ring_offset) {
                     (StepChannel::Ring { bind_group, .. }, Some(off)) => {
                         pass.set_bind_group(1, bind_group, &[off]);
@@ -248,7 +272,7 @@ impl GpuEma {
     /// every `write_back_every`-th update is followed by the copy `param = shadow` of the first
     /// EMA (rounded to nearest even into f16/bf16 parameters), in the same encoder.
     pub fn record_update_at(&mut self, encoder: &mut wgpu::CommandEncoder, n: u64) -> Result<()> {
-        if self.swapped {
+        if self.swapped.is_some() {
             return Err(Error::Swapped);
         }
         let mut alphas = [1.0f32; MAX_EMAS];
@@ -308,7 +332,7 @@ impl GpuEma {
     /// Records `shadow = param` for every tensor (restarts the averages from the current
     /// parameters) into the caller's encoder. The step counter is unchanged.
     pub fn record_reset(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
-        if self.swapped {
+        if self.swapped.is_some() {
             return Err(Error::Swapped);
         }
         self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS])

@@ -10,8 +10,8 @@ use crate::shader::{self, Family, Op, Shape, StepSource, STEP_BYTES};
 struct Tier {
     layout_read: wgpu::BindGroupLayout,
     layout_write: wgpu::BindGroupLayout,
-    /// One per op, in [`Op::ALL`]'s order.
-    pipelines: Vec<wgpu::ComputePipeline>,
+    /// One per op, in [`Op::ALL`]'s order; `None` for an op the shape has not (BEMA's).
+    pipelines: Vec<Option<wgpu::ComputePipeline>>,
 }
 
 #[derive(Debug)]
@@ -130,7 +130,7 @@ impl Pipelines {
                     Family::Read => &read,
                     Family::Write => &write,
                 };
-                make(op.entry_point(), layout)
+                op.applies(&shape).then(|| make(op.entry_point(), layout))
             })
             .collect();
         Tier {
@@ -140,11 +140,12 @@ impl Pipelines {
         }
     }
 
-    /// The pipeline of `op` for dispatches of `slots` parameter bindings.
-    pub fn get(&self, op: Op, slots: usize) -> &wgpu::ComputePipeline {
+    /// The pipeline of `op` for dispatches of `slots` parameter bindings; `None` for an op
+    /// this EMA's shape has not.
+    pub fn get(&self, op: Op, slots: usize) -> Option<&wgpu::ComputePipeline> {
         let t = self.tier(slots);
-        let i = Op::ALL.iter().position(|&o| o == op).unwrap_or_default();
-        &t.pipelines[i]
+        let i = Op::ALL.iter().position(|&o| o == op)?;
+        t.pipelines[i].as_ref()
     }
 
     /// The bind group layout of `family` for dispatches of `slots` parameter bindings.

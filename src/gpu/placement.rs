@@ -18,7 +18,7 @@ impl GpuEma {
     /// Overlaps with other tracked tensors are checked when the next pass is recorded
     /// ([`Error::Overlap`]), not here: a framework moving every tensor may pass through one.
     pub fn rebind(&mut self, name: &str, buffer: &wgpu::Buffer, byte_offset: u64) -> Result<()> {
-        if self.swapped {
+        if self.swapped.is_some() {
             return Err(Error::Swapped);
         }
         let i = self.index(name)?;

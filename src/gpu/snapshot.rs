@@ -38,6 +38,8 @@ pub struct Snapshot {
     specs: Vec<TensorSpec>,
     shadow_at: Vec<u64>,
     comp_at: Vec<Option<u64>>,
+    /// BEMA's anchors, for a BEMA EMA.
+    anchor_at: Vec<Option<u64>>,
     /// `extra_at[k - 1][i]`: tensor `i` of EMA `k`.
     extra_at: Vec<Vec<u64>>,
     extra_schedules: Vec<Schedule>,
@@ -86,6 +88,15 @@ impl GpuEma {
                 comp_at.push(None);
             }
         }
+        let mut anchor_at = Vec::new();
+        for t in &self.tensors {
+            if self.store.anchor.is_empty() {
+                anchor_at.push(None);
+            } else {
+                anchor_at.push(Some(at));
+                at += t.spec.numel() * 4;
+            }
+        }
         for (i, t) in self.tensors.iter().enumerate() {
             if with_params {
                 let usage = self.placed(i).1.buffer.usage();
@@ -128,6 +139,7 @@ impl GpuEma {
                 let sources = [
                     (&self.store.shadows[0], Some(shadow_at[i])),
                     (&self.store.comp, comp_at[i]),
+                    (&self.store.anchor, anchor_at[i]),
                 ]
                 .into_iter()
                 .chain(
@@ -168,6 +180,7 @@ impl GpuEma {
             specs: self.specs(),
             shadow_at,
             comp_at,
+            anchor_at,
             extra_at,
             extra_schedules: self.extra.clone(),
             param_at,
@@ -311,6 +324,13 @@ impl EmaState for Snapshot {
     fn read_compensation(&self, i: usize) -> Result<Option<Vec<f32>>> {
         let n = self.numel(i)?;
         match self.comp_at[i] {
+            Some(at) => self.read(at, n).map(Some),
+            None => Ok(None),
+        }
+    }
+    fn read_anchor(&self, i: usize) -> Result<Option<Vec<f32>>> {
+        let n = self.numel(i)?;
+        match self.anchor_at[i] {
             Some(at) => self.read(at, n).map(Some),
             None => Ok(None),
         }

@@ -18,7 +18,7 @@ impl GpuEma {
         Ok(i)
     }
 
-    fn ranges<'s>(
+    pub(super) fn ranges<'s>(
         &'s self,
         buffers: &'s [wgpu::Buffer],
         which: &[usize],
@@ -169,8 +169,8 @@ impl GpuEma {
     }
 
     /// Restores shadows and the step counter from a training checkpoint, so the next updates
-    /// continue exactly as if training had never stopped. Every tracked tensor's shadow must be
-    /// present with its shape, and no shadow of an untracked tensor may be; the checkpoint's
+    /// continue exactly as if training had never stopped. Every tracked tensor's shadow (and
+    /// for BEMA its anchor `theta_0`) must be present with its shape, and no shadow of an untracked tensor may be; the checkpoint's
     /// schedule, numerics, policy and further EMAs must be this EMA's, and its values finite
     /// ([`restore_with`](Self::restore_with) relaxes the last two). All is checked before
     /// anything is written. Parameters are restored with [`write_params`](Self::write_params)
@@ -213,6 +213,10 @@ impl GpuEma {
                 self.write_ema_shadow(k + 1, &spec.name, values)?;
                 flush(self, values.len() * 4);
             }
+        }
+        for (i, values) in set.anchors.iter().flatten().enumerate() {
+            self.write_pieces(&self.store.anchor, i, values);
+            flush(self, values.len() * 4);
         }
         self.stepper.set_num_updates(set.num_updates);
         Ok(())

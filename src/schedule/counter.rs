@@ -3,7 +3,20 @@
 //! What it counts is documented once, in the parent module ("What `n` counts").
 
 use super::{Action, Numerics, Policy, Schedule};
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// BEMA writes no EMA back into the parameters: its weights are the EMA plus a correction,
+/// and writing the EMA alone back would train from something else than either.
+fn check_pair(schedule: &Schedule, policy: &Policy) -> Result<()> {
+    if schedule.as_bema().is_some() && policy.write_back_every > 0 {
+        return Err(Error::InvalidConfig(
+            "a BEMA schedule with write_back_every > 0: BEMA's weights are the EMA plus a \
+             correction; copy them with the BEMA calls instead"
+                .into(),
+        ));
+    }
+    Ok(())
+}
 
 /// A step counter with the schedule, numerics and policy it drives. Its state is private: it
 /// moves only by a call ([`advance_to`](Self::advance_to)), a restore
@@ -27,6 +40,7 @@ impl Stepper {
     ) -> Result<Self> {
         schedule.validate()?;
         policy.validate()?;
+        check_pair(&schedule, &policy)?;
         Ok(Self {
             schedule,
             numerics,
@@ -65,9 +79,19 @@ impl Stepper {
         self.num_updates = n;
     }
 
-    /// Replaces the schedule from the next call on; an invalid one changes nothing.
+    /// Replaces the schedule from the next call on; an invalid one changes nothing, and so
+    /// does a change into or out of BEMA (whose anchor exists only in a BEMA EMA).
     pub fn set_schedule(&mut self, schedule: Schedule) -> Result<()> {
         schedule.validate()?;
+        check_pair(&schedule, &self.policy)?;
+        if schedule.as_bema().is_some() != self.schedule.as_bema().is_some() {
+            return Err(Error::InvalidConfig(format!(
+                "cannot change the schedule from {} to {}: a BEMA EMA keeps an anchor the \
+                 others do not (build a new EMA)",
+                self.schedule.describe(),
+                schedule.describe()
+            )));
+        }
         self.schedule = schedule;
         Ok(())
     }
@@ -75,8 +99,30 @@ impl Stepper {
     /// Replaces the policy; an invalid one changes nothing.
     pub fn set_policy(&mut self, policy: Policy) -> Result<()> {
         policy.validate()?;
+        check_pair(&self.schedule, &policy)?;
         self.policy = policy;
         Ok(())
+    }
+
+    /// BEMA's correction weight `alpha_t` for the weights asked for now: `t` of the last call
+    /// that updated (or copied), so that weights asked for right after an update are the
+    /// paper's `BEMA_t`. `None` unless the schedule is BEMA.
+    pub fn bias_weight(&self) -> Option<f64> {
+        let b = self.schedule.as_bema()?;
+        let k = self
+            .num_updates
+            .saturating_sub(self.policy.update_after_step);
+        let every = self.policy.update_every.max(1);
+        // The last call that updated is a multiple of `every`; a restart since then made t 0.
+        let last_update = k - k % every;
+        let last_restart = match b.restart_every {
+            0 => 0,
+            r => k - k % r,
+        };
+        if last_restart > last_update {
+            return Some(0.0);
+        }
+        Some(b.bias_weight(b.local(last_update)))
     }
 
     /// What call `n` does, then the counter set to `n`. An error leaves the counter alone.

@@ -13,8 +13,11 @@
 //! `num_updates` variable), and the counter becomes that `n`. Checkpoints save it as
 //! `num_updates`; a restore sets it back, so the next call continues the sequence.
 
+mod bema;
 mod counter;
 mod policy;
+
+pub use bema::Bema;
 
 pub(crate) use counter::Stepper;
 pub use policy::{Action, Policy};
@@ -90,6 +93,13 @@ pub enum Schedule {
         /// Steps between two updates (Composer's `update_interval`), > 0.
         update_interval: f64,
     },
+    /// BEMA, the bias-corrected EMA (Block & Zhang 2025; TRL's `BEMACallback`): the EMA's
+    /// weight falls as `(lag + multiplier t)^(-ema_power)`, and the EMA keeps the anchor
+    /// `theta_0` so that it can give the corrected weights
+    /// `EMA_t + (lag + multiplier t)^(-bias_power) (theta_t - theta_0)` on request. `t`
+    /// counts calls after the burn-in ([`Policy::update_after_step`]) or the last restart. See
+    /// [`Bema`].
+    Bema(Bema),
 }
 
 /// The arithmetic used to turn a decay into `alpha = 1 - decay`, and to apply it.
@@ -252,6 +262,31 @@ impl Schedule {
         Ok(Schedule::Power { gamma: g })
     }
 
+    /// BEMA with these parameters (see [`Bema`]; `Bema::default()` is TRL's).
+    ///
+    /// ```
+    /// use wgpu_ema::{schedule::Bema, Schedule};
+    /// let s = Schedule::bema(Bema::default());
+    /// assert!((s.decay(90).unwrap() - 0.9).abs() < 1e-15); // 1 - (10 + 90)^(-1/2)
+    /// ```
+    pub fn bema(params: Bema) -> Self {
+        Schedule::Bema(params)
+    }
+
+    /// BEMA's parameters, for a BEMA schedule.
+    pub fn as_bema(&self) -> Option<&Bema> {
+        match self {
+            Schedule::Bema(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// True when call `k` after the burn-in restarts the average (BEMA's restarts): the
+    /// shadows (and BEMA's anchor) take the parameters' values, as during the burn-in.
+    pub fn restarts_at(&self, k: u64) -> bool {
+        self.as_bema().is_some_and(|b| b.restarts_at(k))
+    }
+
     /// Composer's half-life (see [`Schedule::HalfLife`]).
     ///
     /// ```
@@ -303,6 +338,7 @@ impl Schedule {
                 Ok(())
             }
             Schedule::Power { gamma } => positive("gamma", gamma),
+            Schedule::Bema(b) => b.validate(),
             Schedule::HalfLife {
                 half_life,
                 update_interval,
@@ -347,6 +383,7 @@ impl Schedule {
                 half_life,
                 update_interval,
             } => 2f64.powf(-update_interval / half_life),
+            Schedule::Bema(b) => 1.0 - b.ema_weight(b.local(n)),
         })
     }
 
@@ -376,7 +413,14 @@ impl Schedule {
     /// ```
     pub fn alpha(&self, n: u64, numerics: Numerics) -> Result<f32> {
         match numerics {
-            Numerics::Exact => Ok((1.0 - self.decay(n)?) as f32),
+            // BEMA's weight is computed as such, not as 1 - (1 - weight).
+            Numerics::Exact => match self {
+                Schedule::Bema(b) => {
+                    self.validate()?;
+                    Ok(b.ema_weight(b.local(n)) as f32)
+                }
+                _ => Ok((1.0 - self.decay(n)?) as f32),
+            },
             Numerics::TensorFlow => Ok(1.0f32 - self.decay_f32_tf(n)?),
         }
     }
@@ -402,6 +446,7 @@ impl Schedule {
                 half_life,
                 update_interval,
             } => format!("half_life(half_life={half_life}, update_interval={update_interval})"),
+            Schedule::Bema(b) => b.describe(),
         }
     }
 }

@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 ///   averaging does. With `update_every = k`, each update folds in one parameter value per
 ///   `k` steps: pick the decay per update (a [`Schedule::HalfLife`] with
 ///   `update_interval = k` does it for you);
+/// - a [`Schedule::Bema`] with `restart_every = r` makes every call `k = r, 2r, ...` after
+///   `update_after_step` a copy too (a restart);
 /// - with `write_back_every = w > 0` (Switch EMA, arXiv 2402.09240; ema-pytorch's
 ///   `update_model_with_ema_every`, Keras' `ema_overwrite_frequency`), every `w`-th update
 ///   then writes the first EMA's shadows into the parameters, in the same encoder, after the
@@ -85,6 +87,9 @@ impl Policy {
             return Ok(Action::Copy);
         }
         let k = n - self.update_after_step;
+        if schedule.restarts_at(k) {
+            return Ok(Action::Copy);
+        }
         if !k.is_multiple_of(self.update_every) {
             return Ok(Action::Skip);
         }

@@ -9,6 +9,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+/// BEMA: the anchor, the corrected weights, their swaps, copies and checkpoints.
+mod bema;
 /// Safetensors checkpoints: save, shards, export, restore, resume.
 mod checkpoint;
 /// Compensated (Kahan) shadows against f64 over long runs.
