@@ -202,6 +202,10 @@ pub(crate) fn comp_leaf(k: usize) -> String {
     }
 }
 
+/// Leaf of BEMA's anchor `theta_0`: `"{param_id}.ema_theta0"`.
+#[cfg(feature = "burn")]
+pub(crate) const ANCHOR_LEAF: &str = "ema_theta0";
+
 /// Leaf of the step counter, a scalar: `"{param_id}.ema_num_updates"`.
 #[cfg(feature = "burn")]
 pub(crate) const COUNTER_LEAF: &str = "ema_num_updates";

@@ -369,3 +369,89 @@ fn compensated_shadows_keep_small_updates() {
     // Measured on lavapipe: 9.2e-6 plain, 5.9e-8 compensated.
     assert!(errors[1] * 10.0 < errors[0], "{errors:?}");
 }
+
+/// BEMA under `EmaOptim`: the anchor rides in the optimizer's state, the corrected weights
+/// (`EmaWeights::bema_module`) match the f64 BEMA of the paper's equations, a record resumes
+/// them bit for bit, and bad configurations are errors.
+#[test]
+fn bema_under_ema_optim_matches_the_paper_and_resumes_exactly() {
+    use wgpu_ema::schedule::Bema;
+    let _one = lock();
+    let Some(device) = device() else { return };
+    let device = device.autodiff();
+    let bema = Bema::default();
+    let schedule = Schedule::bema(bema);
+    let policy = Policy {
+        update_after_step: 2,
+        update_every: 2,
+        write_back_every: 0,
+    };
+    let make = || -> ModuleOptimizer {
+        EmaOptim::new(AdamConfig::new().build(), schedule)
+            .unwrap()
+            .policy(policy)
+            .unwrap()
+            .into()
+    };
+    let mut net = Mlp::new(&device);
+    let mut optim = make();
+    let thetas = |m: &Mlp| -> Vec<Vec<f32>> { values(m).into_iter().map(|(v, _)| v).collect() };
+    let mut paper = common::PaperBema::new(&bema, &policy, &thetas(&net));
+    let mut resumed: Option<(Mlp, ModuleOptimizer)> = None;
+    for n in 1..=9u64 {
+        let g = grads(&net, n, &device);
+        if let Some((rnet, mut ropt)) = resumed.take() {
+            let g2 = grads(&rnet, n, &device);
+            let rnet = ropt.step(1e-2, rnet, g2);
+            resumed = Some((rnet, ropt));
+        }
+        net = optim.step(1e-2, net, g);
+        paper.call(n, &thetas(&net));
+        if n == 5 {
+            resumed = Some((net.clone(), make().load_record(optim.to_record())));
+        }
+    }
+    let w = EmaWeights::from_record(optim.to_record()).unwrap();
+    let weights = w.bema_module(net.clone(), schedule, policy).unwrap();
+    let want = paper.weights(&thetas(&net));
+    for (i, (got, _)) in values(&weights).iter().enumerate() {
+        assert_close(&format!("BEMA tensor {i}"), got, &want[i], 1e-5);
+    }
+    assert_ne!(
+        values(&weights)[0].0,
+        thetas(&net)[0],
+        "the weights are not the parameters"
+    );
+    let (rnet, ropt) = resumed.unwrap();
+    let wr = EmaWeights::from_record(ropt.to_record()).unwrap();
+    let resumed_weights = wr.bema_module(rnet, schedule, policy).unwrap();
+    for ((x, _), (y, _)) in values(&weights).iter().zip(&values(&resumed_weights)) {
+        assert!(
+            x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "BEMA weights differ after resuming from the record"
+        );
+    }
+    // Refusals.
+    assert!(matches!(
+        w.bema_module(net.clone(), Schedule::constant(0.9), policy),
+        Err(Error::InvalidConfig(_))
+    ));
+    let mut plain: ModuleOptimizer = EmaOptim::new(AdamConfig::new().build(), Schedule::tf(0.9))
+        .unwrap()
+        .into();
+    let stepped = plain.step(1e-2, net.clone(), grads(&net, 1, &device));
+    let wp = EmaWeights::from_record(plain.to_record()).unwrap();
+    assert!(wp.bema_module(stepped, schedule, policy).is_err());
+    let write_back = Policy {
+        write_back_every: 2,
+        ..Policy::default()
+    };
+    assert!(EmaOptim::new(AdamConfig::new().build(), schedule)
+        .unwrap()
+        .policy(write_back)
+        .is_err());
+    assert!(EmaOptim::new(AdamConfig::new().build(), Schedule::tf(0.9))
+        .unwrap()
+        .extra_ema(schedule)
+        .is_err());
+}

@@ -15,7 +15,7 @@ use ::burn::tensor::{DType, Device, FloatDType, Tensor};
 use crate::error::{Error, Result};
 use crate::schedule::{Action, Numerics, Policy, Schedule, Stepper};
 
-use crate::names::{comp_leaf, shadow_leaf, COUNTER_LEAF, INNER_PREFIX as INNER};
+use crate::names::{comp_leaf, shadow_leaf, ANCHOR_LEAF, COUNTER_LEAF, INNER_PREFIX as INNER};
 
 /// The most EMAs one optimizer keeps (as [`GpuEmaBuilder::extra_ema`](crate::GpuEmaBuilder::extra_ema)).
 pub const MAX_EMAS: usize = 4;
@@ -39,6 +39,10 @@ pub const MAX_EMAS: usize = 4;
 /// values before the first step), update `n` uses the schedule's decay at `n`, the
 /// [`Policy`] delays and spaces the updates, several EMAs share the counter. Shadows are f32
 /// whatever the parameters' dtype.
+///
+/// With a [`Schedule::Bema`] as the first schedule, each parameter's state also keeps BEMA's
+/// anchor `theta_0` (saved as `"{param_id}.ema_theta0"`); read the corrected weights with
+/// [`EmaWeights::bema_module`](super::EmaWeights::bema_module).
 #[derive(Clone, Debug)]
 pub struct EmaOptim<O> {
     inner: O,
@@ -51,7 +55,7 @@ pub struct EmaOptim<O> {
 impl<O: Optimizer> EmaOptim<O> {
     /// `inner` with one EMA of `schedule` (validated).
     pub fn new(inner: O, schedule: Schedule) -> Result<Self> {
-        schedule.validate()?;
+        Stepper::new(schedule, Numerics::default(), Policy::default(), 0)?;
         Ok(Self {
             inner,
             schedules: vec![schedule],
@@ -74,6 +78,11 @@ impl<O: Optimizer> EmaOptim<O> {
     /// `"{param_id}.ema_{k}"`.
     pub fn extra_ema(mut self, schedule: Schedule) -> Result<Self> {
         schedule.validate()?;
+        if schedule.as_bema().is_some() {
+            return Err(Error::InvalidConfig(
+                "BEMA is the first EMA's schedule only: give it to EmaOptim::new".into(),
+            ));
+        }
         if self.schedules.len() >= MAX_EMAS {
             return Err(Error::InvalidConfig(format!(
                 "at most {MAX_EMAS} EMAs per optimizer"
@@ -85,7 +94,8 @@ impl<O: Optimizer> EmaOptim<O> {
 
     /// The update policy (validated).
     pub fn policy(mut self, policy: Policy) -> Result<Self> {
-        policy.validate()?;
+        // The pair is checked as the step counter checks it (BEMA writes nothing back).
+        Stepper::new(self.schedules[0], self.numerics, policy, 0)?;
         self.policy = policy;
         Ok(self)
     }
@@ -114,10 +124,17 @@ pub struct EmaOptimState<S, const D: usize> {
     shadows: Vec<Tensor<D>>,
     /// One per shadow when compensated, else empty.
     comps: Vec<Tensor<D>>,
+    /// BEMA's anchor, for a BEMA first schedule.
+    anchor: Option<Tensor<D>>,
     num_updates: u64,
 }
 
 impl<S, const D: usize> EmaOptimState<S, D> {
+    /// BEMA's anchor `theta_0`, for a BEMA first schedule.
+    pub fn anchor(&self) -> Option<&Tensor<D>> {
+        self.anchor.as_ref()
+    }
+
     /// Optimizer steps this parameter has seen.
     pub fn num_updates(&self) -> u64 {
         self.num_updates
@@ -151,21 +168,24 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
         // parameter before the step, as `GpuEma::build` copies them.
         let k = self.schedules.len();
         let comps_wanted = if self.compensated { k } else { 0 };
-        let (inner_state, mut shadows, mut comps, n) = match state {
+        let bema = self.schedules[0].as_bema().is_some();
+        let (inner_state, mut shadows, mut comps, mut anchor, n) = match state {
             Some(s)
                 if s.shadows.len() == k
                     && s.comps.len() == comps_wanted
+                    && s.anchor.is_some() == bema
                     && s.shadows.iter().all(|t| t.shape() == tensor.shape()) =>
             {
-                (s.inner, s.shadows, s.comps, s.num_updates)
+                (s.inner, s.shadows, s.comps, s.anchor, s.num_updates)
             }
             other => {
                 let start = as_f32(tensor.clone().detach());
                 let zeros = start.zeros_like();
                 (
                     other.and_then(|s| s.inner),
-                    vec![start; k],
+                    vec![start.clone(); k],
                     vec![zeros; comps_wanted],
+                    bema.then_some(start),
                     0,
                 )
             }
@@ -182,6 +202,10 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
             .unwrap_or(Action::Skip);
         if let Action::Update(alpha) = action {
             alphas[0] = alpha;
+        }
+        // A copy (burn-in, BEMA's restarts) takes BEMA's anchor too.
+        if let (Action::Copy, Some(a)) = (action, anchor.as_mut()) {
+            *a = p.clone();
         }
         for (i, (shadow, &alpha)) in shadows.iter_mut().zip(&alphas).enumerate() {
             match action {
@@ -233,6 +257,7 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
                 inner: inner_state,
                 shadows,
                 comps,
+                anchor,
                 num_updates: n,
             }),
         )
@@ -251,6 +276,7 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
                 .into_iter()
                 .map(|t| t.to_device(device))
                 .collect(),
+            anchor: state.anchor.map(|t| t.to_device(device)),
             num_updates: state.num_updates,
         }
     }
@@ -266,6 +292,9 @@ impl<S: RecordState + Clone, const D: usize> RecordState for EmaOptimState<S, D>
         }
         for (k, t) in self.comps.iter().enumerate() {
             out.push_tensor(prefix, &comp_leaf(k), t.clone().into_data());
+        }
+        if let Some(a) = &self.anchor {
+            out.push_tensor(prefix, ANCHOR_LEAF, a.clone().into_data());
         }
         out.push_scalar(
             prefix,
@@ -293,10 +322,14 @@ impl<S: RecordState + Clone, const D: usize> RecordState for EmaOptimState<S, D>
         while let Some(data) = src.take_tensor(prefix, &comp_leaf(comps.len())) {
             comps.push(Tensor::<D>::from_data(data, device));
         }
+        let anchor = src
+            .take_tensor(prefix, ANCHOR_LEAF)
+            .map(|data| Tensor::<D>::from_data(data, device));
         Some(Self {
             inner,
             shadows,
             comps,
+            anchor,
             num_updates,
         })
     }

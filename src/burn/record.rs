@@ -6,12 +6,13 @@ use std::path::Path;
 
 use ::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use ::burn::optim::OptimizerRecord;
-use ::burn::tensor::{DType, Tensor, TensorData};
+use ::burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 use super::{burn_error, PathStack};
 use crate::checkpoint::{write_safetensors, Entry, META_KIND, META_NUM_UPDATES, META_VERSION};
 use crate::error::{Error, Result};
-use crate::names::{shadow_leaf, COUNTER_LEAF};
+use crate::names::{shadow_leaf, ANCHOR_LEAF, COUNTER_LEAF};
+use crate::schedule::{Numerics, Policy, Schedule, Stepper};
 
 /// The shadows an [`EmaOptim`](super::EmaOptim) left in a burn optimizer record (a
 /// `Learner` checkpoint's `optim-<epoch>.bpk`, or `ModuleOptimizer::to_record()`), keyed by
@@ -20,6 +21,8 @@ use crate::names::{shadow_leaf, COUNTER_LEAF};
 pub struct EmaWeights {
     /// `(param id, k)` → (shape, values).
     shadows: HashMap<(u64, usize), (Vec<usize>, Vec<f32>)>,
+    /// Param id → BEMA's anchor (shape, values), for a BEMA optimizer.
+    anchors: HashMap<u64, (Vec<usize>, Vec<f32>)>,
     counters: HashMap<u64, u64>,
     /// Param id → module path, as burn's optimizer records them.
     paths: BTreeMap<u64, String>,
@@ -79,10 +82,12 @@ impl EmaWeights {
                 continue;
             };
             let Ok(id) = id.parse::<u64>() else { continue };
+            // `Some(k)`: EMA k's shadow; `None`: BEMA's anchor.
             let k = match leaf.strip_prefix("ema") {
-                Some("") => 0,
+                _ if leaf == ANCHOR_LEAF => None,
+                Some("") => Some(0),
                 Some(rest) => match rest.strip_prefix('_').and_then(|k| k.parse::<usize>().ok()) {
-                    Some(k) if shadow_leaf(k) == leaf => k,
+                    Some(k) if shadow_leaf(k) == leaf => Some(k),
                     _ => continue,
                 },
                 None => continue,
@@ -96,7 +101,10 @@ impl EmaWeights {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
-            out.shadows.insert((id, k), (shape.to_vec(), values));
+            match k {
+                Some(k) => out.shadows.insert((id, k), (shape.to_vec(), values)),
+                None => out.anchors.insert(id, (shape.to_vec(), values)),
+            };
         }
         if out.shadows.is_empty() {
             return Err(record_error(
@@ -178,6 +186,64 @@ impl EmaWeights {
         Ok(module.map(&mut m))
     }
 
+    /// `module` (the parameters `theta_t` of the last step, as training left them) with every
+    /// float parameter replaced by BEMA's weights `EMA_t + alpha_t (theta_t - theta_0)`: the
+    /// record's EMA 0 and anchors, `alpha_t` from its step counter under the optimizer's
+    /// `schedule` and `policy` (the record does not store them; pass those given to
+    /// [`EmaOptim`](super::EmaOptim)). Computed on the host in f32, as the GPU path does.
+    /// Errors: a schedule that is not BEMA, a record without anchors (of another schedule), or
+    /// of another model (see [`check`](Self::check)).
+    pub fn bema_module<M: Module>(
+        &self,
+        module: M,
+        schedule: Schedule,
+        policy: Policy,
+    ) -> Result<M> {
+        self.check(&module, 0)?;
+        let n = self.num_updates().unwrap_or(0);
+        let stepper = Stepper::new(schedule, Numerics::Exact, policy, n)?;
+        let Some(a) = stepper.bias_weight() else {
+            return Err(Error::InvalidConfig(format!(
+                "BEMA's weights asked with the schedule {}",
+                schedule.describe()
+            )));
+        };
+        if self.anchors.len() < self.len() {
+            return Err(record_error(
+                "it holds no BEMA anchors (`ema_theta0`): a record of an EmaOptim whose first \
+                 schedule was not BEMA",
+            ));
+        }
+        // The parameters read first, so that a failed read is an error, not a half-mapped
+        // module; then BEMA's weights in f32, as the GPU path computes them.
+        let mut thetas = Thetas {
+            path: PathStack::default(),
+            found: Vec::new(),
+            failed: None,
+        };
+        module.visit(&mut thetas);
+        if let Some(e) = thetas.failed {
+            return Err(e);
+        }
+        let a = a as f32;
+        let mut weights = HashMap::with_capacity(thetas.found.len());
+        for (path, id, theta) in thetas.found {
+            let (Some((shape, ema)), Some((_, anchor))) =
+                (self.shadows.get(&(id, 0)), self.anchors.get(&id))
+            else {
+                return Err(burn_error(&path, "has no BEMA anchor in the record"));
+            };
+            let w: Vec<f32> = ema
+                .iter()
+                .zip(anchor)
+                .zip(&theta)
+                .map(|((&s, &z), &p)| s + a * (p - z))
+                .collect();
+            weights.insert(id, (shape.clone(), w));
+        }
+        Ok(module.map(&mut Computed { weights }))
+    }
+
     /// Writes EMA `k`'s shadows to a safetensors file under `module`'s paths
     /// (`layers.0.weight`), atomically and checksummed: burn-store's `SafetensorsStore` loads
     /// it straight into the model, and PyTorch's `load_file` reads it.
@@ -235,6 +301,59 @@ impl ModuleVisitor for Collect {
             param.id.val(),
             param.shape().dims::<D>().to_vec(),
         ));
+    }
+}
+
+/// Every float parameter's module path, id and values (as f32).
+struct Thetas {
+    path: PathStack,
+    found: Vec<(String, u64, Vec<f32>)>,
+    failed: Option<Error>,
+}
+
+impl ModuleVisitor for Thetas {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path = self.path.name();
+        match param
+            .val()
+            .cast(FloatDType::F32)
+            .into_data()
+            .try_into_vec::<f32>()
+        {
+            Ok(v) => self.found.push((path, param.id.val(), v)),
+            Err(e) => {
+                self.failed
+                    .get_or_insert_with(|| burn_error(&path, format!("cannot read it: {e:?}")));
+            }
+        }
+    }
+}
+
+/// Replaces each float parameter by values computed beforehand (by id), in its own dtype.
+struct Computed {
+    weights: HashMap<u64, (Vec<usize>, Vec<f32>)>,
+}
+
+impl ModuleMapper for Computed {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let Some((shape, values)) = self.weights.remove(&param.id.val()) else {
+            return param;
+        };
+        param.map(move |tensor| {
+            let dtype = tensor.dtype();
+            let t = Tensor::<D>::from_data(TensorData::new(values, shape), &tensor.device());
+            if dtype == DType::F32 {
+                t
+            } else {
+                t.cast(dtype)
+            }
+        })
     }
 }
 

@@ -247,3 +247,100 @@ pub fn gpu_small_bindings() -> Option<&'static GpuContext> {
     })
     .as_ref()
 }
+
+/// The paper's Algorithm 1 per element in f64, with TRL's options: calls up to the burn-in
+/// `tau` (and every restart) set the EMA and `theta_0` to the parameters; the other calls
+/// whose count `k` past `tau` is a multiple of `every` take
+/// `EMA = (1 - beta_t) EMA + beta_t theta`, `beta_t = (rho + gamma t)^(-kappa)`; the weights
+/// are `EMA + (rho + gamma t)^(-eta) (theta - theta_0)` with `t` of the last update.
+pub struct PaperBema {
+    kappa: f64,
+    eta: f64,
+    rho: f64,
+    gamma: f64,
+    tau: u64,
+    every: u64,
+    restart: u64,
+    pub ema: Vec<Vec<f64>>,
+    theta0: Vec<Vec<f64>>,
+    /// `t` of the last update; 0 after a copy.
+    pub t: u64,
+    /// The last call copied.
+    pub copied: bool,
+}
+
+pub fn widen(v: &[Vec<f32>]) -> Vec<Vec<f64>> {
+    v.iter()
+        .map(|x| x.iter().map(|&y| f64::from(y)).collect())
+        .collect()
+}
+
+impl PaperBema {
+    pub fn new(
+        b: &wgpu_ema::schedule::Bema,
+        policy: &wgpu_ema::schedule::Policy,
+        start: &[Vec<f32>],
+    ) -> Self {
+        Self {
+            kappa: b.ema_power,
+            eta: b.bias_power,
+            rho: b.lag,
+            gamma: b.multiplier,
+            tau: policy.update_after_step,
+            every: policy.update_every,
+            restart: b.restart_every,
+            ema: widen(start),
+            theta0: widen(start),
+            t: 0,
+            copied: true,
+        }
+    }
+
+    pub fn call(&mut self, n: u64, theta: &[Vec<f32>]) {
+        let restart =
+            n > self.tau && self.restart > 0 && (n - self.tau).is_multiple_of(self.restart);
+        self.copied = n <= self.tau || restart;
+        if self.copied {
+            self.ema = widen(theta);
+            self.theta0 = widen(theta);
+            self.t = 0;
+            return;
+        }
+        let k = n - self.tau;
+        if !k.is_multiple_of(self.every) {
+            return;
+        }
+        let t = if self.restart > 0 {
+            k % self.restart
+        } else {
+            k
+        };
+        let beta = (self.rho + self.gamma * t as f64).powf(-self.kappa);
+        for (e, p) in self.ema.iter_mut().zip(theta) {
+            for (x, &y) in e.iter_mut().zip(p) {
+                *x = (1.0 - beta) * *x + beta * f64::from(y);
+            }
+        }
+        self.t = t;
+    }
+
+    pub fn weights(&self, theta: &[Vec<f32>]) -> Vec<Vec<f64>> {
+        let a = if self.t == 0 {
+            0.0
+        } else {
+            (self.rho + self.gamma * self.t as f64).powf(-self.eta)
+        };
+        self.ema
+            .iter()
+            .zip(&self.theta0)
+            .zip(theta)
+            .map(|((e, z), p)| {
+                e.iter()
+                    .zip(z)
+                    .zip(p)
+                    .map(|((&e, &z), &p)| e + a * (f64::from(p) - z))
+                    .collect()
+            })
+            .collect()
+    }
+}
