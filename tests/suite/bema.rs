@@ -526,3 +526,59 @@ fn bad_bema_configurations_are_errors() {
         Err(Error::TensorCountMismatch { .. })
     ));
 }
+
+/// The CPU path saves BEMA in both formats (safetensors and TensorFlow's) and resumes from
+/// each bit for bit: the anchor travels with the shadows.
+#[test]
+fn cpu_bema_resumes_from_safetensors_and_tensorflow_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, policy) = restarting();
+    let specs = specs();
+    let make = || {
+        let mut ema = CpuEma::new(Schedule::bema(b), Numerics::Exact).unwrap();
+        ema.set_policy(policy).unwrap();
+        for (s, v) in specs.iter().zip(walk(&specs, 0)) {
+            ema.track(s.clone(), &v).unwrap();
+        }
+        ema
+    };
+    let step = |ema: &mut CpuEma, n: u64| {
+        let theta = walk(&specs, n);
+        let views: Vec<&[f32]> = theta.iter().map(Vec::as_slice).collect();
+        ema.update(&views).unwrap();
+        ema.bema_weights(&views).unwrap()
+    };
+    let mut first = make();
+    for n in 1..=7 {
+        step(&mut first, n);
+    }
+    let params = {
+        let mut p = HostTensors::new();
+        for (s, v) in specs.iter().zip(walk(&specs, 7)) {
+            p.insert(s.clone(), v).unwrap();
+        }
+        p
+    };
+    let file = dir.path().join("cpu.safetensors");
+    checkpoint::save_training(&file, &first, Some(&params), &HostTensors::new()).unwrap();
+    let prefix = dir.path().join("tf-ckpt");
+    checkpoint::save_tf(&prefix, &first, Some(&params), &HostTensors::new()).unwrap();
+    for path in [file, prefix] {
+        let ck = Checkpoint::load(&path).unwrap();
+        let mut a = first.clone();
+        let mut resumed = make();
+        resumed.restore(&ck).unwrap();
+        for s in &specs {
+            assert_eq!(
+                resumed.anchor(&s.name).unwrap(),
+                a.anchor(&s.name).unwrap(),
+                "{}: `{}`'s theta_0",
+                path.display(),
+                s.name
+            );
+        }
+        for n in 8..=13 {
+            assert_eq!(step(&mut a, n), step(&mut resumed, n), "call {n}");
+        }
+    }
+}
