@@ -455,3 +455,77 @@ fn bema_under_ema_optim_matches_the_paper_and_resumes_exactly() {
         .extra_ema(schedule)
         .is_err());
 }
+
+/// A selection under `EmaOptim`, through burn's parameter groups: excluded parameters are
+/// stepped by the inner optimizer alone (as a plain run steps them, bit for bit) and have no
+/// EMA state; a copied one's shadow is its value; the averaged one matches the f64 EMA; the
+/// export holds only the tracked parameters, under their module paths.
+#[test]
+fn a_selection_under_ema_optim_uses_burns_parameter_groups() {
+    use wgpu_ema::select::Selection;
+    let _one = lock();
+    let Some(device) = device() else { return };
+    let device = device.autodiff();
+    let schedule = Schedule::constant(0.8);
+    let selection = Selection::new().exclude("hidden.*").copy("out.bias");
+    let net0 = Mlp::new(&device);
+    let mut optim = EmaOptim::new(AdamConfig::new().build(), schedule)
+        .unwrap()
+        .with_selection(&net0, &selection)
+        .unwrap();
+    let mut plain: ModuleOptimizer = AdamConfig::new().build().into();
+    let (mut net, mut reference_net) = (net0.clone(), net0.clone());
+    // Visiting order: hidden.weight, hidden.bias, out.weight, out.bias.
+    let start = values(&net);
+    let mut r = ReferenceEma::new(schedule, Numerics::Exact, &[&start[2].0]).unwrap();
+    for n in 1..=6u64 {
+        let g = grads(&net, n, &device);
+        let g2 = grads(&reference_net, n, &device);
+        net = optim.step(1e-2, net, g);
+        reference_net = plain.step(1e-2, reference_net, g2);
+        let now = values(&net);
+        r.update(&[&now[2].0]).unwrap();
+        let w = EmaWeights::from_record(optim.to_record()).unwrap();
+        assert!(w.shadow(now[0].1, 0).is_none() && w.shadow(now[1].1, 0).is_none());
+        assert_eq!(w.shadow(now[3].1, 0).unwrap().1, now[3].0.as_slice());
+        assert_close(
+            "out.weight",
+            w.shadow(now[2].1, 0).unwrap().1,
+            &r.shadows()[0],
+            1e-6,
+        );
+        for (i, ((a, _), (b, _))) in now.iter().zip(values(&reference_net)).enumerate().take(2) {
+            assert_eq!(a, &b, "excluded tensor {i} is stepped as without the EMA");
+        }
+    }
+    let w = EmaWeights::from_record(optim.to_record()).unwrap();
+    assert!(
+        w.check(&net, 0).is_err(),
+        "without the selection, the excluded look missing"
+    );
+    let w = w.select(&net, &selection).unwrap();
+    let ema = w.ema_module(net.clone(), 0).unwrap();
+    let (got, now) = (values(&ema), values(&net));
+    assert_eq!(got[0], now[0]);
+    assert_eq!(got[1], now[1]);
+    assert_ne!(got[2], now[2]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("selected.safetensors");
+    w.export_safetensors(&net, 0, &path).unwrap();
+    let names: Vec<String> = Checkpoint::load(&path)
+        .unwrap()
+        .names()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(names, ["out.bias", "out.weight"]);
+    // A record of another selection, and patterns matching nothing, are refused.
+    let other = EmaWeights::from_record(optim.to_record())
+        .unwrap()
+        .select(&net, &Selection::new().exclude("out.*"))
+        .unwrap();
+    assert!(other.check(&net, 0).is_err());
+    assert!(EmaOptim::new(AdamConfig::new().build(), schedule)
+        .unwrap()
+        .with_selection(&net, &Selection::new().exclude("nothing.*"))
+        .is_err());
+}

@@ -50,6 +50,81 @@ pub struct EmaOptim<O> {
     numerics: Numerics,
     policy: Policy,
     compensated: bool,
+    /// The shadows follow the parameter exactly (a tensor selected to be copied).
+    follow: bool,
+}
+
+/// Every float parameter of `module` as (module path, id), paths as [`BurnEma`](super::BurnEma)
+/// names them.
+fn float_params<M: ::burn::module::Module>(module: &M) -> Vec<(String, ::burn::module::ParamId)> {
+    struct Ids {
+        path: super::PathStack,
+        found: Vec<(String, ::burn::module::ParamId)>,
+    }
+    impl ::burn::module::ModuleVisitor for Ids {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &::burn::module::Param<Tensor<D>>) {
+            self.found.push((self.path.name(), param.id));
+        }
+    }
+    let mut v = Ids {
+        path: super::PathStack::default(),
+        found: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.found
+}
+
+impl<O: Optimizer + Clone + 'static> EmaOptim<O> {
+    /// burn's `ModuleOptimizer` for `module` with a [`Selection`](crate::select::Selection)
+    /// over its module paths (`layers.0.weight`, as [`BurnEma`](super::BurnEma) names them):
+    /// averaged parameters get this optimizer, copied ones (running statistics) this
+    /// optimizer with shadows that take the parameter's value exactly on every update, and
+    /// excluded ones the inner optimizer alone (no EMA state at all). Done with burn's own
+    /// parameter groups (`ModuleOptimizer::with_group` over `ParamGroup::from_ids`), since an
+    /// optimizer's step is not told which parameter it steps; the ids are the module's, so
+    /// build it from the module the `Learner` trains. Read the EMA with
+    /// [`EmaWeights::select`](super::EmaWeights::select) and the same selection.
+    ///
+    /// Errors as [`Selection::resolve`](crate::select::Selection::resolve): a pattern that
+    /// matches no parameter, a parameter both copied and excluded.
+    pub fn with_selection<M: ::burn::module::Module>(
+        self,
+        module: &M,
+        selection: &crate::select::Selection,
+    ) -> Result<::burn::optim::ModuleOptimizer> {
+        use crate::select::Mode;
+        use ::burn::module::ParamGroup;
+        let params = float_params(module);
+        let modes = selection.resolve(params.iter().map(|(p, _)| p.as_str()))?;
+        let ids = |want: Mode| -> Vec<::burn::module::ParamId> {
+            params
+                .iter()
+                .zip(&modes)
+                .filter(|(_, &m)| m == want)
+                .map(|((_, id), _)| *id)
+                .collect()
+        };
+        let (copied, excluded) = (ids(Mode::Copy), ids(Mode::Exclude));
+        let inner = self.inner.clone();
+        let follower = Self {
+            follow: true,
+            ..self.clone()
+        };
+        let mut optim: ::burn::optim::ModuleOptimizer = self.into();
+        if !copied.is_empty() {
+            optim = optim.with_group(ParamGroup::from_ids(copied), follower, None);
+        }
+        if !excluded.is_empty() {
+            optim = optim.with_group(ParamGroup::from_ids(excluded), inner, None);
+        }
+        Ok(optim)
+    }
 }
 
 impl<O: Optimizer> EmaOptim<O> {
@@ -62,6 +137,7 @@ impl<O: Optimizer> EmaOptim<O> {
             numerics: Numerics::default(),
             policy: Policy::default(),
             compensated: false,
+            follow: false,
         })
     }
 
@@ -200,10 +276,16 @@ impl<O: Optimizer> Optimizer for EmaOptim<O> {
         let action = Stepper::new(self.schedules[0], self.numerics, self.policy, n - 1)
             .and_then(|mut s| s.advance_all(n, &self.schedules[1..], &mut alphas))
             .unwrap_or(Action::Skip);
+        // A copied parameter's shadows take its value on every update (not its anchor).
+        let action = match action {
+            Action::Update(_) if self.follow => Action::Copy,
+            a => a,
+        };
         if let Action::Update(alpha) = action {
             alphas[0] = alpha;
         }
-        // A copy (burn-in, BEMA's restarts) takes BEMA's anchor too.
+        // A copy (burn-in, BEMA's restarts, a copied parameter's update) takes BEMA's anchor
+        // too: a copied parameter's BEMA weights are then its value, exactly.
         if let (Action::Copy, Some(a)) = (action, anchor.as_mut()) {
             *a = p.clone();
         }

@@ -26,6 +26,8 @@ pub struct EmaWeights {
     counters: HashMap<u64, u64>,
     /// Param id → module path, as burn's optimizer records them.
     paths: BTreeMap<u64, String>,
+    /// Ids of the parameters a selection left out (see [`select`](Self::select)).
+    excluded: std::collections::HashSet<u64>,
 }
 
 fn record_error(message: impl std::fmt::Display) -> Error {
@@ -137,6 +139,33 @@ impl EmaWeights {
             .map(|(s, v)| (s.as_slice(), v.as_slice()))
     }
 
+    /// Reads the record as [`EmaOptim::with_selection`](super::EmaOptim::with_selection) wrote
+    /// it for `module` and `selection`: the parameters the selection leaves out have no
+    /// shadows; [`ema_module`](Self::ema_module) and [`bema_module`](Self::bema_module) leave
+    /// them as they are and [`export_safetensors`](Self::export_safetensors) writes only the
+    /// others (an EMA of the adapters alone, under their module paths). [`check`](Self::check)
+    /// then refuses a left-out parameter that has a shadow (a record of another selection).
+    pub fn select<M: Module>(
+        mut self,
+        module: &M,
+        selection: &crate::select::Selection,
+    ) -> Result<Self> {
+        let mut v = Collect {
+            path: PathStack::default(),
+            found: Vec::new(),
+        };
+        module.visit(&mut v);
+        let modes = selection.resolve(v.found.iter().map(|(p, ..)| p.as_str()))?;
+        self.excluded = v
+            .found
+            .iter()
+            .zip(modes)
+            .filter(|(_, m)| *m == crate::select::Mode::Exclude)
+            .map(|((_, id, _), _)| *id)
+            .collect();
+        Ok(self)
+    }
+
     /// Checks that this record belongs to `module`: a shadow of EMA `k` for every float
     /// parameter, of the parameter's shape, and none for parameters the module does not have.
     /// Errors name the module path. Run it on a record before resuming from it: burn's
@@ -150,6 +179,13 @@ impl EmaWeights {
         module.visit(&mut v);
         let mut seen = std::collections::HashSet::new();
         for (path, id, shape) in &v.found {
+            seen.insert(*id);
+            if self.excluded.contains(id) {
+                if self.shadows.contains_key(&(*id, k)) {
+                    return Err(burn_error(path, "has a shadow in the record, but the selection leaves it out: a record of another selection?"));
+                }
+                continue;
+            }
             match self.shadows.get(&(*id, k)) {
                 None => return Err(burn_error(path, format!("no shadow of EMA {k} in the record (parameter id {id}): a record of another model?"))),
                 Some((s, _)) if s != shape => {
@@ -157,7 +193,6 @@ impl EmaWeights {
                 }
                 Some(_) => {}
             }
-            seen.insert(*id);
         }
         if let Some(((id, _), _)) = self
             .shadows
@@ -228,6 +263,9 @@ impl EmaWeights {
         let a = a as f32;
         let mut weights = HashMap::with_capacity(thetas.found.len());
         for (path, id, theta) in thetas.found {
+            if self.excluded.contains(&id) {
+                continue;
+            }
             let (Some((shape, ema)), Some((_, anchor))) =
                 (self.shadows.get(&(id, 0)), self.anchors.get(&id))
             else {
@@ -262,6 +300,7 @@ impl EmaWeights {
         let entries = v
             .found
             .into_iter()
+            .filter(|(_, id, _)| !self.excluded.contains(id))
             .map(|(name, id, shape)| {
                 let values = &self.shadows[&(id, k)].1;
                 Entry::from_slice(name, &shape, values)
