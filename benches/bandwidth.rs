@@ -218,10 +218,11 @@ impl GpuBench<'_> {
     fn arena_and_buffers(
         &self,
         specs: &[TensorSpec],
+        schedule: Schedule,
     ) -> Result<(ParamArena, GpuEma, Vec<wgpu::Buffer>, GpuEma), Error> {
         let ctx = self.ctx;
         let arena = ParamArena::new(&ctx.device, specs.to_vec())?;
-        let a = GpuEma::builder(Schedule::tf(0.999))
+        let a = GpuEma::builder(schedule)
             .track_arena(&arena)
             .build(&ctx.device, &ctx.queue)?;
         let params: Vec<wgpu::Buffer> = specs
@@ -231,7 +232,7 @@ impl GpuBench<'_> {
         let b = specs
             .iter()
             .zip(&params)
-            .fold(GpuEma::builder(Schedule::tf(0.999)), |bld, (s, p)| {
+            .fold(GpuEma::builder(schedule), |bld, (s, p)| {
                 bld.track_buffer(s.clone(), p, 0)
             })
             .build(&ctx.device, &ctx.queue)?;
@@ -380,7 +381,7 @@ fn gpu_rows(
     };
     for (model, specs) in models {
         let total: u64 = specs.iter().map(TensorSpec::numel).sum();
-        let (_arena, mut a, params, mut b) = gb.arena_and_buffers(&specs)?;
+        let (_arena, mut a, params, mut b) = gb.arena_and_buffers(&specs, Schedule::tf(0.999))?;
         let bw = bw_ref.max(1e-9);
         let t = time(reps, Duration::from_secs(3), || {
             if let Ok(i) = a.update() {
@@ -414,7 +415,99 @@ fn gpu_rows(
         rows.push(row(&format!("gpu-{model}-naive"), total, t, 12, bw));
     }
     host_costs(gb, notes)?;
+    target_networks(gb, reps, rows, notes, bw_ref.max(1e-9))?;
     Ok(bw_ref)
+}
+
+/// A 3-layer MLP as RL agents use for a target network (Atari-RAM-sized input 128, two hidden
+/// layers of 256, 18 actions): 6 tensors, 103,442 parameters.
+fn mlp3() -> Vec<TensorSpec> {
+    vec![
+        TensorSpec::new("l1.weight", [256, 128]),
+        TensorSpec::new("l1.bias", [256]),
+        TensorSpec::new("l2.weight", [256, 256]),
+        TensorSpec::new("l2.bias", [256]),
+        TensorSpec::new("l3.weight", [18, 256]),
+        TensorSpec::new("l3.bias", [18]),
+    ]
+}
+
+/// A target network's soft update (`Schedule::polyak(0.005)`) of ResNet-50's and a 3-layer
+/// MLP's tensors: ours (an arena: one dispatch; one buffer per tensor) against the per-tensor
+/// loop a user writes without the crate, in the same run. Wall time of one step submitted and
+/// waited for, and the host's time to record and submit one without waiting.
+fn target_networks(
+    gb: &GpuBench<'_>,
+    reps: usize,
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+    bw: f64,
+) -> Result<(), Error> {
+    let ctx = gb.ctx;
+    for (model, specs) in [("resnet50", resnet50()), ("mlp3", mlp3())] {
+        let total: u64 = specs.iter().map(TensorSpec::numel).sum();
+        let (_arena, mut a, params, mut b) =
+            gb.arena_and_buffers(&specs, Schedule::polyak(0.005)?)?;
+        let naive = Naive::new(gb, &specs, &params);
+        let budget = Duration::from_secs(2);
+        let ta = time(reps, budget, || {
+            if let Ok(i) = a.update() {
+                gb.wait(i);
+            }
+        });
+        let tb = time(reps, budget, || {
+            if let Ok(i) = b.update() {
+                gb.wait(i);
+            }
+        });
+        let tn = time(reps, budget, || {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            naive.record(ctx, &mut enc);
+            gb.wait(ctx.queue.submit(Some(enc.finish())));
+        });
+        rows.push(row(&format!("target-{model}-arena"), total, ta, 12, bw));
+        rows.push(row(&format!("target-{model}-buffers"), total, tb, 12, bw));
+        rows.push(row(
+            &format!("target-{model}-per-tensor"),
+            total,
+            tn,
+            12,
+            bw,
+        ));
+        let host = |f: &mut dyn FnMut()| {
+            let mut v = Vec::new();
+            for i in 0..100 {
+                let t = Instant::now();
+                f();
+                v.push(t.elapsed().as_secs_f64() * 1e6);
+                if i % 10 == 9 {
+                    let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+                }
+            }
+            let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+            median(v)
+        };
+        let record = |ema: &mut GpuEma| {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            let _ = ema.record_update(&mut enc);
+            drop(enc.finish());
+        };
+        let (ra, rb) = (host(&mut || record(&mut a)), host(&mut || record(&mut b)));
+        let rn = host(&mut || {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            naive.record(ctx, &mut enc);
+            drop(enc.finish());
+        });
+        notes.push(format!(
+            "target network soft update, {model} ({} tensors, {total} parameters): per step {:.3} ms arena / {:.3} ms {} buffers / {:.3} ms per-tensor loop (wall, waited); recording one step {ra:.1} / {rb:.1} / {rn:.1} us",
+            specs.len(),
+            ta * 1e3,
+            tb * 1e3,
+            specs.len(),
+            tn * 1e3,
+        ));
+    }
+    Ok(())
 }
 
 /// What a user writes without the crate: per tensor, its own shadow buffer, a uniform holding
@@ -485,7 +578,7 @@ fn host_costs(gb: &GpuBench<'_>, notes: &mut Vec<String>) -> Result<(), Error> {
     let specs: Vec<TensorSpec> = (0..161)
         .map(|i| TensorSpec::new(format!("t{i}"), [64]))
         .collect();
-    let (_arena, mut a, params, mut b) = gb.arena_and_buffers(&specs)?;
+    let (_arena, mut a, params, mut b) = gb.arena_and_buffers(&specs, Schedule::tf(0.999))?;
     let naive_way = Naive::new(gb, &specs, &params);
     let naive = |submit: bool| {
         let mut enc = ctx.device.create_command_encoder(&Default::default());

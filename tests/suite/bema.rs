@@ -109,14 +109,11 @@ impl Run {
     }
 }
 
+/// Each tensor of `got`, in tracking order, against the f64 values `want` (same order).
 fn check(what: &str, got: &HostTensors, want: &[Vec<f64>], rel: f64) {
-    for (s, w) in specs().iter().zip(want) {
-        assert_close(
-            &format!("{what} `{}`", s.name),
-            got.try_get(&s.name).unwrap(),
-            w,
-            rel,
-        );
+    assert_eq!(got.len(), want.len(), "{what}: tensors");
+    for ((s, values), w) in got.iter().zip(want) {
+        assert_close(&format!("{what} `{}`", s.name), values, w, rel);
     }
 }
 
@@ -580,5 +577,117 @@ fn cpu_bema_resumes_from_safetensors_and_tensorflow_files() {
         for n in 8..=13 {
             assert_eq!(step(&mut a, n), step(&mut resumed, n), "call {n}");
         }
+    }
+}
+
+/// TRL's own `BEMACallback` as the reference (`tests/data/trl_bema.json`, made by
+/// `tests/data/make_bema_fixture.py` with TRL installed): the same trajectory replayed through
+/// our BEMA, configured as the fixture's `ours` maps TRL's parameters, gives TRL's weights at
+/// every step TRL updated them, on the GPU and the CPU path. A `t` off by the burn-in, a
+/// weight evaluated one update late, or the anchor taken at the wrong step shows as an error
+/// of the order of the correction, far above float32 rounding (torch computes the EMA as
+/// `(1 - beta) ema + beta theta`, we as `ema + beta (theta - ema)`).
+#[test]
+fn trl_bema_callback_weights_are_replayed() {
+    use serde_json::Value;
+    let fixture: Value =
+        serde_json::from_str(include_str!("../data/trl_bema.json")).expect("the TRL fixture");
+    let cases = fixture["cases"].as_array().expect("cases");
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let name = case["name"].as_str().unwrap_or("?");
+        let ours = &case["ours"];
+        let num = |k: &str| ours[k].as_f64().unwrap_or_else(|| panic!("{name}: `{k}`"));
+        let b = Bema {
+            ema_power: num("ema_power"),
+            bias_power: num("bias_power"),
+            lag: num("lag"),
+            multiplier: num("multiplier"),
+            min_ema_multiplier: num("min_ema_multiplier"),
+            restart_every: 0,
+        };
+        let policy = Policy {
+            update_after_step: num("update_after_step") as u64,
+            update_every: num("update_every") as u64,
+            write_back_every: 0,
+        };
+        let specs: Vec<TensorSpec> = ["w", "b"]
+            .iter()
+            .map(|k| {
+                let shape: Vec<usize> = case["shapes"][k]
+                    .as_array()
+                    .expect("shape")
+                    .iter()
+                    .map(|d| d.as_u64().expect("dim") as usize)
+                    .collect();
+                TensorSpec::new(*k, shape)
+            })
+            .collect();
+        let values = |v: &Value| -> Vec<Vec<f32>> {
+            ["w", "b"]
+                .iter()
+                .map(|k| {
+                    v[k].as_array()
+                        .expect("values")
+                        .iter()
+                        .map(|x| x.as_f64().expect("a number") as f32)
+                        .collect()
+                })
+                .collect()
+        };
+        let params: Vec<Vec<Vec<f32>>> = case["params"]
+            .as_array()
+            .expect("params")
+            .iter()
+            .map(values)
+            .collect();
+        let weights = case["weights"].as_object().expect("weights");
+        assert!(
+            weights.len() >= 8,
+            "{name}: TRL updated {} times",
+            weights.len()
+        );
+
+        let mut cpu = CpuEma::new(Schedule::bema(b), Numerics::Exact).unwrap();
+        cpu.set_policy(policy).unwrap();
+        for (s, v) in specs.iter().zip(&params[0]) {
+            cpu.track(s.clone(), v).unwrap();
+        }
+        let gpu_run = gpu().map(|ctx| {
+            let bufs: Vec<wgpu::Buffer> =
+                params[0].iter().map(|v| buffer_with(ctx, v, 4)).collect();
+            let mut builder = GpuEma::builder(Schedule::bema(b)).policy(policy);
+            for (s, buf) in specs.iter().zip(&bufs) {
+                builder = builder.track_buffer(s.clone(), buf, 4);
+            }
+            (ctx, bufs, builder.build(&ctx.device, &ctx.queue).unwrap())
+        });
+        let mut gpu_run = gpu_run;
+        let mut compared = 0;
+        for (step, theta) in params.iter().enumerate().skip(1) {
+            let views: Vec<&[f32]> = theta.iter().map(Vec::as_slice).collect();
+            cpu.update(&views).unwrap();
+            if let Some((ctx, bufs, ema)) = gpu_run.as_mut() {
+                for (buf, v) in bufs.iter().zip(theta) {
+                    crate::common::write(ctx, buf, 4, v);
+                }
+                ema.update().unwrap();
+            }
+            let Some(want) = weights.get(&step.to_string()) else {
+                continue;
+            };
+            let want: Vec<Vec<f64>> = values(want)
+                .into_iter()
+                .map(|v| v.into_iter().map(f64::from).collect())
+                .collect();
+            let got = cpu.bema_weights(&views).unwrap();
+            check(&format!("{name}, step {step}, CPU"), &got, &want, 1e-5);
+            if let Some((_, _, ema)) = gpu_run.as_mut() {
+                let got = ema.read_bema_blocking().unwrap();
+                check(&format!("{name}, step {step}, GPU"), &got, &want, 1e-5);
+            }
+            compared += 1;
+        }
+        assert_eq!(compared, weights.len(), "{name}");
     }
 }
