@@ -183,6 +183,61 @@ mod tests {
     }
 
     #[test]
+    fn bema_bias_weight_is_that_of_the_last_update() {
+        use super::super::Bema;
+        let a = |t: f64| (10.0 + t).powf(-0.2);
+        let at = |bema: Bema, after: u64, every: u64, n: u64| {
+            let policy = Policy {
+                update_after_step: after,
+                update_every: every,
+                write_back_every: 0,
+            };
+            let mut s = Stepper::new(Schedule::Bema(bema), Numerics::Exact, policy, 0).unwrap();
+            s.set_num_updates(n);
+            s.bias_weight().unwrap()
+        };
+        let b = Bema::default();
+        // Burn-in to call 3, updates at 5, 7, ...: t of the last update.
+        let got: Vec<f64> = (3..=7).map(|n| at(b, 3, 2, n)).collect();
+        assert_eq!(got, [0.0, 0.0, a(2.0), a(2.0), a(4.0)]);
+        // Restarts every 4 calls, updates every call: t runs 1, 2, 3, 0, 1, ...
+        let r = Bema {
+            restart_every: 4,
+            ..b
+        };
+        let got: Vec<f64> = (3..=8).map(|n| at(r, 0, 1, n)).collect();
+        assert_eq!(got, [a(3.0), 0.0, a(1.0), a(2.0), a(3.0), 0.0]);
+        // Restarts every 4, updates every 3rd call: a restart after the last update makes it 0.
+        let got: Vec<f64> = (3..=7).map(|n| at(r, 0, 3, n)).collect();
+        assert_eq!(got, [a(3.0), 0.0, 0.0, a(2.0), a(2.0)]);
+        let plain = Stepper::new(Schedule::constant(0.9), Numerics::Exact, Policy::default(), 5);
+        assert_eq!(plain.unwrap().bias_weight(), None);
+    }
+
+    #[test]
+    fn bema_is_kept_or_refused_as_a_whole() {
+        use super::super::Bema;
+        let bema = Schedule::Bema(Bema::default());
+        let mut s = Stepper::new(bema, Numerics::Exact, Policy::default(), 0).unwrap();
+        assert!(s.set_schedule(Schedule::constant(0.9)).is_err());
+        assert_eq!(s.schedule(), bema);
+        let other = Schedule::Bema(Bema {
+            lag: 3.0,
+            ..Bema::default()
+        });
+        s.set_schedule(other).unwrap();
+        let write_back = Policy {
+            write_back_every: 2,
+            ..Policy::default()
+        };
+        assert!(s.set_policy(write_back).is_err());
+        assert!(Stepper::new(bema, Numerics::Exact, write_back, 0).is_err());
+        let mut plain =
+            Stepper::new(Schedule::constant(0.9), Numerics::Exact, write_back, 0).unwrap();
+        assert!(plain.set_schedule(bema).is_err());
+    }
+
+    #[test]
     fn an_invalid_schedule_moves_nothing() {
         let mut s = Stepper::new(
             Schedule::constant(0.9),

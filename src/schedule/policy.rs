@@ -150,6 +150,38 @@ mod tests {
     }
 
     #[test]
+    fn bema_restarts_copy_and_restart_t() {
+        use super::super::Bema;
+        let b = Bema {
+            restart_every: 3,
+            ..Bema::default()
+        };
+        let s = Schedule::Bema(b);
+        let p = Policy {
+            update_after_step: 1,
+            ..Policy::default()
+        };
+        let acts: Vec<Action> = (1..=8)
+            .map(|n| p.action(&s, n, Numerics::Exact).unwrap())
+            .collect();
+        // k = n - 1: copies at k = 0 (burn-in), 3 and 6; t = k mod 3 otherwise.
+        let w = |t: f64| Action::Update((10.0 + t).powf(-0.5) as f32);
+        assert_eq!(
+            acts,
+            [
+                Action::Copy,
+                w(1.0),
+                w(2.0),
+                Action::Copy,
+                w(1.0),
+                w(2.0),
+                Action::Copy,
+                w(1.0)
+            ]
+        );
+    }
+
+    #[test]
     fn write_back_every_w_th_update() {
         // Updates at n = 5, 7, 9, 11, 13, 15 (after 3, every 2nd): the 3rd and 6th write back.
         let p = Policy {
