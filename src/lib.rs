@@ -68,7 +68,7 @@ mod tensors;
 
 pub use context::{wanted_features, GpuContext};
 pub use error::{CheckpointErrorKind, Error, Result};
-pub use gpu::{GpuEma, GpuEmaBuilder, ParamArena, Snapshot};
+pub use gpu::{Epilogue, FusedStep, GpuEma, GpuEmaBuilder, ParamArena, Snapshot};
 pub use names::EMA_SUFFIX;
 pub use schedule::{Numerics, Schedule};
 pub use tensors::{HostTensors, ParamDtype, TensorSpec};

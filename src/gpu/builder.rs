@@ -410,6 +410,9 @@ impl<'a> GpuEmaBuilder<'a> {
             moved: false,
             alive: super::device::Liveness::new(device),
             selection,
+            fused: None,
+            last_pass: None,
+            last_fused: None,
         };
         // shadows := params, on the GPU.
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {

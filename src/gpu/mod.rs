@@ -17,6 +17,7 @@ mod builder;
 mod device;
 mod dispatch;
 mod eval;
+mod fused;
 mod overlaps;
 mod pipelines;
 mod placement;
@@ -25,6 +26,7 @@ mod transfer;
 
 pub use arena::ParamArena;
 pub use builder::GpuEmaBuilder;
+pub use fused::{Epilogue, FusedStep};
 pub use snapshot::Snapshot;
 
 use std::collections::HashMap;
@@ -122,6 +124,12 @@ pub struct GpuEma {
     alive: device::Liveness,
     /// The tensors copied and left out, as checkpoints record it (`select::describe`).
     selection: String,
+    /// The fused epilogue, once asked for.
+    fused: Option<Box<fused::FusedState>>,
+    /// The last update number applied by a separate pass, and by the fused epilogue: the
+    /// same update both ways would average twice.
+    last_pass: Option<u64>,
+    last_fused: Option<u64>,
 }
 
 impl GpuEma {
@@ -275,8 +283,15 @@ impl GpuEma {
         if self.swapped.is_some() {
             return Err(Error::Swapped);
         }
+        if self.last_fused == Some(n) {
+            return Err(Error::InvalidConfig(format!(
+                "update {n} was already applied by the fused epilogue (fused_step); a separate \
+                 pass for it would average twice"
+            )));
+        }
         let mut alphas = [1.0f32; MAX_EMAS];
         let action = self.stepper.advance_all(n, &self.extra, &mut alphas)?;
+        self.last_pass = Some(n);
         match action {
             Action::Skip => {}
             Action::Copy => self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS])?,

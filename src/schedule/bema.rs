@@ -182,6 +182,15 @@ mod tests {
     }
 
     #[test]
+    fn described_as_checkpoints_store_it() {
+        // What checkpoints record and restores compare: written out, not round-tripped only.
+        assert_eq!(
+            Bema::default().describe(),
+            "bema(ema_power=0.5, bias_power=0.2, lag=10, multiplier=1, min_ema_multiplier=0, restart_every=0)"
+        );
+    }
+
+    #[test]
     fn restarts_by_hand() {
         let b = Bema {
             restart_every: 4,
@@ -225,6 +234,15 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+        // Without an EMA (ema_power 0) beta is 1 whatever the lag.
+        assert!(Bema {
+            ema_power: 0.0,
+            lag: 0.0,
+            multiplier: 0.5,
+            ..ok
+        }
+        .validate()
+        .is_ok());
         // lag 0 with multiplier 1 keeps beta_1 = 1: allowed.
         assert!(Bema {
             lag: 0.0,

@@ -210,7 +210,12 @@ mod tests {
         // Restarts every 4, updates every 3rd call: a restart after the last update makes it 0.
         let got: Vec<f64> = (3..=7).map(|n| at(r, 0, 3, n)).collect();
         assert_eq!(got, [a(3.0), 0.0, 0.0, a(2.0), a(2.0)]);
-        let plain = Stepper::new(Schedule::constant(0.9), Numerics::Exact, Policy::default(), 5);
+        let plain = Stepper::new(
+            Schedule::constant(0.9),
+            Numerics::Exact,
+            Policy::default(),
+            5,
+        );
         assert_eq!(plain.unwrap().bias_weight(), None);
     }
 

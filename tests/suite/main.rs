@@ -19,6 +19,8 @@ mod compensated;
 mod errors;
 /// Swapping the EMA weights in and back, copying them into the parameters.
 mod evaluation;
+/// The fused epilogue in an optimizer of the test's own, against the separate pass.
+mod fused;
 /// f16 and bf16 parameters with f32 shadows.
 mod half_precision;
 /// Checkpoints as bytes, async readback, a schedule changed mid-run.

@@ -22,7 +22,9 @@ use std::fmt::Write;
 use crate::plan::{ITEMS_PER_THREAD, WORKGROUP};
 
 /// The hand-written part of the shader.
-const BODY: &str = include_str!("../shaders/ema.wgsl");
+const BODY: &str = include_str!("../../shaders/ema.wgsl");
+
+pub(crate) mod fused;
 
 /// The most EMAs one pass updates (`K` in the shader).
 pub(crate) const MAX_EMAS: usize = 4;
@@ -39,7 +41,9 @@ pub(crate) struct StepValues {
     pub alpha: f32,
     /// Always 1.0, but unknown to the shader compiler: see the compensated update.
     pub one: f32,
-    pub pad0: f32,
+    /// What the fused epilogue does this step ([`MODE_SKIP`], [`MODE_COPY`], [`MODE_UPDATE`]);
+    /// the separate passes know it from their op.
+    pub mode: f32,
     pub pad1: f32,
     /// Every EMA's alpha, for passes updating several.
     pub alphas: [f32; MAX_EMAS],
@@ -49,7 +53,7 @@ pub(crate) struct StepValues {
 const STEP_FIELDS: [(&str, &str); 5] = [
     ("alpha", "f32"),
     ("one", "f32"),
-    ("pad0", "f32"),
+    ("mode", "f32"),
     ("pad1", "f32"),
     ("alphas", "vec4<f32>"),
 ];
@@ -58,6 +62,13 @@ const STEP_FIELDS: [(&str, &str); 5] = [
 const SEG_FIELDS: [&str; 8] = [
     "vstart", "count", "param", "shadow", "slot", "dtype", "flags", "pad1",
 ];
+
+/// [`StepValues::mode`]: nothing this step (between two updates of `update_every`).
+pub(crate) const MODE_SKIP: f32 = 0.0;
+/// [`StepValues::mode`]: shadows := parameters (before `update_after_step`, BEMA's restarts).
+pub(crate) const MODE_COPY: f32 = 1.0;
+/// [`StepValues::mode`]: the EMA update.
+pub(crate) const MODE_UPDATE: f32 = 2.0;
 
 /// Bytes of [`StepValues`].
 pub(crate) const STEP_BYTES: u64 = std::mem::size_of::<StepValues>() as u64;
@@ -68,7 +79,7 @@ impl StepValues {
         Self {
             alpha: alphas[0],
             one: 1.0,
-            pad0: 0.0,
+            mode: MODE_UPDATE,
             pad1: 0.0,
             alphas,
         }
@@ -558,7 +569,7 @@ mod tests {
         let rust_step = [
             ("alpha", std::mem::offset_of!(StepValues, alpha)),
             ("one", std::mem::offset_of!(StepValues, one)),
-            ("pad0", std::mem::offset_of!(StepValues, pad0)),
+            ("mode", std::mem::offset_of!(StepValues, mode)),
             ("pad1", std::mem::offset_of!(StepValues, pad1)),
             ("alphas", std::mem::offset_of!(StepValues, alphas)),
         ];
