@@ -1,7 +1,7 @@
 // wgpu-ema: the EMA update and its companions (copy, swap, copy into the parameters) over any
 // set of tensors, in one dispatch per shadow buffer and group of parameter bindings.
 //
-// This file is the hand-written half of the shader. The host (src/shader.rs) generates the
+// This file is the hand-written half of the shader. The host (src/shader/mod.rs) generates the
 // other half around it: the constants WG and PER_THREAD, `struct Step` and its declaration
 // `step` (an immediate, or a uniform ring slot), `struct Seg` (the chunk-table row), the
 // storage bindings (`segs`, `shadow`, `comp`, `shadow_b..d`, and per parameter slot `p<i>` /
