@@ -7,10 +7,12 @@
 //! TensorFlow's `variables_to_restore` does.
 //!
 //! ```text
-//! cargo run --release --example train_linear -- [--steps N] [--every N] [--out DIR] [--resume PATH] [--cpu]
+//! cargo run --release --example train_linear -- [--steps N] [--every N] [--out DIR] [--resume PATH] [--cpu] [--fused]
 //! ```
 //!
 //! With no GPU adapter (or `--cpu`) it runs the same training on the CPU path and says so.
+//! With `--fused` the EMA is updated inside the optimizer's own shader (`GpuEma::epilogue`):
+//! the checkpoints hold the same bits as without.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,6 +37,8 @@ struct Args {
     cpu: bool,
     /// Checkpoints in TensorFlow's format (`--format tf`) instead of safetensors.
     tf: bool,
+    /// The EMA fused into the optimizer's shader.
+    fused: bool,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -45,6 +49,7 @@ fn parse_args() -> Result<Args, Error> {
         resume: None,
         cpu: false,
         tf: false,
+        fused: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +60,7 @@ fn parse_args() -> Result<Args, Error> {
             "--out" => a.out = value()?.into(),
             "--resume" => a.resume = Some(value()?.into()),
             "--cpu" => a.cpu = true,
+            "--fused" => a.fused = true,
             "--format" => {
                 a.tf = match value()?.as_str() {
                     "tf" | "tensorflow" => true,
@@ -64,7 +70,7 @@ fn parse_args() -> Result<Args, Error> {
             }
             "-h" | "--help" => {
                 println!(
-                    "train_linear [--steps N] [--every N] [--out DIR] [--resume PATH] [--format tf|safetensors] [--cpu]"
+                    "train_linear [--steps N] [--every N] [--out DIR] [--resume PATH] [--format tf|safetensors] [--cpu] [--fused]"
                 );
                 std::process::exit(0);
             }
@@ -182,10 +188,15 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
         bytemuck::cast_slice(&[0u32, st.global as u32, 0, 0]),
     );
 
-    let pipeline = pipeline(device);
-    let bind_group = bind_group(
-        device, &pipeline, &data_buf, &params, &momentum, &ema, &log_buf,
-    )?;
+    let (pipeline, bind_group) = if args.fused {
+        fused_pipeline(device, &mut ema, &data_buf, &params, &momentum, &log_buf)?
+    } else {
+        let pipeline = pipeline(device);
+        let bind_group = bind_group(
+            device, &pipeline, &data_buf, &params, &momentum, &ema, &log_buf,
+        )?;
+        (pipeline, bind_group)
+    };
 
     let bar = progress(steps);
     let mut last_checkpoint = None;
@@ -197,14 +208,26 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
         let until = next_ckpt.min(args.steps).min(global + 100);
         let mut encoder = device.create_command_encoder(&Default::default());
         for g in global + 1..=until {
+            // Fused: the optimizer's shader updates the EMA itself, with this step's values.
+            let fused = if args.fused {
+                Some(ema.fused_step_at(g)?)
+            } else {
+                None
+            };
             {
                 let mut pass = encoder.begin_compute_pass(&Default::default());
                 pass.set_pipeline(&pipeline);
                 pass.set_bind_group(0, &bind_group, &[]);
+                if let Some(step) = &fused {
+                    step.set_on(&mut pass);
+                }
                 pass.dispatch_workgroups(1, 1, 1);
             }
-            // The EMA right after the optimizer, in the same encoder: num_updates = global step.
-            ema.record_update_at(&mut encoder, g)?;
+            // Else the EMA right after the optimizer, in the same encoder: num_updates = global
+            // step.
+            if fused.is_none() {
+                ema.record_update_at(&mut encoder, g)?;
+            }
         }
         queue.submit(Some(encoder.finish()));
         bar.inc(until - global);
@@ -239,6 +262,110 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
         losses,
         last_checkpoint,
     })
+}
+
+/// The training step with the EMA fused in (group 1 = the epilogue's): the optimizer calls
+/// `ema_epilogue` with each new weight, and reads the EMA weights for its held-out loss through
+/// `ema_value` (the shadows are the epilogue's, read-write, so they are not bound a second time).
+fn fused_pipeline(
+    device: &wgpu::Device,
+    ema: &mut GpuEma,
+    data: &wgpu::Buffer,
+    params: &ParamArena,
+    momentum: &ParamArena,
+    log: &wgpu::Buffer,
+) -> Result<(wgpu::ComputePipeline, wgpu::BindGroup), Error> {
+    let epi = ema.epilogue(1)?;
+    let base = include_str!("train_linear.wgsl");
+    let mut source = String::new();
+    for line in base.lines() {
+        // The EMA weights' own read-only bindings give way to the epilogue's.
+        if line.contains("var<storage, read> ema_") {
+            continue;
+        }
+        let line = line.replace(
+            "eval_loss(ema_weight[0], ema_weight[1], ema_bias[0])",
+            "eval_loss(ema_value(0u, 0u), ema_value(0u, 1u), ema_value(1u, 0u))",
+        );
+        source.push_str(&line);
+        source.push('\n');
+        if line.trim() == "bias[0] -= LR * bias_momentum[0];" {
+            // Tensor numbers are the EMA's specs' order: weight, bias.
+            source.push_str(
+                "    ema_epilogue(0u, 0u, weight[0]);\n    ema_epilogue(0u, 1u, weight[1]);\n    ema_epilogue(1u, 0u, bias[0]);\n",
+            );
+        }
+    }
+    source.push_str(epi.source());
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("train_linear (fused)"),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let entry = |binding: u32, read_only: bool| wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    };
+    let layout0 = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some("train_linear (fused)"),
+        entries: &[
+            entry(0, true),
+            entry(1, false),
+            entry(2, false),
+            entry(3, false),
+            entry(4, false),
+            entry(7, false),
+        ],
+    });
+    let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some("train_linear (fused)"),
+        bind_group_layouts: &[Some(&layout0), Some(epi.layout())],
+        immediate_size: 0,
+    });
+    let constants = [
+        ("LR", LR as f64),
+        ("MOMENTUM", MOMENTUM as f64),
+        ("BATCH", BATCH as f64),
+        ("N_TRAIN", N_TRAIN as f64),
+        ("N_EVAL", N_EVAL as f64),
+    ];
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("train_step (fused)"),
+        layout: Some(&layout),
+        module: &module,
+        entry_point: Some("train_step"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants,
+            ..Default::default()
+        },
+        cache: None,
+    });
+    let bindings = [
+        (0, data.as_entire_buffer_binding()),
+        (1, params.binding("weight")?),
+        (2, params.binding("bias")?),
+        (3, momentum.binding("weight/Momentum")?),
+        (4, momentum.binding("bias/Momentum")?),
+        (7, log.as_entire_buffer_binding()),
+    ];
+    let entries: Vec<wgpu::BindGroupEntry> = bindings
+        .into_iter()
+        .map(|(binding, b)| wgpu::BindGroupEntry {
+            binding,
+            resource: wgpu::BindingResource::Buffer(b),
+        })
+        .collect();
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("train_step (fused)"),
+        layout: &layout0,
+        entries: &entries,
+    });
+    Ok((pipeline, bind_group))
 }
 
 /// A resume with nothing left to train still leaves a checkpoint to report on.

@@ -123,6 +123,19 @@ fn ema_lerp(s: f32, p: f32, a: f32) -> f32 {{
     return {lerp};
 }}
 
+// EMA 0's shadow of an element (0 past what is tracked), for a shader that also evaluates with
+// the EMA weights: read it before this step's ema_epilogue call for the same element.
+fn ema_value(tensor: u32, e: u32) -> f32 {{
+    if tensor >= ema_table[0].x {{
+        return 0.0;
+    }}
+    let row = ema_table[1u + tensor];
+    if e >= row.y {{
+        return 0.0;
+    }}
+    return ema_shadow[row.x + e];
+}}
+
 fn ema_epilogue(tensor: u32, e: u32, p: f32) {{
     let mode = ema_step.mode;
     if mode == {MODE_SKIP:?} {{
