@@ -180,6 +180,9 @@ mod tests {
             ]
         );
         assert_eq!(s.num_updates(), 6);
+        assert_eq!(s.policy(), policy);
+        let tf = Stepper::new(Schedule::constant(0.5), Numerics::TensorFlow, policy, 0).unwrap();
+        assert_eq!(tf.numerics(), Numerics::TensorFlow);
     }
 
     #[test]
