@@ -249,6 +249,13 @@ impl CpuEma {
         for (spec, p) in self.specs.iter().zip(params) {
             check_len(&spec.name, spec.numel() as usize, p.len())?;
         }
+        // What alpha's rounding to f32 dropped, for compensated shadows (computed before the
+        // counter moves: an error changes nothing).
+        let alpha_lo = if self.compensated {
+            self.stepper.alpha_lo(n)?
+        } else {
+            0.0
+        };
         let action = self.stepper.advance_to(n)?;
         // A tensor selected to be copied takes its parameter on every update, as on a copy.
         let act = |i: usize| match action {
@@ -269,7 +276,7 @@ impl CpuEma {
                         s.copy_from_slice(p);
                         c.fill(0.0);
                     }
-                    Action::Update(alpha) => ema_step_kahan(s, c, p, alpha)?,
+                    Action::Update(alpha) => ema_step_kahan(s, c, p, alpha, alpha_lo)?,
                 }
             }
             return Ok(());

@@ -27,7 +27,7 @@ impl GpuEma {
                 what: "swaps",
             });
         }
-        self.record_pass_for(encoder, Op::Swap, [1.0; MAX_EMAS], target)?;
+        self.record_pass_for(encoder, Op::Swap, StepValues::new([1.0; MAX_EMAS]), target)?;
         self.swapped = match self.swapped {
             Some(_) => None,
             None => Some(target),
@@ -126,7 +126,12 @@ impl GpuEma {
     pub fn record_copy_bema_to_params(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
         self.not_swapped()?;
         self.record_bema_fill(encoder)?;
-        self.record_pass_for(encoder, Op::ToParams, [1.0; MAX_EMAS], Target::Bema)
+        self.record_pass_for(
+            encoder,
+            Op::ToParams,
+            StepValues::new([1.0; MAX_EMAS]),
+            Target::Bema,
+        )
     }
 
     /// Computes BEMA's weights on the GPU from the parameters as they are now and reads them

@@ -290,9 +290,17 @@ impl GpuEma {
             )));
         }
         let mut alphas = [1.0f32; MAX_EMAS];
+        let alpha_lo = if self.is_compensated() {
+            self.stepper.alpha_lo(n)?
+        } else {
+            0.0
+        };
         let action = self.stepper.advance_all(n, &self.extra, &mut alphas)?;
         self.last_fused = Some(n);
-        let mut values = StepValues::new(alphas);
+        let mut values = StepValues {
+            alpha_lo,
+            ..StepValues::new(alphas)
+        };
         match action {
             Action::Skip => values.mode = MODE_SKIP,
             Action::Copy => values.mode = MODE_COPY,

@@ -172,7 +172,7 @@ impl GpuEma {
         op: Op,
         alphas: [f32; MAX_EMAS],
     ) -> Result<()> {
-        self.record_pass_for(encoder, op, alphas, Target::Ema)
+        self.record_pass_for(encoder, op, StepValues::new(alphas), Target::Ema)
     }
 
     /// [`record_pass`](Self::record_pass); an op writing the parameters exchanges them with
@@ -181,7 +181,7 @@ impl GpuEma {
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         op: Op,
-        alphas: [f32; MAX_EMAS],
+        values: StepValues,
         target: Target,
     ) -> Result<()> {
         // Every op the EMA records exists in its shape; this keeps a slip from panicking.
@@ -204,7 +204,6 @@ impl GpuEma {
             self.work
                 .ensure_write(&self.device, &self.pipes, &self.store, target);
         }
-        let values = StepValues::new(alphas);
         let bytes = bytemuck::bytes_of(&values);
         let ring_offset = match &mut self.step {
             StepChannel::Immediates => None,
@@ -290,6 +289,12 @@ impl GpuEma {
             )));
         }
         let mut alphas = [1.0f32; MAX_EMAS];
+        // What alpha's rounding dropped, for compensated shadows (before the counter moves).
+        let alpha_lo = if self.is_compensated() {
+            self.stepper.alpha_lo(n)?
+        } else {
+            0.0
+        };
         let action = self.stepper.advance_all(n, &self.extra, &mut alphas)?;
         self.last_pass = Some(n);
         match action {
@@ -297,7 +302,11 @@ impl GpuEma {
             Action::Copy => self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS])?,
             Action::Update(alpha) => {
                 alphas[0] = alpha;
-                self.record_pass(encoder, Op::Update, alphas)?;
+                let values = StepValues {
+                    alpha_lo,
+                    ..StepValues::new(alphas)
+                };
+                self.record_pass_for(encoder, Op::Update, values, Target::Ema)?;
                 // Switch EMA: training continues from the averaged weights.
                 if self.stepper.policy().writes_back(n) {
                     self.record_pass(encoder, Op::ToParams, [1.0; MAX_EMAS])?;

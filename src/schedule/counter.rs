@@ -104,6 +104,13 @@ impl Stepper {
         Ok(())
     }
 
+    /// What rounding EMA 0's alpha of call `n` to f32 dropped (see
+    /// [`Schedule::alpha_split`]): compensated shadows add it back.
+    pub fn alpha_lo(&self, n: u64) -> Result<f32> {
+        let k = n.saturating_sub(self.policy.update_after_step);
+        Ok(self.schedule.alpha_split(k, self.numerics)?.1)
+    }
+
     /// BEMA's correction weight `alpha_t` for the weights asked for now: `t` of the last call
     /// that updated (or copied), so that weights asked for right after an update are the
     /// paper's `BEMA_t`. `None` unless the schedule is BEMA.

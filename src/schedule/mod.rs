@@ -412,17 +412,34 @@ impl Schedule {
     /// assert!(((tf / exact) as f64 - 1.00017).abs() < 1e-5); // TF's alpha is 0.017% larger
     /// ```
     pub fn alpha(&self, n: u64, numerics: Numerics) -> Result<f32> {
-        match numerics {
-            // BEMA's weight is computed as such, not as 1 - (1 - weight).
+        let (hi, _) = self.alpha_split(n, numerics)?;
+        Ok(hi)
+    }
+
+    /// [`alpha`](Self::alpha) and what its rounding to f32 dropped: `alpha_hi + alpha_lo` is the
+    /// f64 alpha to about 48 bits ([`Numerics::Exact`]; `alpha_lo = 0` with
+    /// [`Numerics::TensorFlow`], whose alpha is f32 by definition). Compensated shadows use
+    /// both, so that the decay's own rounding does not bias a long average.
+    ///
+    /// ```
+    /// use wgpu_ema::{Numerics, Schedule};
+    /// let (hi, lo) = Schedule::constant(0.99999).alpha_split(0, Numerics::Exact).unwrap();
+    /// assert_eq!(f64::from(hi) + f64::from(lo), 1.0 - 0.99999);
+    /// ```
+    pub fn alpha_split(&self, n: u64, numerics: Numerics) -> Result<(f32, f32)> {
+        let exact = match numerics {
+            Numerics::TensorFlow => return Ok((1.0f32 - self.decay_f32_tf(n)?, 0.0)),
             Numerics::Exact => match self {
+                // BEMA's weight is computed as such, not as 1 - (1 - weight).
                 Schedule::Bema(b) => {
                     self.validate()?;
-                    Ok(b.ema_weight(b.local(n)) as f32)
+                    b.ema_weight(b.local(n))
                 }
-                _ => Ok((1.0 - self.decay(n)?) as f32),
+                _ => 1.0 - self.decay(n)?,
             },
-            Numerics::TensorFlow => Ok(1.0f32 - self.decay_f32_tf(n)?),
-        }
+        };
+        let hi = exact as f32;
+        Ok((hi, (exact - f64::from(hi)) as f32))
     }
 
     /// A short text naming the schedule and its parameters, as stored in checkpoints.

@@ -174,12 +174,29 @@ fn ema_epilogue(tensor: u32, e: u32, p: f32) {{
     );
     // The update, as shaders/ema.wgsl's bodies compute each lane.
     if shape.compensated {
+        // shaders/ema.wgsl's update_item_kahan, one lane (its comments say why each `one`).
         s.push_str(
-            "    let s = ema_shadow[i];
-    let y = ema_step.alpha * (p - s) - ema_comp[i];
-    let t = s + y;
-    ema_comp[i] = (t * ema_step.one - s) - y;
-    ema_shadow[i] = t;
+            "    let one = ema_step.one;
+    let s = ema_shadow[i];
+    let a = ema_step.alpha;
+    let d = p + (-s);
+    let dbb = d * one - p;
+    let dl = (p - (d - dbb)) + (-s - dbb);
+    let ph = (a * d) * one;
+    let ac = 4097.0 * a;
+    let ah = ac * one - (ac - a);
+    let al = a - ah;
+    let dc = 4097.0 * d;
+    let dh = dc * one - (dc - d);
+    let dlo = d - dh;
+    let pl = ((ah * dh - ph) + ah * dlo + al * dh) + al * dlo;
+    let t = s + ph;
+    let tbb = t * one - s;
+    let te = (s - (t - tbb)) + (ph - tbb);
+    let small = ((pl + a * dl + ema_step.alpha_lo * d) - ema_comp[i]) + te;
+    let next = t + small;
+    ema_comp[i] = (next * one - t) - small;
+    ema_shadow[i] = next;
 ",
         );
     } else if shape.emas > 1 {
@@ -285,7 +302,8 @@ fn sgd(@builtin(global_invocation_id) id: vec3<u32>) {
             },
             1,
         );
-        assert!(kahan.contains("(t * ema_step.one - s) - y"));
-        assert!(body.contains("(t * step.one - s) - y"));
+        assert!(kahan.contains("(next * one - t) - small"));
+        assert!(body.contains("(next * step.one - t.hi) - small"));
+        assert!(kahan.contains("ema_step.alpha_lo * d") && body.contains("step.alpha_lo * d.hi"));
     }
 }

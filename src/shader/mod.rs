@@ -44,7 +44,8 @@ pub(crate) struct StepValues {
     /// What the fused epilogue does this step ([`MODE_SKIP`], [`MODE_COPY`], [`MODE_UPDATE`]);
     /// the separate passes know it from their op.
     pub mode: f32,
-    pub pad1: f32,
+    /// What rounding EMA 0's alpha to f32 dropped (compensated shadows add it back).
+    pub alpha_lo: f32,
     /// Every EMA's alpha, for passes updating several.
     pub alphas: [f32; MAX_EMAS],
 }
@@ -54,7 +55,7 @@ const STEP_FIELDS: [(&str, &str); 5] = [
     ("alpha", "f32"),
     ("one", "f32"),
     ("mode", "f32"),
-    ("pad1", "f32"),
+    ("alpha_lo", "f32"),
     ("alphas", "vec4<f32>"),
 ];
 
@@ -80,7 +81,7 @@ impl StepValues {
             alpha: alphas[0],
             one: 1.0,
             mode: MODE_UPDATE,
-            pad1: 0.0,
+            alpha_lo: 0.0,
             alphas,
         }
     }
@@ -570,7 +571,7 @@ mod tests {
             ("alpha", std::mem::offset_of!(StepValues, alpha)),
             ("one", std::mem::offset_of!(StepValues, one)),
             ("mode", std::mem::offset_of!(StepValues, mode)),
-            ("pad1", std::mem::offset_of!(StepValues, pad1)),
+            ("alpha_lo", std::mem::offset_of!(StepValues, alpha_lo)),
             ("alphas", std::mem::offset_of!(StepValues, alphas)),
         ];
         let rust_step: Vec<(String, u32)> = rust_step

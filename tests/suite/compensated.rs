@@ -186,3 +186,94 @@ fn compensation_with_tensorflow_numerics_is_refused() {
         .build(&ctx.device, &ctx.queue);
     assert!(matches!(r, Err(Error::InvalidConfig(_))));
 }
+
+/// The largest distance, in f32 ulps, of `got` from the f64 reference rounded to f32.
+fn max_ulps(got: &[f32], reference: &[f64]) -> u64 {
+    assert_eq!(got.len(), reference.len());
+    got.iter()
+        .zip(reference)
+        .map(|(&g, &r)| {
+            if g.is_finite() {
+                crate::common::ulps(g, r as f32)
+            } else {
+                u64::MAX
+            }
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Compensated shadows as read back, per element, against the EMA of the decay as written,
+/// computed here in f64 (`1 - 0.99999` in f64, not the f32 alpha the plain path uses): within
+/// 1 ulp after 10^5 steps at decay 0.99999 (plain f32 drifts by thousands), on the CPU path
+/// and the GPU. Parameters around 0 as well as around 1, so that elements whose shadow is
+/// small relative to their updates count too: there, alpha's own rounding to f32 and the
+/// increment's rounding each cost tens of ulps, which compensating the additions alone does
+/// not remove.
+#[test]
+fn compensated_shadows_stay_within_one_ulp_of_f64() {
+    let n = 1001;
+    let steps = 100_000u64;
+    let schedule = Schedule::constant(0.99999);
+    // 8 parameter sets the run cycles through; half the elements around 1, half around 0.
+    let values: Vec<Vec<f32>> = (0..8u64)
+        .map(|k| {
+            random(100 + k, n)
+                .iter()
+                .enumerate()
+                .map(|(i, x)| if i % 2 == 0 { 1.0 + 0.01 * x } else { 0.5 * x })
+                .collect()
+        })
+        .collect();
+    let which = |step: u64| (step * 5 % 8) as usize;
+    let spec = TensorSpec::new("w", [n]);
+    let mut reference: Vec<f64> = values[0].iter().map(|&x| f64::from(x)).collect();
+    let mut cpu = CpuEma::new(schedule, Numerics::Exact).unwrap();
+    cpu.set_compensated(true).unwrap();
+    cpu.track(spec.clone(), &values[0]).unwrap();
+    let mut plain = CpuEma::new(schedule, Numerics::Exact).unwrap();
+    plain.track(spec.clone(), &values[0]).unwrap();
+    for step in 1..=steps {
+        let v = &values[which(step)];
+        for (r, &x) in reference.iter_mut().zip(v) {
+            *r += (1.0 - 0.99999) * (f64::from(x) - *r);
+        }
+        cpu.update(&[v]).unwrap();
+        plain.update(&[v]).unwrap();
+    }
+    let want = &reference;
+    let (u_cpu, u_plain) = (
+        max_ulps(cpu.shadow("w").unwrap(), want),
+        max_ulps(plain.shadow("w").unwrap(), want),
+    );
+    eprintln!("CPU, decay 0.99999, {steps} steps: compensated {u_cpu} ulps, plain {u_plain} ulps");
+    assert!(u_cpu <= 1, "compensated CPU shadows {u_cpu} ulps from f64");
+    assert!(
+        u_plain > 10,
+        "plain f32 only {u_plain} ulps off: the test does not test"
+    );
+
+    let Some(ctx) = gpu() else { return };
+    let bufs: Vec<wgpu::Buffer> = values.iter().map(|v| buffer_with(ctx, v, 0)).collect();
+    let mut ema = GpuEma::builder(schedule)
+        .compensated(true)
+        .track_buffer(spec, &bufs[0], 0)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    for step in 1..=steps {
+        ema.rebind("w", &bufs[which(step)], 0).unwrap();
+        ema.record_update(&mut enc).unwrap();
+        if step % 1000 == 0 {
+            let full = std::mem::replace(
+                &mut enc,
+                ctx.device.create_command_encoder(&Default::default()),
+            );
+            ctx.queue.submit(Some(full.finish()));
+        }
+    }
+    ctx.queue.submit(Some(enc.finish()));
+    let u_gpu = max_ulps(&ema.read_shadow_blocking("w").unwrap(), want);
+    eprintln!("GPU ({}): compensated {u_gpu} ulps", ctx.describe());
+    assert!(u_gpu <= 1, "compensated GPU shadows {u_gpu} ulps from f64");
+}
