@@ -371,6 +371,17 @@ fn gpu_rows(
             }
         });
         rows.push(row("gpu-bf16-params", n, t3, 10, bw_ref.max(1e-9)));
+        // Compensated shadows: 4 + 16 = 20 bytes per element, and the error-free arithmetic.
+        let mut kahan = GpuEma::builder(Schedule::constant(0.999))
+            .compensated(true)
+            .track_arena(&arena)
+            .build(&ctx.device, &ctx.queue)?;
+        let t4 = time(reps, Duration::from_millis(1500), || {
+            if let Ok(i) = kahan.update() {
+                gb.wait(i);
+            }
+        });
+        rows.push(row("gpu-compensated", n, t4, 20, bw_ref.max(1e-9)));
     }
 
     // Model-shaped workloads: arena vs separate user buffers vs the naive way.
