@@ -102,6 +102,13 @@ fn load_params(it: Item) -> vec4<f32> {
     return bitcast<vec4<f32>>(vec4<u32>(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u));
 }
 
+// The item's 4 parameters in one vec4 load, for rows of f32 parameters starting on a 16-byte
+// boundary (the executor runs `update_aligned` only on dispatches whose rows all do): software
+// devices run 4 scalar loads as 4 gathers across their SIMD lanes, one vec4 load as one.
+fn load_params_aligned(it: Item) -> vec4<f32> {
+    return bitcast<vec4<f32>>(load4v(it.seg.slot, (it.seg.param + it.e) >> 2u));
+}
+
 fn ema4(s: vec4<f32>, p: vec4<f32>, a: f32) -> vec4<f32> {
     if TF_FORM {
         return s - (s - p) * a;
@@ -129,6 +136,15 @@ fn update_item(it: Item) {
 
 fn init_item(it: Item) {
     shadow[it.sh] = load_params(it);
+}
+
+fn update_item_aligned(it: Item) {
+    let p = load_params_aligned(it);
+    if follows(it) {
+        shadow[it.sh] = p;
+        return;
+    }
+    shadow[it.sh] = ema4(shadow[it.sh], p, step.alpha);
 }
 
 // Compensated shadows: beside each shadow an f32 term `comp` holding what the shadow's last

@@ -36,6 +36,9 @@ pub(crate) struct Dispatches {
     table: wgpu::Buffer,
     /// Per dispatch: its bind groups, and those of windows it bound before.
     groups: Vec<(BindGroups, Vec<BindGroups>)>,
+    /// Per dispatch: [`DispatchPlan::aligned`](crate::plan::DispatchPlan::aligned), kept in
+    /// step with the rows.
+    aligned: Vec<bool>,
 }
 
 fn new_table(device: &wgpu::Device, size: u64) -> wgpu::Buffer {
@@ -63,6 +66,7 @@ impl Dispatches {
             plan,
             table,
             groups: Vec::new(),
+            aligned: Vec::new(),
         };
         work.remake_all(device, pipes, store);
         work
@@ -116,6 +120,7 @@ impl Dispatches {
         self.groups = (0..self.plan.dispatches().len())
             .map(|d| (self.make(device, pipes, store, d), Vec::new()))
             .collect();
+        self.aligned = self.plan.dispatches().iter().map(|d| d.aligned()).collect();
     }
 
     /// Points tensor `t`'s parameters at `binding`: a dispatch whose windows changed takes
@@ -153,6 +158,7 @@ impl Dispatches {
     pub fn flush(&mut self, queue: &wgpu::Queue) {
         for (d, lo, hi) in self.plan.take_dirty() {
             let p = &self.plan.dispatches()[d];
+            self.aligned[d] = p.aligned();
             queue.write_buffer(
                 &self.table,
                 p.table_offset + lo as u64 * ROW_BYTES,
@@ -187,22 +193,23 @@ impl Dispatches {
         }
     }
 
-    /// (bind group, slot count of its pipelines, workgroups) of every dispatch, for `family`
-    /// (and, writing the parameters, `target`).
+    /// (bind group, slot count of its pipelines, workgroups, rows all aligned) of every
+    /// dispatch, for `family` (and, writing the parameters, `target`).
     pub fn each(
         &self,
         family: Family,
         target: Target,
-    ) -> impl Iterator<Item = (&wgpu::BindGroup, usize, (u32, u32))> {
+    ) -> impl Iterator<Item = (&wgpu::BindGroup, usize, (u32, u32), bool)> {
         self.groups
             .iter()
             .zip(self.plan.dispatches())
-            .filter_map(move |((g, _), d)| {
+            .zip(&self.aligned)
+            .filter_map(move |(((g, _), d), &aligned)| {
                 let g = match family {
                     Family::Read => Some(&g.read),
                     Family::Write => g.write[target_index(target)].as_ref(),
                 };
-                g.map(|g| (g, d.tier, d.groups))
+                g.map(|g| (g, d.tier, d.groups, aligned))
             })
     }
 

@@ -239,11 +239,19 @@ impl GpuEma {
             timestamp_writes: None,
         });
         let mut tier = None;
-        for (group, slots, (x, y)) in self.work.each(family, target) {
-            // Dispatches of different slot counts run different pipelines; immediates and
-            // the ring's bind group are set again after each pipeline change.
-            if tier != Some(slots) {
-                tier = Some(slots);
+        for (group, slots, (x, y), aligned) in self.work.each(family, target) {
+            // An update of rows that all start on 16 bytes loads whole vec4s, where the EMA's
+            // shape has that entry point.
+            let op = match op {
+                Op::Update if aligned && self.pipes.get(Op::UpdateAligned, slots).is_some() => {
+                    Op::UpdateAligned
+                }
+                other => other,
+            };
+            // Dispatches of different slot counts (or entry points) run different pipelines;
+            // immediates and the ring's bind group are set again after each pipeline change.
+            if tier != Some((slots, op)) {
+                tier = Some((slots, op));
                 let Some(pipeline) = self.pipes.get(op, slots) else {
                     continue;
                 };

@@ -127,6 +127,24 @@ pub(crate) struct DispatchPlan<B> {
     pub tier: usize,
 }
 
+impl<B> DispatchPlan<B> {
+    /// True when every row's parameters are f32 starting on a 16-byte boundary of their
+    /// window, and the window holds the row's last item whole: the dispatch may load each
+    /// item's 4 parameters as one `vec4` (the shader's `update_aligned`; a `vec4` array's
+    /// length is the window's size in whole 16 bytes, so a last item past it would read what
+    /// out-of-bounds reads give, not the tensor's last elements). Windows start at the storage
+    /// alignment, itself a multiple of 16.
+    pub fn aligned(&self) -> bool {
+        self.rows.iter().all(|r| {
+            let window = self.slots.get(r.slot as usize).and_then(Option::as_ref);
+            let items_end = (u64::from(r.param) + u64::from(r.count).next_multiple_of(4)) * 4;
+            r.dtype == dtype_code(ParamDtype::F32)
+                && r.param.is_multiple_of(4)
+                && window.is_some_and(|(_, w)| items_end <= w.size)
+        })
+    }
+}
+
 /// What a [`Plan::rebind`] changed, for the GPU side to follow.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Change {
@@ -503,6 +521,31 @@ mod tests {
                 follow: false,
             },
         )
+    }
+
+    #[test]
+    fn the_vec4_path_needs_f32_rows_on_16_bytes_with_their_last_item_inside() {
+        let one = |offset: u64, len: u64, buffer_size: u64, dtype: ParamDtype| {
+            let (pieces, mut b) = tensor(0, offset, len, 0);
+            b.buffer_size = buffer_size;
+            b.dtype = dtype;
+            Plan::new(LIM, 1, vec![(pieces, b)]).dispatches()[0].aligned()
+        };
+        assert!(one(0, 40, 160, ParamDtype::F32));
+        assert!(
+            one(16, 37, 4096, ParamDtype::F32),
+            "the last item's padding inside the buffer"
+        );
+        assert!(!one(4, 40, 4096, ParamDtype::F32), "not on 16 bytes");
+        assert!(
+            !one(0, 37, 148, ParamDtype::F32),
+            "the last item past the buffer's end"
+        );
+        assert!(one(0, 37, 160, ParamDtype::F32));
+        assert!(!one(0, 40, 4096, ParamDtype::BF16));
+        // One unaligned row makes the whole dispatch take the general path.
+        let plan = Plan::new(LIM, 1, vec![tensor(0, 0, 8, 0), tensor(0, 36, 4, 0)]);
+        assert!(!plan.dispatches()[0].aligned());
     }
 
     #[test]

@@ -219,22 +219,37 @@ pub(crate) enum Op {
     ToParams,
     /// BEMA's weights: `bema_out = shadow + alpha_t (param - anchor)`.
     Bema,
+    /// [`Op::Update`] for dispatches whose rows all have f32 parameters starting on a 16-byte
+    /// boundary of their window: each item's 4 parameters in one `vec4` load.
+    UpdateAligned,
 }
 
 impl Op {
     /// Every op, in the order the generated source declares their entry points.
-    pub const ALL: [Op; 5] = [Op::Update, Op::Init, Op::Swap, Op::ToParams, Op::Bema];
+    pub const ALL: [Op; 6] = [
+        Op::Update,
+        Op::Init,
+        Op::Swap,
+        Op::ToParams,
+        Op::Bema,
+        Op::UpdateAligned,
+    ];
 
     /// True when an EMA of `shape` has this op (its source declares the entry point, and
     /// its pipelines include it).
     pub fn applies(self, shape: &Shape) -> bool {
-        self != Op::Bema || shape.bema
+        match self {
+            Op::Bema => shape.bema,
+            // The plain update only: several EMAs and compensation keep the general loads.
+            Op::UpdateAligned => shape.emas == 1 && !shape.compensated,
+            _ => true,
+        }
     }
 
     /// The bindings this op's pass uses.
     pub fn family(self) -> Family {
         match self {
-            Op::Update | Op::Init | Op::Bema => Family::Read,
+            Op::Update | Op::Init | Op::Bema | Op::UpdateAligned => Family::Read,
             Op::Swap | Op::ToParams => Family::Write,
         }
     }
@@ -247,6 +262,7 @@ impl Op {
             Op::Swap => "swap",
             Op::ToParams => "to_params",
             Op::Bema => "bema",
+            Op::UpdateAligned => "update_aligned",
         }
     }
 
@@ -258,6 +274,7 @@ impl Op {
         }
         match (self, shape.emas > 1, shape.compensated) {
             (Op::Bema, ..) => "bema_item",
+            (Op::UpdateAligned, ..) => "update_item_aligned",
             (Op::Update, true, _) => "update_item_multi",
             (Op::Update, false, true) => "update_item_kahan",
             (Op::Update, false, false) => "update_item",
@@ -277,6 +294,7 @@ impl Op {
             Op::Swap => "wgpu-ema swap",
             Op::ToParams => "wgpu-ema shadows to params",
             Op::Bema => "wgpu-ema BEMA weights",
+            Op::UpdateAligned => "wgpu-ema update",
         }
     }
 }
@@ -384,6 +402,10 @@ fn declarations(slots: usize) -> String {
         );
         let _ = writeln!(
             s,
+            "@group(0) @binding({b}) var<storage, read> p4_{i}: array<vec4<u32>>;"
+        );
+        let _ = writeln!(
+            s,
             "@group(0) @binding({b}) var<storage, read_write> q{i}: array<u32>;"
         );
     }
@@ -398,6 +420,11 @@ fn declarations(slots: usize) -> String {
         "fn load4(slot: u32, i: u32) -> vec4<u32>",
         "return vec4<u32>();",
         &|i| format!("return vec4<u32>(p{i}[i], p{i}[i + 1u], p{i}[i + 2u], p{i}[i + 3u]);"),
+    );
+    func(
+        "fn load4v(slot: u32, j: u32) -> vec4<u32>",
+        "return vec4<u32>();",
+        &|i| format!("return p4_{i}[j];"),
     );
     func(
         "fn load2(slot: u32, w: u32) -> vec2<u32>",
@@ -476,8 +503,9 @@ mod tests {
                 }
             }
         }
-        // Four ops in every variant, the fifth (BEMA's weights) in BEMA's.
-        assert_eq!(count, 2 * 7 * 2 * (5 * 4 + 5));
+        // Four ops in every variant of the six; the aligned update in the two with one plain
+        // EMA (plain, BEMA); BEMA's weights in BEMA's.
+        assert_eq!(count, 2 * 7 * 2 * (4 * 6 + 2 + 1));
     }
 
     /// The bindings each entry point uses are exactly in its family's table for the shape, with

@@ -443,3 +443,76 @@ fn the_gpu_equals_the_cpu_f32_path() {
         );
     }
 }
+
+/// The vec4 load path (`update_aligned`) and the cases that must not take it: a tensor whose
+/// last item would lie past the end of its buffer (the buffer exactly as large as the tensor,
+/// `n % 4 != 0`), one at an offset that is not a multiple of 16 bytes, and an aligned one, all
+/// tracked by one EMA, against the f64 reference over several steps.
+#[test]
+fn the_vec4_path_and_where_it_must_not_be_taken() {
+    let Some(ctx) = gpu() else { return };
+    let exact = |data: &[f32]| {
+        let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("exactly the tensor"),
+            size: (data.len() * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        write(ctx, &buf, 0, data);
+        buf
+    };
+    let cases: [(usize, u64, bool); 4] = [
+        (37, 0, true),
+        (1030, 0, true),
+        (37, 4, false),
+        (1029, 16, false),
+    ];
+    let start: Vec<Vec<f32>> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, ..))| random(500 + i as u64, n))
+        .collect();
+    let bufs: Vec<wgpu::Buffer> = cases
+        .iter()
+        .zip(&start)
+        .map(|(&(_, offset, exact_size), v)| {
+            if exact_size {
+                exact(v)
+            } else {
+                buffer_with(ctx, v, offset)
+            }
+        })
+        .collect();
+    let specs: Vec<TensorSpec> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, &(n, ..))| TensorSpec::new(format!("t{i}"), [n]))
+        .collect();
+    let schedule = Schedule::constant(0.75);
+    let mut builder = GpuEma::builder(schedule);
+    for ((s, b), &(_, offset, _)) in specs.iter().zip(&bufs).zip(&cases) {
+        builder = builder.track_buffer(s.clone(), b, offset);
+    }
+    let mut ema = builder.build(&ctx.device, &ctx.queue).unwrap();
+    let views: Vec<&[f32]> = start.iter().map(Vec::as_slice).collect();
+    let mut reference = ReferenceEma::new(schedule, Numerics::Exact, &views).unwrap();
+    for step in 1..=5u64 {
+        let now: Vec<Vec<f32>> = start
+            .iter()
+            .enumerate()
+            .map(|(i, v)| random(600 + 10 * step + i as u64, v.len()))
+            .collect();
+        for ((b, v), &(_, offset, _)) in bufs.iter().zip(&now).zip(&cases) {
+            write(ctx, b, offset, v);
+        }
+        ema.update().unwrap();
+        let views: Vec<&[f32]> = now.iter().map(Vec::as_slice).collect();
+        reference.update(&views).unwrap();
+    }
+    assert_shadows_close(
+        &ema.read_shadows_blocking().unwrap(),
+        &specs,
+        &reference,
+        TOL,
+    );
+}
