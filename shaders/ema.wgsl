@@ -95,18 +95,28 @@ fn load_params(it: Item) -> vec4<f32> {
         return bitcast<vec4<f32>>(load4(it.seg.slot, i));
     }
     // 16-bit parameters: `i` is even (tensors start on a word), so the item is 2 words.
-    let w = load2(it.seg.slot, i >> 1u);
-    if it.seg.dtype == 1u {
+    return widen(load2(it.seg.slot, i >> 1u), it.seg.dtype);
+}
+
+// Two words of 16-bit parameters (dtype 1: f16, 2: bf16) as 4 f32.
+fn widen(w: vec2<u32>, dtype: u32) -> vec4<f32> {
+    if dtype == 1u {
         return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
     }
     return bitcast<vec4<f32>>(vec4<u32>(w.x << 16u, w.x & 0xffff0000u, w.y << 16u, w.y & 0xffff0000u));
 }
 
-// The item's 4 parameters in one vec4 load, for rows of f32 parameters starting on a 16-byte
-// boundary (the executor runs `update_aligned` only on dispatches whose rows all do): software
-// devices run 4 scalar loads as 4 gathers across their SIMD lanes, one vec4 load as one.
+// The item's 4 parameters from one vec4 load, for rows whose first parameter is element 4k of
+// their window (the executor runs `update_aligned` only on dispatches whose rows all are, with
+// their last item's vec4 inside the window): software devices run 4 scalar loads as 4 gathers
+// across their SIMD lanes, one vec4 load as one. A 16-bit item is half of a vec4 (2 words).
 fn load_params_aligned(it: Item) -> vec4<f32> {
-    return bitcast<vec4<f32>>(load4v(it.seg.slot, (it.seg.param + it.e) >> 2u));
+    let i = it.seg.param + it.e;
+    if it.seg.dtype == 0u {
+        return bitcast<vec4<f32>>(load4v(it.seg.slot, i >> 2u));
+    }
+    let q = load4v(it.seg.slot, i >> 3u);
+    return widen(select(q.xy, q.zw, (i & 4u) != 0u), it.seg.dtype);
 }
 
 fn ema4(s: vec4<f32>, p: vec4<f32>, a: f32) -> vec4<f32> {

@@ -128,19 +128,23 @@ pub(crate) struct DispatchPlan<B> {
 }
 
 impl<B> DispatchPlan<B> {
-    /// True when every row's parameters are f32 starting on a 16-byte boundary of their
-    /// window, and the window holds the row's last item whole: the dispatch may load each
-    /// item's 4 parameters as one `vec4` (the shader's `update_aligned`; a `vec4` array's
-    /// length is the window's size in whole 16 bytes, so a last item past it would read what
-    /// out-of-bounds reads give, not the tensor's last elements). Windows start at the storage
-    /// alignment, itself a multiple of 16.
+    /// True when every row's first parameter is element `4k` of its window (16 bytes for f32,
+    /// 8 for f16/bf16) and the window holds the 16 bytes around its last item whole: the
+    /// dispatch may load each item's parameters from one `vec4` (the shader's
+    /// `update_aligned`; a `vec4` array's length is the window's size in whole 16 bytes, so a
+    /// last item past it would read what out-of-bounds reads give, not the tensor's last
+    /// elements). Windows start at the storage alignment, itself a multiple of 16.
     pub fn aligned(&self) -> bool {
         self.rows.iter().all(|r| {
             let window = self.slots.get(r.slot as usize).and_then(Option::as_ref);
-            let items_end = (u64::from(r.param) + u64::from(r.count).next_multiple_of(4)) * 4;
-            r.dtype == dtype_code(ParamDtype::F32)
-                && r.param.is_multiple_of(4)
-                && window.is_some_and(|(_, w)| items_end <= w.size)
+            let size = if r.dtype == dtype_code(ParamDtype::F32) {
+                4
+            } else {
+                2
+            };
+            let items_end = ((u64::from(r.param) + u64::from(r.count).next_multiple_of(4)) * size)
+                .next_multiple_of(16);
+            r.param.is_multiple_of(4) && window.is_some_and(|(_, w)| items_end <= w.size)
         })
     }
 }
@@ -542,7 +546,17 @@ mod tests {
             "the last item past the buffer's end"
         );
         assert!(one(0, 37, 160, ParamDtype::F32));
-        assert!(!one(0, 40, 4096, ParamDtype::BF16));
+        // 16-bit: 8-byte boundaries; the last item's whole vec4 inside.
+        assert!(one(0, 40, 80, ParamDtype::BF16));
+        assert!(one(8, 36, 80, ParamDtype::F16));
+        assert!(
+            !one(4, 36, 4096, ParamDtype::BF16),
+            "element 2 is not element 4k"
+        );
+        assert!(
+            !one(0, 37, 76, ParamDtype::BF16),
+            "the last item's vec4 ends at byte 80"
+        );
         // One unaligned row makes the whole dispatch take the general path.
         let plan = Plan::new(LIM, 1, vec![tensor(0, 0, 8, 0), tensor(0, 36, 4, 0)]);
         assert!(!plan.dispatches()[0].aligned());
