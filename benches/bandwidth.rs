@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use wgpu_ema::{cpu, wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
 
+#[path = "shared/optimizers.rs"]
+mod optimizers;
+
 #[path = "shared/models.rs"]
 mod models;
 use models::{gpt2_small, resnet50};
@@ -432,7 +435,7 @@ fn gpu_rows(
     Ok(bw_ref)
 }
 
-/// Reference optimizers (`benches/optimizers.wgsl`: SGD, SGD with momentum, AdamW) over one
+/// Reference optimizers (`benches/shared/optimizers.rs`: SGD, SGD with momentum, AdamW) over one
 /// tensor of `n` f32, each alone, followed by our separate EMA pass, and with the EMA fused
 /// into it (`GpuEma::epilogue`), in the same run. Bytes per element: the optimizer's, +12 for
 /// the pass, +8 fused.
@@ -452,142 +455,24 @@ fn fused_optimizers(
         .track_arena(&arena)
         .build(device, &ctx.queue)?;
     let epilogue = ema.epilogue(1)?;
-    let (g, m, v) = (
-        gb.storage(n, true),
-        gb.storage(n, false),
-        gb.storage(n, false),
-    );
-    ctx.queue
-        .write_buffer(&g, 0, bytemuck::cast_slice(&data(n as usize, 4)));
-    let hyper = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("hyper"),
-        size: 32,
-        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    // lr, beta1, beta2, eps, weight decay, bias corrections at t = 10.
-    let hyper_values = [1e-3f32, 0.9, 0.999, 1e-8, 0.01, 1.535, 100.5, 0.0];
-    ctx.queue
-        .write_buffer(&hyper, 0, bytemuck::cast_slice(&hyper_values));
-    let storage = |binding, read_only| wgpu::BindGroupLayoutEntry {
-        binding,
-        visibility: wgpu::ShaderStages::COMPUTE,
-        ty: wgpu::BindingType::Buffer {
-            ty: wgpu::BufferBindingType::Storage { read_only },
-            has_dynamic_offset: false,
-            min_binding_size: None,
-        },
-        count: None,
-    };
-    let layout0 = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-        label: Some("optimizer"),
-        entries: &[
-            storage(0, false),
-            storage(1, true),
-            storage(2, false),
-            storage(3, false),
-            wgpu::BindGroupLayoutEntry {
-                binding: 4,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
-                    ty: wgpu::BufferBindingType::Uniform,
-                    has_dynamic_offset: false,
-                    min_binding_size: None,
-                },
-                count: None,
-            },
-        ],
-    });
-    let group0 = device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("optimizer"),
-        layout: &layout0,
-        entries: &[
-            wgpu::BindGroupEntry {
-                binding: 0,
-                resource: wgpu::BindingResource::Buffer(arena.binding("p")?),
-            },
-            wgpu::BindGroupEntry {
-                binding: 1,
-                resource: g.as_entire_binding(),
-            },
-            wgpu::BindGroupEntry {
-                binding: 2,
-                resource: m.as_entire_binding(),
-            },
-            wgpu::BindGroupEntry {
-                binding: 3,
-                resource: v.as_entire_binding(),
-            },
-            wgpu::BindGroupEntry {
-                binding: 4,
-                resource: hyper.as_entire_binding(),
-            },
-        ],
-    });
-    let base = include_str!("optimizers.wgsl");
-    let make = |entry: &str, fused: bool| {
-        let source = if fused {
-            format!(
-                "{}\n{}",
-                base.replace("//EMA", "ema_epilogue(0u, i, x);"),
-                epilogue.source()
-            )
-        } else {
-            base.to_string()
-        };
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(entry),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        let layouts: Vec<Option<&wgpu::BindGroupLayout>> = if fused {
-            vec![Some(&layout0), Some(epilogue.layout())]
-        } else {
-            vec![Some(&layout0)]
-        };
-        let layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(entry),
-            bind_group_layouts: &layouts,
-            immediate_size: 0,
-        });
-        device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(entry),
-            layout: Some(&layout),
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: Default::default(),
-            cache: None,
-        })
-    };
-    let (x, y) = GpuBench::groups(n);
+    let opt = optimizers::Optimizers::new(device, &ctx.queue, &arena, &epilogue, n)?;
     let budget = Duration::from_secs(3);
-    for (entry, bytes) in [("sgd", 12u64), ("momentum", 20), ("adamw", 28)] {
-        let (plain, fused) = (make(entry, false), make(entry, true));
-        let dispatch = |enc: &mut wgpu::CommandEncoder,
-                        pipe: &wgpu::ComputePipeline,
-                        step: Option<&wgpu_ema::FusedStep>| {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(pipe);
-            pass.set_bind_group(0, &group0, &[]);
-            if let Some(s) = step {
-                s.set_on(&mut pass);
-            }
-            pass.dispatch_workgroups(x, y, 1);
-        };
+    for (which, &(entry, bytes)) in optimizers::OPTIMIZERS.iter().enumerate() {
         let alone = time(reps, budget, || {
             let mut enc = device.create_command_encoder(&Default::default());
-            dispatch(&mut enc, &plain, None);
+            opt.record(&mut enc, which, None);
             gb.wait(ctx.queue.submit(Some(enc.finish())));
         });
         let separate = time(reps, budget, || {
             let mut enc = device.create_command_encoder(&Default::default());
-            dispatch(&mut enc, &plain, None);
+            opt.record(&mut enc, which, None);
             let _ = ema.record_update(&mut enc);
             gb.wait(ctx.queue.submit(Some(enc.finish())));
         });
         let together = time(reps, budget, || {
             let Ok(step) = ema.fused_step() else { return };
             let mut enc = device.create_command_encoder(&Default::default());
-            dispatch(&mut enc, &fused, Some(&step));
+            opt.record(&mut enc, which, Some(&step));
             gb.wait(ctx.queue.submit(Some(enc.finish())));
         });
         rows.push(row(&format!("opt-{entry}"), n, alone, bytes, bw));

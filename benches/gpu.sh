@@ -6,7 +6,8 @@
 # (see docs/benchmarks.md). Then, from the repository root:
 #   benches/gpu.sh [OUT_DIR]
 # One run of a few minutes: our update (GPU time from timestamp queries) on 2^16..2^28 f32 and on
-# ResNet-50's and GPT-2 small's tensor lists (arena / own buffers / 4 pooled buffers), then in
+# ResNet-50's and GPT-2 small's tensor lists (arena / own buffers / 4 pooled buffers), SGD,
+# momentum and AdamW alone / with the EMA pass / with the EMA fused in (2^24 f32), then in
 # the same run PyTorch's torch._foreach_lerp_ and timm's ModelEmaV3 over the same lists (CUDA
 # events). Writes OUT_DIR/wgpu.csv, OUT_DIR/torch.csv and OUT_DIR/summary.txt.
 set -uo pipefail
@@ -43,6 +44,10 @@ for model in ("resnet50", "gpt2_small"):
         w = find(f"{model}-{how} ")
         if t and w:
             print(f"{model} {how}: {w:.4f} ms vs _foreach_lerp_ {t:.4f} ms: {t / w:.2f}x")
+for name, opt in (("sgd", 12), ("momentum", 20), ("adamw", 28)):
+    a, p, f = rows.get(f"opt-{name}"), rows.get(f"opt-{name}+ema-pass"), rows.get(f"opt-{name}-fused")
+    if a and p and f:
+        print(f"{name}: alone {a:.4f} ms, + EMA pass {p:.4f} ms, fused {f:.4f} ms: {p / f:.2f}x (bytes {opt + 12}/{opt + 8} = {(opt + 12) / (opt + 8):.2f}x)")
 for k in (24, 26, 28):
     e, c, a = rows.get(f"flat-2^{k}-ema"), rows.get(f"flat-2^{k}-copy-vec4"), rows.get(f"flat-2^{k}-axpy-vec4")
     if e and c and a:

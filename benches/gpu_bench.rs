@@ -16,6 +16,9 @@ use std::time::Instant;
 
 use wgpu_ema::{wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
 
+#[path = "shared/optimizers.rs"]
+mod optimizers;
+
 #[path = "shared/models.rs"]
 mod models;
 
@@ -283,6 +286,45 @@ fn model_rows(
     Ok(())
 }
 
+/// SGD, SGD with momentum and AdamW over `n` f32 (`benches/shared/optimizers.rs`): alone, with
+/// our separate EMA pass after them, and with the EMA fused into them (`GpuEma::epilogue`).
+fn fused_rows(b: &Bench, rows: &mut Vec<Row>, n: u64) -> Result<(), Error> {
+    let ctx = &b.ctx;
+    let arena = ParamArena::new(&ctx.device, [TensorSpec::new("p", [n as usize])])?;
+    let mut ema = GpuEma::builder(Schedule::tf(0.9999))
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)?;
+    let epilogue = ema.epilogue(1)?;
+    let opt = optimizers::Optimizers::new(&ctx.device, &ctx.queue, &arena, &epilogue, n)?;
+    for (which, &(name, bytes)) in optimizers::OPTIMIZERS.iter().enumerate() {
+        measure(b, rows, format!("opt-{name}"), (n, 1, bytes), &mut |enc| {
+            opt.record(enc, which, None)
+        });
+        measure(
+            b,
+            rows,
+            format!("opt-{name}+ema-pass"),
+            (n, 1, bytes + 12),
+            &mut |enc| {
+                opt.record(enc, which, None);
+                let _ = ema.record_update(enc);
+            },
+        );
+        measure(
+            b,
+            rows,
+            format!("opt-{name}-fused"),
+            (n, 1, bytes + 8),
+            &mut |enc| {
+                if let Ok(step) = ema.fused_step() {
+                    opt.record(enc, which, Some(&step));
+                }
+            },
+        );
+    }
+    Ok(())
+}
+
 fn shapes_json(models: &[(&str, Vec<TensorSpec>)]) -> String {
     let lists: Vec<String> = models
         .iter()
@@ -418,6 +460,7 @@ fn main() -> Result<(), Error> {
             },
         );
     }
+    fused_rows(&b, &mut rows, (1u64 << max_log2.min(24)).min(limit))?;
     let mut csv =
         String::from("source,workload,elements,tensors,ms_per_step,gb_per_s,host_us_per_step\n");
     for r in &rows {
