@@ -205,7 +205,10 @@ fn update_item_kahan(it: Item) {
     let a = vec4<f32>(step.alpha);
     let prod = two_product4(a, d.hi);
     let t = two_sum4(s, prod.hi);
-    let small = ((prod.lo + a * d.lo + step.alpha_lo * d.hi) - comp[it.sh]) + t.lo;
+    // The two inexact products are multiplied by `one` so that no compiler fuses them into
+    // the adds (a fused multiply-add would round differently from the CPU's path).
+    let small = ((prod.lo + (a * d.lo) * step.one + (step.alpha_lo * d.hi) * step.one)
+        - comp[it.sh]) + t.lo;
     let next = t.hi + small;
     comp[it.sh] = (next * step.one - t.hi) - small;
     shadow[it.sh] = next;

@@ -193,7 +193,7 @@ fn ema_epilogue(tensor: u32, e: u32, p: f32) {{
     let t = s + ph;
     let tbb = t * one - s;
     let te = (s - (t - tbb)) + (ph - tbb);
-    let small = ((pl + a * dl + ema_step.alpha_lo * d) - ema_comp[i]) + te;
+    let small = ((pl + (a * dl) * one + (ema_step.alpha_lo * d) * one) - ema_comp[i]) + te;
     let next = t + small;
     ema_comp[i] = (next * one - t) - small;
     ema_shadow[i] = next;
@@ -304,6 +304,7 @@ fn sgd(@builtin(global_invocation_id) id: vec3<u32>) {
         );
         assert!(kahan.contains("(next * one - t) - small"));
         assert!(body.contains("(next * step.one - t.hi) - small"));
-        assert!(kahan.contains("ema_step.alpha_lo * d") && body.contains("step.alpha_lo * d.hi"));
+        assert!(kahan.contains("(ema_step.alpha_lo * d) * one"));
+        assert!(body.contains("(step.alpha_lo * d.hi) * step.one"));
     }
 }

@@ -196,7 +196,11 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
 
     let info = ctx.info();
     let elements: u64 = specs().iter().map(TensorSpec::numel).sum();
-    let more = crate::layouts::run(&ctx).await?;
+    let mut more = crate::layouts::run(&ctx).await?;
+    let fused = crate::fused::run(&ctx, 20).await?;
+    if let (Some(m), Some(f)) = (more.as_object_mut(), fused.as_object()) {
+        m.extend(f.clone());
+    }
     let pass = worst_rel <= REL_TOL
         && worst_ulps <= ULPS_TOL
         && round_trip
@@ -204,7 +208,8 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
         && !ema.uses_immediates()
         && more["user_buffers_pass"] == true
         && more["compensated_pass"] == true
-        && more["failed_readback_pass"] == true;
+        && more["failed_readback_pass"] == true
+        && more["fused_pass"] == true;
     let mut report = json!({
         "pass": pass,
         "adapter": info.name,

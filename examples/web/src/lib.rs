@@ -12,6 +12,7 @@ use wasm_bindgen::prelude::*;
 use wgpu_ema::Schedule;
 
 mod check;
+mod fused;
 mod layouts;
 #[path = "../../shared/linear.rs"]
 #[allow(dead_code)]
