@@ -559,19 +559,7 @@ fn target_networks(
             12,
             bw,
         ));
-        let host = |f: &mut dyn FnMut()| {
-            let mut v = Vec::new();
-            for i in 0..100 {
-                let t = Instant::now();
-                f();
-                v.push(t.elapsed().as_secs_f64() * 1e6);
-                if i % 10 == 9 {
-                    let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
-                }
-            }
-            let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
-            median(v)
-        };
+        let host = |f: &mut dyn FnMut()| host_us(ctx, 100, 10, f);
         let record = |ema: &mut GpuEma| {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             let _ = ema.record_update(&mut enc);
@@ -655,6 +643,22 @@ impl Naive {
     }
 }
 
+/// Median host microseconds of `rounds` calls of `f`, letting the device catch up every `every`
+/// calls (so that queued work does not pile up) and at the end.
+fn host_us(ctx: &GpuContext, rounds: usize, every: usize, f: &mut dyn FnMut()) -> f64 {
+    let mut v = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let t = Instant::now();
+        f();
+        v.push(t.elapsed().as_secs_f64() * 1e6);
+        if i % every == every - 1 {
+            let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+        }
+    }
+    let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
+    median(v)
+}
+
 /// Host cost of one step, record + submit without waiting, for 161 tensors: an arena, 161
 /// user buffers, and the naive way. Tensors are tiny (64 elements) so that the device's work
 /// (which a software device runs inside `submit`) does not count.
@@ -673,19 +677,7 @@ fn host_costs(gb: &GpuBench<'_>, notes: &mut Vec<String>) -> Result<(), Error> {
             ctx.queue.submit(Some(cb));
         }
     };
-    let host = |f: &mut dyn FnMut()| {
-        let mut v = Vec::new();
-        for i in 0..300 {
-            let t = Instant::now();
-            f();
-            v.push(t.elapsed().as_secs_f64() * 1e6);
-            if i % 50 == 49 {
-                let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
-            }
-        }
-        let _ = ctx.device.poll(wgpu::PollType::wait_indefinitely());
-        median(v)
-    };
+    let host = |f: &mut dyn FnMut()| host_us(ctx, 300, 50, f);
     let ha = host(&mut || {
         let _ = a.update();
     });

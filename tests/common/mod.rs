@@ -59,6 +59,27 @@ pub fn buffer_with(ctx: &GpuContext, data: &[f32], byte_offset: u64) -> wgpu::Bu
     buf
 }
 
+/// A buffer with 0xFFFF (NaN in both formats) around the tensor at `offset`.
+pub fn half_buffer(ctx: &GpuContext, bits: &[u16], offset: u64) -> wgpu::Buffer {
+    let before = (offset / 2) as usize;
+    let mut all = vec![0xFFFFu16; before];
+    all.extend_from_slice(bits);
+    all.extend([0xFFFF; 6]);
+    if all.len() % 2 == 1 {
+        all.push(0xFFFF);
+    }
+    let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("half params"),
+        size: (all.len() * 2) as u64,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&all));
+    buf
+}
+
 /// Overwrites `data` at `byte_offset` of `buf`.
 pub fn write(ctx: &GpuContext, buf: &wgpu::Buffer, byte_offset: u64, data: &[f32]) {
     ctx.queue

@@ -4,7 +4,8 @@
 //! checkpoints resume bit for bit; bad input refused.
 
 use crate::common::{
-    assert_checkpoint_kind, assert_close, buffer_with, gpu, random, read_words, PaperBema,
+    assert_checkpoint_kind, assert_close, buffer_with, gpu, half_buffer, random, read_words,
+    PaperBema,
 };
 use wgpu_ema::checkpoint::{self, Checkpoint, RestoreOptions};
 use wgpu_ema::cpu::CpuEma;
@@ -254,26 +255,6 @@ fn swapping_bema_weights_in_and_out_is_exact() {
     assert_eq!(run.ema.read_bema_blocking().unwrap(), weights);
 }
 
-/// A buffer of 16-bit parameters with 0xFFFF around them.
-fn half_buffer(ctx: &GpuContext, bits: &[u16]) -> wgpu::Buffer {
-    let mut all = vec![0xFFFFu16; 2];
-    all.extend_from_slice(bits);
-    all.extend([0xFFFF; 5]);
-    if all.len() % 2 == 1 {
-        all.push(0xFFFF);
-    }
-    let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("half params"),
-        size: (all.len() * 2) as u64,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
-    ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&all));
-    buf
-}
-
 #[test]
 fn bema_of_16_bit_parameters_and_its_copy_into_them() {
     use half::{bf16, f16};
@@ -290,7 +271,7 @@ fn bema_of_16_bit_parameters_and_its_copy_into_them() {
         };
         let n = 301usize; // odd: the last word's high half is a neighbour's
         let (bits, start) = encode(&random(7, n));
-        let buf = half_buffer(ctx, &bits);
+        let buf = half_buffer(ctx, &bits, 4);
         let spec = TensorSpec::new("h", [n]);
         let mut ema = GpuEma::builder(Schedule::bema(b))
             .policy(policy)

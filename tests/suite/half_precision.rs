@@ -1,10 +1,10 @@
 //! f16 and bf16 parameters with f32 shadows, on every adapter (no SHADER_F16 needed), against
 //! the f64 reference fed the same decoded values.
 
-use crate::common::{assert_close, gpu};
+use crate::common::{assert_close, gpu, half_buffer};
 use half::{bf16, f16};
 use wgpu_ema::cpu::ReferenceEma;
-use wgpu_ema::{wgpu, Error, GpuContext, GpuEma, Numerics, ParamDtype, Schedule, TensorSpec};
+use wgpu_ema::{Error, GpuEma, Numerics, ParamDtype, Schedule, TensorSpec};
 
 /// Seeded values as 16-bit bit patterns, and the f32 values they decode to.
 fn halves(dtype: ParamDtype, seed: u64, n: usize) -> (Vec<u16>, Vec<f32>) {
@@ -21,27 +21,6 @@ fn halves(dtype: ParamDtype, seed: u64, n: usize) -> (Vec<u16>, Vec<f32>) {
             .unzip(),
         ParamDtype::F32 => unreachable!("16-bit dtypes only"),
     }
-}
-
-/// A buffer with 0xFFFF (NaN in both formats) around the tensor at `offset`.
-fn half_buffer(ctx: &GpuContext, bits: &[u16], offset: u64) -> wgpu::Buffer {
-    let before = (offset / 2) as usize;
-    let mut all = vec![0xFFFFu16; before];
-    all.extend_from_slice(bits);
-    all.extend([0xFFFF; 6]);
-    if all.len() % 2 == 1 {
-        all.push(0xFFFF);
-    }
-    let buf = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("half params"),
-        size: (all.len() * 2) as u64,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_DST
-            | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
-    ctx.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&all));
-    buf
 }
 
 #[test]
