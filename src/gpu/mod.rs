@@ -252,8 +252,13 @@ impl GpuEma {
             // immediates and the ring's bind group are set again after each pipeline change.
             if tier != Some((slots, op)) {
                 tier = Some((slots, op));
+                // Every tier has the same ops (checked above for this one), so this is an error
+                // only if the tables disagree.
                 let Some(pipeline) = self.pipes.get(op, slots) else {
-                    continue;
+                    return Err(Error::InvalidConfig(format!(
+                        "no `{}` pipeline for {slots} parameter bindings",
+                        op.entry_point()
+                    )));
                 };
                 pass.set_pipeline(pipeline);
                 match (&self.step, ring_offset) {
