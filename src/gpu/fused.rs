@@ -174,6 +174,11 @@ impl GpuEma {
                 group,
             });
         }
+        if self.store.shadows.iter().any(Vec::is_empty) {
+            return Err(Error::InvalidConfig(
+                "the fused epilogue needs shadows to bind: this EMA tracks no elements".into(),
+            ));
+        }
         // One row per tensor: where its shadow starts (all in shadow buffer 0, one piece).
         let mut rows: Vec<u32> = Vec::with_capacity((self.tensors.len() + 1) * ROW_WORDS);
         rows.extend([self.tensors.len() as u32, 0, 0, 0]);

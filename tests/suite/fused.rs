@@ -369,6 +369,13 @@ fn fused_misuse_is_an_error() {
         .build(&ctx.device, &ctx.queue)
         .unwrap();
     assert!(matches!(wb.epilogue(1), Err(Error::InvalidConfig(_))));
+    // An EMA of nothing but empty tensors has no shadows to bind.
+    let empty = ParamArena::new(&ctx.device, [TensorSpec::new("e", [0])]).unwrap();
+    let mut nothing = GpuEma::builder(Schedule::constant(0.9))
+        .track_arena(&empty)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    assert!(matches!(nothing.epilogue(1), Err(Error::InvalidConfig(_))));
     assert!(matches!(wb.fused_step(), Err(Error::InvalidConfig(_))));
     // A caller passing a tensor number, or an element, past what is tracked: those calls
     // write nothing, and the check says so (once).
