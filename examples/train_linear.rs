@@ -327,13 +327,7 @@ fn fused_pipeline(
         bind_group_layouts: &[Some(&layout0), Some(epi.layout())],
         immediate_size: 0,
     });
-    let constants = [
-        ("LR", LR as f64),
-        ("MOMENTUM", MOMENTUM as f64),
-        ("BATCH", BATCH as f64),
-        ("N_TRAIN", N_TRAIN as f64),
-        ("N_EVAL", N_EVAL as f64),
-    ];
+    let constants = constants();
     let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some("train_step (fused)"),
         layout: Some(&layout),

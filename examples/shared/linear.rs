@@ -90,19 +90,24 @@ pub fn log_buffer(device: &wgpu::Device, steps: u64) -> wgpu::Buffer {
     })
 }
 
+/// The overrides of `examples/train_linear.wgsl`: the constants above.
+pub fn constants() -> [(&'static str, f64); 5] {
+    [
+        ("LR", LR as f64),
+        ("MOMENTUM", MOMENTUM as f64),
+        ("BATCH", BATCH as f64),
+        ("N_TRAIN", N_TRAIN as f64),
+        ("N_EVAL", N_EVAL as f64),
+    ]
+}
+
 /// The training step (`examples/train_linear.wgsl`) with its constants.
 pub fn pipeline(device: &wgpu::Device) -> wgpu::ComputePipeline {
     let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some("train_linear"),
         source: wgpu::ShaderSource::Wgsl(include_str!("../train_linear.wgsl").into()),
     });
-    let constants = [
-        ("LR", LR as f64),
-        ("MOMENTUM", MOMENTUM as f64),
-        ("BATCH", BATCH as f64),
-        ("N_TRAIN", N_TRAIN as f64),
-        ("N_EVAL", N_EVAL as f64),
-    ];
+    let constants = constants();
     device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some("train_step"),
         layout: None,

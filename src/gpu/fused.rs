@@ -6,7 +6,7 @@ use std::num::NonZeroU64;
 
 use super::*;
 use crate::shader::fused::{self, FusedRole, FusedShape, ROW_WORDS};
-use crate::shader::{MODE_COPY, MODE_SKIP, STEP_BYTES};
+use crate::shader::STEP_BYTES;
 
 /// Ring slots per uniform buffer (a used-up ring is replaced, never rewritten).
 const RING_SLOTS: usize = 1024;
@@ -294,26 +294,8 @@ impl GpuEma {
                  for it would average twice"
             )));
         }
-        let mut alphas = [1.0f32; MAX_EMAS];
-        let alpha_lo = if self.is_compensated() {
-            self.stepper.alpha_lo(n)?
-        } else {
-            0.0
-        };
-        let action = self.stepper.advance_all(n, &self.extra, &mut alphas)?;
+        let (action, values) = self.advance(n)?;
         self.last_fused = Some(n);
-        let mut values = StepValues {
-            alpha_lo,
-            ..StepValues::new(alphas)
-        };
-        match action {
-            Action::Skip => values.mode = MODE_SKIP,
-            Action::Copy => values.mode = MODE_COPY,
-            Action::Update(alpha) => {
-                values.alpha = alpha;
-                values.alphas[0] = alpha;
-            }
-        }
         let Some(f) = self.fused.as_deref() else {
             return Err(Error::InvalidConfig("no fused epilogue".into()));
         };

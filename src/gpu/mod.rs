@@ -301,24 +301,12 @@ impl GpuEma {
                  pass for it would average twice"
             )));
         }
-        let mut alphas = [1.0f32; MAX_EMAS];
-        // What alpha's rounding dropped, for compensated shadows (before the counter moves).
-        let alpha_lo = if self.is_compensated() {
-            self.stepper.alpha_lo(n)?
-        } else {
-            0.0
-        };
-        let action = self.stepper.advance_all(n, &self.extra, &mut alphas)?;
+        let (action, values) = self.advance(n)?;
         self.last_pass = Some(n);
         match action {
             Action::Skip => {}
             Action::Copy => self.record_pass(encoder, Op::Init, [1.0; MAX_EMAS])?,
-            Action::Update(alpha) => {
-                alphas[0] = alpha;
-                let values = StepValues {
-                    alpha_lo,
-                    ..StepValues::new(alphas)
-                };
+            Action::Update(_) => {
                 self.record_pass_for(encoder, Op::Update, values, Target::Ema)?;
                 // Switch EMA: training continues from the averaged weights.
                 if self.stepper.policy().writes_back(n) {
@@ -327,6 +315,34 @@ impl GpuEma {
             }
         }
         Ok(())
+    }
+
+    /// Moves the counter to call `n`: what it does, and the step's values for the shader
+    /// (every EMA's alpha, the low half of EMA 0's for compensated shadows, and the mode the
+    /// fused epilogue reads). Shared by the separate pass and the fused step.
+    fn advance(&mut self, n: u64) -> Result<(Action, StepValues)> {
+        let mut alphas = [1.0f32; MAX_EMAS];
+        // What alpha's rounding dropped, for compensated shadows (before the counter moves).
+        let alpha_lo = if self.is_compensated() {
+            self.stepper.alpha_lo(n)?
+        } else {
+            0.0
+        };
+        let action = self.stepper.advance_all(n, &self.extra, &mut alphas)?;
+        let mode = match action {
+            Action::Skip => crate::shader::MODE_SKIP,
+            Action::Copy => crate::shader::MODE_COPY,
+            Action::Update(alpha) => {
+                alphas[0] = alpha;
+                crate::shader::MODE_UPDATE
+            }
+        };
+        let values = StepValues {
+            alpha_lo,
+            mode,
+            ..StepValues::new(alphas)
+        };
+        Ok((action, values))
     }
 
     /// Records `steps` updates (numbers `num_updates() + 1 ..= num_updates() + steps`) into
