@@ -447,7 +447,11 @@ fn the_gpu_equals_the_cpu_f32_path() {
 /// The vec4 load path (`update_aligned`) and the cases that must not take it: a tensor whose
 /// last item would lie past the end of its buffer (the buffer exactly as large as the tensor,
 /// `n % 4 != 0`), one at an offset that is not a multiple of 16 bytes, and an aligned one, all
-/// tracked by one EMA, against the f64 reference over several steps.
+/// tracked by one EMA, against the f64 reference over several steps. Note: lavapipe and
+/// llvmpipe return the buffer's real bytes for a vec4 read past a binding's end, so this test
+/// cannot catch a plan that wrongly sends the first case down the vec4 path (a browser would
+/// clamp the read); the planner's unit test
+/// `the_vec4_path_needs_f32_rows_on_16_bytes_with_their_last_item_inside` does.
 #[test]
 fn the_vec4_path_and_where_it_must_not_be_taken() {
     let Some(ctx) = gpu() else { return };
