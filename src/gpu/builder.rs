@@ -13,6 +13,20 @@ use crate::shader::{self, Shape, STEP_BYTES};
 /// grows with it).
 const MAX_SLOTS: usize = 256;
 
+/// A configuration checked and its tensors resolved, before anything exists on the GPU.
+pub(crate) struct Resolved {
+    pub stepper: Stepper,
+    /// EMAs kept (1 + the extra ones).
+    pub emas: usize,
+    /// The schedule is BEMA.
+    pub bema: bool,
+    /// Every tracked tensor: spec, where its parameters are, and whether the arena holds it.
+    pub all: Vec<(TensorSpec, ParamBinding<wgpu::Buffer>, bool)>,
+    pub names: HashMap<String, usize>,
+    /// The selection as checkpoints record it.
+    pub selection: String,
+}
+
 /// Configures a [`GpuEma`]: schedule, numerics, and the tensors to track.
 ///
 /// ```no_run
@@ -181,12 +195,13 @@ impl<'a> GpuEmaBuilder<'a> {
         self
     }
 
-    /// Allocates the shadows, sets them equal to the parameters on the GPU (one pass,
-    /// submitted on `queue`; no host round trip) and returns the EMA.
+    /// Validates the configuration and resolves the tracked tensors (the arena's first, the
+    /// selection applied), creating nothing: the part of building shared by [`build`] and
+    /// [`build_offloaded`].
     ///
-    /// Fails, creating nothing on the GPU, on an invalid schedule, duplicate names, a buffer
-    /// without `STORAGE`, an offset that is not a multiple of 4, or a range past a buffer's end.
-    pub fn build(self, device: &wgpu::Device, queue: &wgpu::Queue) -> Result<GpuEma> {
+    /// [`build`]: Self::build
+    /// [`build_offloaded`]: Self::build_offloaded
+    fn resolve(&self, device: &wgpu::Device) -> Result<Resolved> {
         for s in &self.extra_emas {
             s.validate()?;
         }
@@ -221,7 +236,6 @@ impl<'a> GpuEmaBuilder<'a> {
             ));
         }
         let stepper = Stepper::new(self.schedule, self.numerics, self.policy, self.num_updates)?;
-        let lim = plan_limits(device);
         // Every tensor as (spec, binding, in arena): the arena's first.
         let mut all: Vec<(TensorSpec, ParamBinding<wgpu::Buffer>, bool)> = Vec::new();
         if let Some(a) = self.arena {
@@ -230,7 +244,7 @@ impl<'a> GpuEmaBuilder<'a> {
                 all.push((spec.clone(), binding, true));
             }
         }
-        for (spec, b) in self.buffers {
+        for (spec, b) in self.buffers.iter().cloned() {
             bindings::validate_binding(&spec, &b.buffer, b.offset, b.dtype)?;
             all.push((spec, b, false));
         }
@@ -281,6 +295,31 @@ impl<'a> GpuEmaBuilder<'a> {
             all.iter()
                 .map(|(spec, b, _)| (spec, &b.buffer, b.offset, b.dtype)),
         )?;
+        Ok(Resolved {
+            stepper,
+            emas,
+            bema,
+            all,
+            names,
+            selection,
+        })
+    }
+
+    /// Allocates the shadows, sets them equal to the parameters on the GPU (one pass,
+    /// submitted on `queue`; no host round trip) and returns the EMA.
+    ///
+    /// Fails, creating nothing on the GPU, on an invalid schedule, duplicate names, a buffer
+    /// without `STORAGE`, an offset that is not a multiple of 4, or a range past a buffer's end.
+    pub fn build(self, device: &wgpu::Device, queue: &wgpu::Queue) -> Result<GpuEma> {
+        let Resolved {
+            stepper,
+            emas,
+            bema,
+            all,
+            names,
+            selection,
+        } = self.resolve(device)?;
+        let lim = plan_limits(device);
 
         // Shadows: each tensor's one run (pieces only past one binding), packed into buffers
         // of one binding each; compensation terms and further EMAs mirror that layout.
@@ -421,6 +460,33 @@ impl<'a> GpuEmaBuilder<'a> {
         ema.record_pass(&mut encoder, Op::Init, [1.0; MAX_EMAS])?;
         queue.submit(Some(encoder.finish()));
         Ok(ema)
+    }
+    /// Builds an EMA whose shadows live in host memory ([`OffloadedEma`]), fed through a
+    /// ring of staging buffers of `offload`'s size: all the GPU memory it allocates. Every
+    /// parameter is copied into its shadow before it returns (blocking, through the ring).
+    ///
+    /// Everything the builder configures applies, except what an offloaded EMA cannot honour,
+    /// refused here: a BEMA schedule, `write_back_every > 0`, compensation of f16/bf16
+    /// parameters, a slot smaller than one 4-byte word. The parameters' buffers need
+    /// `COPY_SRC` (the arena has it). Not on the web.
+    ///
+    /// [`OffloadedEma`]: crate::OffloadedEma
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn build_offloaded(
+        self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        offload: crate::Offload,
+    ) -> Result<crate::OffloadedEma> {
+        let resolved = self.resolve(device)?;
+        crate::offload::OffloadedEma::new(
+            resolved,
+            self.extra_emas,
+            self.compensated,
+            device,
+            queue,
+            offload,
+        )
     }
 }
 

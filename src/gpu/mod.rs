@@ -26,6 +26,8 @@ mod transfer;
 
 pub use arena::ParamArena;
 pub use builder::GpuEmaBuilder;
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use builder::Resolved;
 pub use fused::{Epilogue, FusedStep};
 pub use snapshot::Snapshot;
 

@@ -27,6 +27,8 @@ mod half_precision;
 mod in_memory;
 /// Many tensors in many buffers: the multi-tensor dispatch and rebinding.
 mod many_tensors;
+/// Offloaded shadows: host memory fed through a staging ring.
+mod offload;
 /// Tensors and buffers larger than one storage binding.
 mod past_one_binding;
 /// The peers' own EMA code (diffusers, timm, ema-pytorch, EDM2) as the reference.
