@@ -7,12 +7,15 @@
 //! TensorFlow's `variables_to_restore` does.
 //!
 //! ```text
-//! cargo run --release --example train_linear -- [--steps N] [--every N] [--out DIR] [--resume PATH] [--cpu] [--fused]
+//! cargo run --release --example train_linear -- [--steps N] [--every N] [--out DIR] [--resume PATH] [--cpu] [--fused | --offload]
 //! ```
 //!
 //! With no GPU adapter (or `--cpu`) it runs the same training on the CPU path and says so.
 //! With `--fused` the EMA is updated inside the optimizer's own shader (`GpuEma::epilogue`):
-//! the checkpoints hold the same bits as without.
+//! the checkpoints hold the same bits as without. With `--offload` the shadows live in host
+//! memory (`GpuEmaBuilder::build_offloaded`); the model is one chunk, and the loop lets the
+//! host finish each sample (one step per submit), so no sample is skipped and the checkpoints
+//! again hold the same bits.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,7 +23,7 @@ use std::process::ExitCode;
 use indicatif::{ProgressBar, ProgressStyle};
 use wgpu_ema::checkpoint::{self, Checkpoint};
 use wgpu_ema::cpu::CpuEma;
-use wgpu_ema::{wgpu, GpuContext, GpuEma, HostTensors, Numerics, ParamArena, Schedule};
+use wgpu_ema::{wgpu, GpuContext, GpuEma, HostTensors, Numerics, Offload, ParamArena, Schedule};
 
 // The model, its data and its constants, shared with the web demo (`examples/web`).
 #[path = "shared/linear.rs"]
@@ -39,6 +42,8 @@ struct Args {
     tf: bool,
     /// The EMA fused into the optimizer's shader.
     fused: bool,
+    /// The shadows in host memory.
+    offload: bool,
 }
 
 fn parse_args() -> Result<Args, Error> {
@@ -50,6 +55,7 @@ fn parse_args() -> Result<Args, Error> {
         cpu: false,
         tf: false,
         fused: false,
+        offload: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -61,6 +67,7 @@ fn parse_args() -> Result<Args, Error> {
             "--resume" => a.resume = Some(value()?.into()),
             "--cpu" => a.cpu = true,
             "--fused" => a.fused = true,
+            "--offload" => a.offload = true,
             "--format" => {
                 a.tf = match value()?.as_str() {
                     "tf" | "tensorflow" => true,
@@ -70,12 +77,18 @@ fn parse_args() -> Result<Args, Error> {
             }
             "-h" | "--help" => {
                 println!(
-                    "train_linear [--steps N] [--every N] [--out DIR] [--resume PATH] [--format tf|safetensors] [--cpu] [--fused]"
+                    "train_linear [--steps N] [--every N] [--out DIR] [--resume PATH] [--format tf|safetensors] [--cpu] [--fused | --offload]"
                 );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (try --help)").into()),
         }
+    }
+    if a.fused && a.offload {
+        return Err(
+            "--fused and --offload exclude each other: a fused EMA has its shadows on the GPU"
+                .into(),
+        );
     }
     Ok(a)
 }
@@ -254,6 +267,108 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
             &args.out,
             args.tf,
             &ema.snapshot(true)?,
+            &momentum.read_blocking(device, queue)?,
+        )?,
+    };
+    Ok(Run {
+        first_global: st.global,
+        losses,
+        last_checkpoint,
+    })
+}
+
+/// [`run_gpu`] with the shadows in host memory. The shader reads the EMA weights for its
+/// held-out loss from a small mirror written after each step; one step per submit, and the
+/// host finishes each sample before the next, so every step is sampled.
+fn run_offloaded(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run, Error> {
+    let device = &ctx.device;
+    let queue = &ctx.queue;
+    let params = ParamArena::new(device, specs())?;
+    let momentum = ParamArena::new(device, momentum_specs())?;
+    let mirror = ParamArena::new(device, specs())?;
+    for (s, v) in st.params.iter() {
+        params.write(queue, &s.name, v)?;
+    }
+    for (s, v) in st.momentum.iter() {
+        momentum.write(queue, &s.name, v)?;
+    }
+    // 64 bytes of staging: the model (3 floats) is one chunk.
+    let mut ema = GpuEma::builder(Schedule::tf(DECAY))
+        .track_arena(&params)
+        .build_offloaded(device, queue, Offload::new(64))?;
+    if let Some(ck) = &st.checkpoint {
+        ema.restore(ck)?;
+    }
+    let mirror_shadows = |ema: &mut wgpu_ema::OffloadedEma| -> Result<(), Error> {
+        for (s, v) in ema.read_shadows()?.iter() {
+            mirror.write(queue, &s.name, v)?;
+        }
+        Ok(())
+    };
+    mirror_shadows(&mut ema)?;
+
+    let steps = args.steps.saturating_sub(st.global);
+    let data_buf = upload_data(device, queue, data);
+    let log_buf = log_buffer(device, steps);
+    queue.write_buffer(
+        &log_buf,
+        0,
+        bytemuck::cast_slice(&[0u32, st.global as u32, 0, 0]),
+    );
+    let pipeline = pipeline(device);
+    let ema_weights = [mirror.binding("weight")?, mirror.binding("bias")?];
+    let bind_group = bind_group_with(
+        device,
+        &pipeline,
+        &data_buf,
+        &params,
+        &momentum,
+        ema_weights,
+        &log_buf,
+    )?;
+
+    let bar = progress(steps);
+    let mut last_checkpoint = None;
+    std::fs::create_dir_all(&args.out)?;
+    for global in st.global + 1..=args.steps {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        ema.record_update_at(&mut encoder, global)?;
+        queue.submit(Some(encoder.finish()));
+        // Waits for the host's update of this step: the next step's loss reads it.
+        mirror_shadows(&mut ema)?;
+        bar.inc(1);
+        if global.is_multiple_of(args.every) || global == args.steps {
+            let path = checkpoint_path(&args.out, global, args.tf);
+            let mom = momentum.read_blocking(device, queue)?;
+            save(&path, args.tf, &ema, None, &mom)?;
+            bar.suspend(|| println!("checkpoint: {}", path.display()));
+            last_checkpoint = Some(path);
+        }
+    }
+    bar.finish_and_clear();
+    let stats = ema.stats();
+    println!(
+        "offloaded: {} samples, {} skipped, {} bytes of GPU staging",
+        stats.samples, stats.skipped, stats.gpu_bytes
+    );
+
+    let log = read_buffer(device, queue, &log_buf)?;
+    let losses = log[4..4 + 2 * steps as usize]
+        .chunks_exact(2)
+        .map(|p| (p[0], p[1]))
+        .collect();
+    let last_checkpoint = match last_checkpoint {
+        Some(p) => p,
+        None => save_resumed(
+            &args.out,
+            args.tf,
+            &ema,
             &momentum.read_blocking(device, queue)?,
         )?,
     };
@@ -625,7 +740,11 @@ fn real_main() -> Result<(), Error> {
     let run = match &ctx {
         Some(ctx) => {
             println!("training on the GPU: {}", ctx.describe());
-            run_gpu(ctx, &args, &data, st)?
+            if args.offload {
+                run_offloaded(ctx, &args, &data, st)?
+            } else {
+                run_gpu(ctx, &args, &data, st)?
+            }
         }
         None => {
             println!(

@@ -132,14 +132,30 @@ pub fn bind_group(
     ema: &GpuEma,
     log: &wgpu::Buffer,
 ) -> wgpu_ema::Result<wgpu::BindGroup> {
+    let ema_weights = [ema.shadow_binding("weight")?, ema.shadow_binding("bias")?];
+    bind_group_with(device, pipeline, data, params, momentum, ema_weights, log)
+}
+
+/// [`bind_group`] with the EMA weights read from `ema_weights` (weight, bias) wherever they are.
+#[allow(dead_code)] // the web demo binds the shadows
+pub fn bind_group_with(
+    device: &wgpu::Device,
+    pipeline: &wgpu::ComputePipeline,
+    data: &wgpu::Buffer,
+    params: &ParamArena,
+    momentum: &ParamArena,
+    ema_weights: [wgpu::BufferBinding<'_>; 2],
+    log: &wgpu::Buffer,
+) -> wgpu_ema::Result<wgpu::BindGroup> {
+    let [ema_weight, ema_bias] = ema_weights;
     let bindings = [
         data.as_entire_buffer_binding(),
         params.binding("weight")?,
         params.binding("bias")?,
         momentum.binding("weight/Momentum")?,
         momentum.binding("bias/Momentum")?,
-        ema.shadow_binding("weight")?,
-        ema.shadow_binding("bias")?,
+        ema_weight,
+        ema_bias,
         log.as_entire_buffer_binding(),
     ];
     let entries: Vec<wgpu::BindGroupEntry> = bindings
