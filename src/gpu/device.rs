@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 /// lookup: that panic is caught here and becomes the same error. (Its id could also name a
 /// buffer of this instance, which nothing in wgpu lets a library tell apart: make buffers and
 /// EMA on one instance.)
-pub(super) fn check_same_device(
+pub(crate) fn check_same_device(
     device: &wgpu::Device,
     name: &str,
     buffer: &wgpu::Buffer,

@@ -17,11 +17,9 @@ use crate::error::{Error, Result};
 use crate::schedule::Numerics;
 use crate::tensors::ParamDtype;
 
-/// Where a tracked tensor's parameters are on the GPU.
-#[derive(Debug)]
-pub(crate) struct Source {
-    pub buffer: wgpu::Buffer,
-    pub offset: u64,
+/// What the host needs to know of a tracked tensor's parameters.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Kind {
     pub dtype: ParamDtype,
     /// Selected to be copied: its shadow takes the parameter's value on every update.
     pub follow: bool,
@@ -31,11 +29,10 @@ pub(crate) struct Source {
 #[derive(Debug)]
 pub(crate) struct Layout {
     pub chunks: Vec<Chunk>,
-    pub sources: Vec<Source>,
+    pub kinds: Vec<Kind>,
     /// The staging ring (`MAP_READ | COPY_DST`).
     pub slots: Vec<wgpu::Buffer>,
     pub numerics: Numerics,
-    pub queue: wgpu::Queue,
 }
 
 /// The shadows in host memory: `emas[k][i]` is tensor `i`'s shadow in EMA `k`.
@@ -46,16 +43,6 @@ pub(crate) struct Shadows {
     pub comps: Vec<Vec<f32>>,
 }
 
-/// What the worker does with a mapped slot.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Job {
-    /// Fold the sample into the shadows.
-    Sample(Sample),
-    /// Exchange EMA 0's shadows and the parameters (a swap): the parameters sampled become
-    /// the shadows, the shadows are written into the parameters' buffer.
-    Exchange,
-}
-
 /// A slot whose map completed (or failed), on its way to the worker.
 #[derive(Debug)]
 pub(crate) enum Message {
@@ -64,7 +51,7 @@ pub(crate) enum Message {
         chunk: usize,
         /// The chunk's sample number, in recording order.
         seq: u64,
-        job: Job,
+        sample: Sample,
         result: std::result::Result<(), String>,
     },
     /// The EMA was dropped.
@@ -174,7 +161,7 @@ fn handle(
     let Message::Mapped {
         slot,
         chunk,
-        job,
+        sample,
         result,
         ..
     } = msg
@@ -201,7 +188,7 @@ fn handle(
             (Err(e), _) => Err(format!("reading a mapped staging slot: {e}")),
             (Ok(view), Ok(mut shadows)) => {
                 for piece in &chunk.pieces {
-                    apply(layout, &mut shadows, piece, &view, job, scratch);
+                    apply(layout, &mut shadows, piece, &view, sample, scratch);
                 }
                 Ok(())
             }
@@ -215,7 +202,7 @@ fn handle(
 
 /// The parameters of `piece` as f32: the staged words read in place where aligned, else
 /// copied (or widened from f16/bf16) into `scratch`.
-fn params<'a>(
+pub(crate) fn params<'a>(
     staged: &'a [u8],
     piece: &Piece,
     dtype: ParamDtype,
@@ -249,34 +236,24 @@ fn params<'a>(
     scratch
 }
 
-/// One piece of a mapped slot into the shadows (or, for [`Job::Exchange`], exchanged with the
-/// parameters). Lengths agree by construction: the chunk cut the piece out of the tensor.
+/// One piece of a mapped slot folded into the shadows. Lengths agree by construction: the
+/// chunk cut the piece out of the tensor.
 fn apply(
     layout: &Layout,
     shadows: &mut Shadows,
     piece: &Piece,
     staged: &[u8],
-    job: Job,
+    sample: Sample,
     scratch: &mut Vec<f32>,
 ) {
-    let source = &layout.sources[piece.tensor];
-    let p = params(staged, piece, source.dtype, scratch);
+    let kind = layout.kinds[piece.tensor];
+    let p = params(staged, piece, kind.dtype, scratch);
     let range = piece.start as usize..(piece.start + piece.len) as usize;
     let t = piece.tensor;
     let Shadows { emas, comps } = shadows;
-    let sample = match job {
-        Job::Exchange => {
-            let s = &mut emas[0][t][range];
-            layout.queue.write_buffer(
-                &source.buffer,
-                source.offset + piece.start * 4,
-                bytemuck::cast_slice(s),
-            );
-            s.copy_from_slice(p);
-            return;
-        }
-        Job::Sample(Sample::Update { .. }) if source.follow => Sample::Copy,
-        Job::Sample(s) => s,
+    let sample = match sample {
+        Sample::Update { .. } if kind.follow => Sample::Copy,
+        s => s,
     };
     match sample {
         Sample::Copy => {

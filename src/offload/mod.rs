@@ -18,7 +18,17 @@ use crate::schedule::{Action, Numerics, Policy, Schedule, Stepper};
 use crate::shader::MAX_EMAS;
 use crate::tensors::{HostTensors, ParamDtype, TensorSpec};
 use chunks::{Chunk, Gap};
-use host::{Job, Layout, Message, Shadows, Shared, Slot, Source};
+use host::{Kind, Layout, Message, Shadows, Shared, Slot};
+
+/// Where a tracked tensor's parameters are now.
+#[derive(Debug)]
+struct Source {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    dtype: ParamDtype,
+    /// In a [`ParamArena`](crate::ParamArena): stays where the arena put it.
+    in_arena: bool,
+}
 
 /// How an [`OffloadedEma`] streams parameters to the host: the staging ring's size and shape.
 ///
@@ -138,6 +148,7 @@ pub struct OffloadedEma {
     specs: Vec<TensorSpec>,
     names: HashMap<String, usize>,
     selection: String,
+    sources: Vec<Source>,
     layout: Arc<Layout>,
     shared: Arc<Shared>,
     tx: Sender<Message>,
@@ -246,22 +257,26 @@ impl OffloadedEma {
         };
         let mut specs = Vec::with_capacity(r.all.len());
         let mut sources = Vec::with_capacity(r.all.len());
-        for (spec, b, _) in r.all {
+        let mut kinds = Vec::with_capacity(r.all.len());
+        for (spec, b, in_arena) in r.all {
             specs.push(spec);
+            kinds.push(Kind {
+                dtype: b.dtype,
+                follow: b.follow,
+            });
             sources.push(Source {
                 buffer: b.buffer,
                 offset: b.offset,
                 dtype: b.dtype,
-                follow: b.follow,
+                in_arena,
             });
         }
         let chunk_count = chunks.len();
         let layout = Arc::new(Layout {
             chunks,
-            sources,
+            kinds,
             slots,
             numerics: r.stepper.numerics(),
-            queue: queue.clone(),
         });
         let shared = Arc::new(Shared::default());
         shared.progress()?.slots = vec![Slot::Free; slot_count];
@@ -289,6 +304,7 @@ impl OffloadedEma {
             specs,
             names: r.names,
             selection: r.selection,
+            sources,
             layout,
             shared,
             tx,
@@ -340,7 +356,7 @@ impl OffloadedEma {
         for &slot in free.iter().take(want) {
             let c = self.next_chunk;
             self.next_chunk = (c + 1) % count;
-            if self.record_sample(encoder, c, slot, None)? {
+            if self.record_sample(encoder, c, slot)? {
                 taken += 1;
             }
         }
@@ -393,34 +409,20 @@ impl OffloadedEma {
     }
 
     /// Records chunk `c`'s sample into `slot`: its copies, and the map that hands it to the
-    /// worker once the encoder's work is done. `job` `None` takes the chunk's gap (nothing is
+    /// worker once the encoder's work is done, with what the chunk's gap folds into (nothing is
     /// recorded, and `false` returned, when the gap is empty).
     fn record_sample(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         c: usize,
         slot: usize,
-        job: Option<Job>,
     ) -> Result<bool> {
-        let job = match job {
-            Some(j) => j,
-            None => match self.gaps[c].take() {
-                Some(s) => Job::Sample(s),
-                None => return Ok(false),
-            },
+        let Some(sample) = self.gaps[c].take() else {
+            return Ok(false);
         };
         let chunk: &Chunk = &self.layout.chunks[c];
         let buffer = &self.layout.slots[slot];
-        for piece in &chunk.pieces {
-            let src = &self.layout.sources[piece.tensor];
-            encoder.copy_buffer_to_buffer(
-                &src.buffer,
-                src.offset + piece.start * src.dtype.size(),
-                buffer,
-                piece.stage,
-                piece.bytes,
-            );
-        }
+        copy_chunk(&self.sources, encoder, chunk, buffer);
         if let Some(b) = self.shared.progress()?.slots.get_mut(slot) {
             *b = Slot::Recorded;
         }
@@ -439,7 +441,7 @@ impl OffloadedEma {
                 slot,
                 chunk: c,
                 seq,
-                job,
+                sample,
                 result: result.map_err(|e| e.to_string()),
             };
             if tx.send(message).is_err() {
@@ -493,9 +495,9 @@ impl OffloadedEma {
         self.drain()
     }
 
-    /// Records, submits and applies `job` (or each chunk's gap, for `None`) for every chunk
-    /// of `list`, as many at a time as there are free slots, blocking.
-    fn sweep(&mut self, list: &[usize], job: Option<Job>) -> Result<()> {
+    /// Samples every chunk of `list` with its gap, as many at a time as there are free slots,
+    /// blocking until all are applied.
+    fn sweep(&mut self, list: &[usize]) -> Result<()> {
         let mut rest = list.iter().copied().peekable();
         while rest.peek().is_some() {
             let free = self.free_slots()?;
@@ -514,7 +516,7 @@ impl OffloadedEma {
             let mut slots = free.into_iter().peekable();
             while let (Some(&slot), Some(c)) = (slots.peek(), rest.peek().copied()) {
                 rest.next();
-                if self.record_sample(&mut encoder, c, slot, job)? {
+                if self.record_sample(&mut encoder, c, slot)? {
                     slots.next();
                 }
             }
@@ -537,7 +539,7 @@ impl OffloadedEma {
         let stale: Vec<usize> = (0..self.gaps.len())
             .filter(|&c| !self.gaps[c].is_empty())
             .collect();
-        self.sweep(&stale, None)
+        self.sweep(&stale)
     }
 
     /// True when nothing is in flight and every chunk has been sampled at the last update.
@@ -647,7 +649,7 @@ impl OffloadedEma {
     /// [`Error::HalfPrecision`] for the first tensor of f16/bf16 parameters, which swaps and
     /// copies into the parameters do not support.
     fn all_f32(&self, what: &'static str) -> Result<()> {
-        for (spec, s) in self.specs.iter().zip(&self.layout.sources) {
+        for (spec, s) in self.specs.iter().zip(&self.sources) {
             if s.dtype != ParamDtype::F32 {
                 return Err(Error::HalfPrecision {
                     name: spec.name.clone(),
@@ -671,15 +673,120 @@ impl OffloadedEma {
     /// Parameter buffers need `COPY_DST`; f16/bf16 parameters are refused.
     pub fn swap(&mut self) -> Result<()> {
         self.all_f32("swaps")?;
-        if !self.swapped {
+        if self.swapped {
+            self.drain()?;
+        } else {
             self.settle()?;
         }
-        let all: Vec<usize> = (0..self.gaps.len()).collect();
-        self.sweep(&all, Some(Job::Exchange))?;
-        // The worker's writes land at this submit.
-        self.queue.submit(None);
-        self.drain()?;
+        let slots = self.free_slots()?;
+        if slots.is_empty() && !self.layout.chunks.is_empty() {
+            return Err(Error::InvalidConfig(
+                "every offload slot is busy with an unsubmitted encoder's sample".into(),
+            ));
+        }
+        let chunks: Vec<usize> = (0..self.layout.chunks.len()).collect();
+        // A ring's worth at a time: copy the parameters out, map, write the shadows in their
+        // place (they land at the batch's submit, after the copies ran), keep the parameters.
+        for batch in chunks.chunks(slots.len().max(1)) {
+            let mut encoder = self.device.create_command_encoder(&Default::default());
+            for (&c, &slot) in batch.iter().zip(&slots) {
+                let chunk = &self.layout.chunks[c];
+                copy_chunk(&self.sources, &mut encoder, chunk, &self.layout.slots[slot]);
+            }
+            self.queue.submit(Some(encoder.finish()));
+            let (tx, rx) = std::sync::mpsc::channel();
+            for (&c, &slot) in batch.iter().zip(&slots) {
+                let tx = tx.clone();
+                let bytes = self.layout.chunks[c].bytes;
+                self.layout.slots[slot]
+                    .slice(0..bytes)
+                    .map_async(wgpu::MapMode::Read, move |r| {
+                        let _ = tx.send(r.map_err(|e| e.to_string()));
+                    });
+            }
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::Device(e.to_string()))?;
+            for _ in batch {
+                rx.recv()
+                    .map_err(|e| Error::Device(e.to_string()))?
+                    .map_err(Error::Device)?;
+            }
+            let mut shadows = self.shared.shadows()?;
+            let mut scratch = Vec::new();
+            for (&c, &slot) in batch.iter().zip(&slots) {
+                let chunk = &self.layout.chunks[c];
+                let buffer = &self.layout.slots[slot];
+                {
+                    let view = buffer
+                        .slice(0..chunk.bytes)
+                        .get_mapped_range()
+                        .map_err(|e| Error::Readback(e.to_string()))?;
+                    for piece in &chunk.pieces {
+                        let src = &self.sources[piece.tensor];
+                        let p = host::params(&view, piece, src.dtype, &mut scratch);
+                        let range = piece.start as usize..(piece.start + piece.len) as usize;
+                        let s = &mut shadows.emas[0][piece.tensor][range];
+                        self.queue.write_buffer(
+                            &src.buffer,
+                            src.offset + piece.start * 4,
+                            bytemuck::cast_slice(s),
+                        );
+                        s.copy_from_slice(p);
+                    }
+                }
+                buffer.unmap();
+            }
+            drop(shadows);
+            self.queue.submit(None);
+        }
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| Error::Device(e.to_string()))?;
         self.swapped = !self.swapped;
+        Ok(())
+    }
+
+    /// Points tensor `name` at new parameters (a framework that moved them): `buffer` from
+    /// `byte_offset`, checked as at build (usages `STORAGE` and `COPY_SRC`, alignment, bounds,
+    /// the EMA's device, no overlap with another tensor). Arena tensors stay where they are.
+    pub fn rebind(&mut self, name: &str, buffer: &wgpu::Buffer, byte_offset: u64) -> Result<()> {
+        if self.swapped {
+            return Err(Error::Swapped);
+        }
+        let i = self.index(name)?;
+        let spec = &self.specs[i];
+        let src = &self.sources[i];
+        if src.in_arena {
+            return Err(Error::NotRebindable {
+                name: name.to_string(),
+            });
+        }
+        crate::gpu::validate_binding(spec, buffer, byte_offset, src.dtype)?;
+        if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+            return Err(Error::MissingUsage {
+                name: name.to_string(),
+                needed: wgpu::BufferUsages::COPY_SRC,
+                have: buffer.usage(),
+            });
+        }
+        crate::gpu::check_same_device(&self.device, name, buffer)?;
+        let others = self
+            .specs
+            .iter()
+            .zip(&self.sources)
+            .enumerate()
+            .map(|(j, (s, b))| {
+                if j == i {
+                    (s, buffer, byte_offset, b.dtype)
+                } else {
+                    (s, &b.buffer, b.offset, b.dtype)
+                }
+            });
+        crate::gpu::check_overlaps(others)?;
+        let src = &mut self.sources[i];
+        src.buffer = buffer.clone();
+        src.offset = byte_offset;
         Ok(())
     }
 
@@ -699,7 +806,7 @@ impl OffloadedEma {
         let shadows = self.shared.shadows()?;
         for chunk in &self.layout.chunks {
             for piece in &chunk.pieces {
-                let src = &self.layout.sources[piece.tensor];
+                let src = &self.sources[piece.tensor];
                 let s = &shadows.emas[0][piece.tensor]
                     [piece.start as usize..(piece.start + piece.len) as usize];
                 self.queue.write_buffer(
@@ -730,7 +837,7 @@ impl OffloadedEma {
         let spec = self.specs.get(i).ok_or_else(|| Error::UnknownName {
             name: format!("tensor number {i}"),
         })?;
-        let src = &self.layout.sources[i];
+        let src = &self.sources[i];
         let mut out = Vec::with_capacity(spec.numel() as usize);
         let pieces = self
             .layout
@@ -881,6 +988,25 @@ impl OffloadedEma {
     ) -> Result<Option<Vec<f32>>> {
         self.ensure_settled()?;
         Ok(f(&*self.shared.shadows()?))
+    }
+}
+
+/// Records the copies of `chunk`'s pieces from the parameters into the staging `buffer`.
+fn copy_chunk(
+    sources: &[Source],
+    encoder: &mut wgpu::CommandEncoder,
+    chunk: &Chunk,
+    buffer: &wgpu::Buffer,
+) {
+    for piece in &chunk.pieces {
+        let src = &sources[piece.tensor];
+        encoder.copy_buffer_to_buffer(
+            &src.buffer,
+            src.offset + piece.start * src.dtype.size(),
+            buffer,
+            piece.stage,
+            piece.bytes,
+        );
     }
 }
 

@@ -703,3 +703,137 @@ fn the_ring_is_all_the_gpu_memory_it_allocates() {
     );
     drop(on_gpu);
 }
+
+/// A tensor its framework moved is followed after `rebind`: the EMA goes on, bit for bit
+/// `CpuEma`'s; an arena tensor or a buffer that cannot be copied out is refused.
+#[test]
+fn a_moved_tensor_is_followed_after_rebind() {
+    let Some(ctx) = gpu() else { return };
+    let m = model(ctx);
+    let schedule = Schedule::constant(0.8);
+    let p0 = m.params(0);
+    m.write(ctx, &p0);
+    let mut cpu = CpuEma::new(schedule, Numerics::Exact).unwrap();
+    for (s, v) in m.specs.iter().zip(&p0) {
+        cpu.track(s.clone(), v).unwrap();
+    }
+    let mut ema = m
+        .builder(schedule)
+        .build_offloaded(&ctx.device, &ctx.queue, Offload::new(256).slots(2))
+        .unwrap();
+    let moved_offset = 40u64;
+    let moved = buffer_with(ctx, &random(1, USER), moved_offset);
+    for n in 1..=10u64 {
+        let p = m.params(n);
+        if n == 6 {
+            ema.rebind("user/b", &moved, moved_offset).unwrap();
+        }
+        m.write(ctx, &p);
+        if n >= 6 {
+            ctx.queue
+                .write_buffer(&moved, moved_offset, bytemuck::cast_slice(&p[SIZES.len()]));
+            // The old buffer holds something else now: reading it would show.
+            ctx.queue.write_buffer(
+                &m.user,
+                USER_OFFSET,
+                bytemuck::cast_slice(&vec![f32::NAN; USER]),
+            );
+        }
+        step(ctx, &mut ema);
+        ema.settle().unwrap();
+        let views: Vec<&[f32]> = p.iter().map(Vec::as_slice).collect();
+        cpu.update(&views).unwrap();
+    }
+    let got = ema.read_shadows().unwrap();
+    for s in &m.specs {
+        assert_eq!(
+            bits(got.try_get(&s.name).unwrap()),
+            bits(cpu.shadow(&s.name).unwrap()),
+            "{}",
+            s.name
+        );
+    }
+    assert!(matches!(
+        ema.rebind("layer0/w", &moved, 0),
+        Err(Error::NotRebindable { .. })
+    ));
+    let storage_only = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 4096,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    assert!(matches!(
+        ema.rebind("user/b", &storage_only, 0),
+        Err(Error::MissingUsage { .. })
+    ));
+    assert!(matches!(
+        ema.rebind("nope", &moved, 0),
+        Err(Error::UnknownName { .. })
+    ));
+}
+
+/// Post-hoc snapshots written from host memory (`Recorder::write` of a settled offloaded EMA)
+/// hold the values the on-GPU EMA's recorder writes (bit for bit where the driver does not
+/// fuse the multiply-add).
+#[test]
+fn post_hoc_snapshots_are_written_from_host_memory() {
+    use wgpu_ema::checkpoint::TensorFile;
+    use wgpu_ema::posthoc::{self, Recorder, SnapshotSet};
+    let Some(ctx) = gpu() else { return };
+    let software = ctx.adapter.get_info().device_type == wgpu::DeviceType::Cpu;
+    let m = model(ctx);
+    m.write(ctx, &m.params(0));
+    let sigma_rels = [0.05, 0.10];
+    let mut on_gpu = posthoc::builder(&sigma_rels)
+        .unwrap()
+        .track_arena(&m.arena)
+        .track_buffer(TensorSpec::new("user/b", [USER]), &m.user, USER_OFFSET)
+        .build(&ctx.device, &ctx.queue)
+        .unwrap();
+    let mut off = posthoc::builder(&sigma_rels)
+        .unwrap()
+        .track_arena(&m.arena)
+        .track_buffer(TensorSpec::new("user/b", [USER]), &m.user, USER_OFFSET)
+        .build_offloaded(&ctx.device, &ctx.queue, Offload::new(1 << 20))
+        .unwrap();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut rec_a = Recorder::open(a.path(), 20).unwrap();
+    let mut rec_b = Recorder::open(b.path(), 20).unwrap();
+    for n in 1..=60u64 {
+        m.write(ctx, &m.params(n));
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        on_gpu.record_update(&mut enc).unwrap();
+        off.record_update(&mut enc).unwrap();
+        ctx.queue.submit(Some(enc.finish()));
+        rec_a.after_update(&on_gpu).unwrap();
+        if n % 20 == 0 {
+            off.settle().unwrap();
+            rec_b.write(&off).unwrap();
+        }
+    }
+    rec_a.finish().unwrap();
+    rec_b.finish().unwrap();
+    let (sa, sb) = (
+        SnapshotSet::open(a.path()).unwrap(),
+        SnapshotSet::open(b.path()).unwrap(),
+    );
+    assert_eq!(sa.snapshots().len(), 3, "one file per recorded step");
+    assert_eq!(sa.snapshots().len(), sb.snapshots().len());
+    for (x, y) in sa.snapshots().iter().zip(sb.snapshots()) {
+        assert_eq!((x.index, x.t), (y.index, y.t));
+        let (fx, fy) = (
+            TensorFile::open(&x.path).unwrap(),
+            TensorFile::open(&y.path).unwrap(),
+        );
+        for t in fx.tensors() {
+            let (vx, vy) = (fx.read_f32(&t.name).unwrap(), fy.read_f32(&t.name).unwrap());
+            if software {
+                assert_eq!(bits(&vx), bits(&vy), "{} of snapshot {}", t.name, x.index);
+            } else {
+                let want: Vec<f64> = vx.iter().map(|&v| f64::from(v)).collect();
+                assert_close(&t.name, &vy, &want, 1e-3);
+            }
+        }
+    }
+}
