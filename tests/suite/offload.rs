@@ -736,7 +736,7 @@ fn a_moved_tensor_is_followed_after_rebind() {
             ctx.queue.write_buffer(
                 &m.user,
                 USER_OFFSET,
-                bytemuck::cast_slice(&vec![f32::NAN; USER]),
+                bytemuck::cast_slice(&[f32::NAN; USER]),
             );
         }
         step(ctx, &mut ema);
