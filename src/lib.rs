@@ -97,5 +97,8 @@ pub struct WebDoctests;
 #[doc = include_str!("../docs/reliability.md")]
 #[cfg(doctest)]
 pub struct ReliabilityDoctests;
+#[doc = include_str!("../docs/offload.md")]
+#[cfg(doctest)]
+pub struct OffloadDoctests;
 /// The exact `wgpu` this crate is built against: use it to create the buffers you hand in.
 pub use wgpu;
