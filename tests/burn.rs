@@ -75,6 +75,19 @@ fn shadows_of_a_burn_mlp_match_the_reference() {
     };
     let schedule = Schedule::tf(0.9);
     let mut ema = BurnEma::new(&net, &setup.device, &setup.queue, schedule).unwrap();
+    // The same EMA with its shadows in host memory, through a ring of two 32-byte slots (the
+    // model's 66 parameters in 9 chunks), settled after each update so that every chunk is
+    // sampled at every step.
+    let mut off = BurnEma::offloaded(
+        &net,
+        &setup.device,
+        &setup.queue,
+        schedule,
+        &wgpu_ema::select::Selection::new(),
+        wgpu_ema::Offload::new(64).slots(2),
+    )
+    .unwrap();
+    assert_eq!(off.ema().stats().chunks, 9);
     let names: Vec<&str> = ema.specs().iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
@@ -106,20 +119,30 @@ fn shadows_of_a_burn_mlp_match_the_reference() {
         let grads = GradientsParams::from_grads(d.clone().mul(d).mean().backward(), &net);
         net = optim.step(0.05, net, grads);
         ema.update(&net).unwrap();
+        off.update(&net).unwrap();
+        off.ema_mut().settle().unwrap();
         let now = values(&net);
         let slices: Vec<&[f32]> = now.iter().map(|v| v.as_slice()).collect();
         reference.update(&slices).unwrap();
     }
     assert_eq!(ema.ema().num_updates(), 6);
     let shadows = ema.read_shadows().unwrap();
+    let offloaded = off.read_shadows().unwrap();
     for (i, spec) in ema.specs().iter().enumerate() {
-        assert_close(
-            &spec.name,
-            shadows.try_get(&spec.name).unwrap(),
-            &reference.shadows()[i],
-            24.0 * f32::EPSILON as f64,
-        );
+        for (what, got) in [("on-GPU", &shadows), ("offloaded", &offloaded)] {
+            assert_close(
+                &format!("{what} {}", spec.name),
+                got.try_get(&spec.name).unwrap(),
+                &reference.shadows()[i],
+                24.0 * f32::EPSILON as f64,
+            );
+        }
     }
+    let off_net = off.ema_module(net.clone()).unwrap();
+    assert_eq!(
+        values(&off_net)[3].as_slice(),
+        offloaded.try_get("out.bias").unwrap()
+    );
 
     // The EMA copy of the module holds the shadows.
     let ema_net = ema.ema_module(net.clone()).unwrap();

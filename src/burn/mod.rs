@@ -198,24 +198,122 @@ impl ModuleMapper for WithShadows<'_> {
 }
 
 /// Exponential moving averages of a burn module's float parameters, updated in place on
-/// burn's wgpu device.
-pub struct BurnEma {
-    ema: GpuEma,
+/// burn's wgpu device ([`GpuEma`], the default), or with the shadows in host memory
+/// ([`OffloadedEma`](crate::OffloadedEma), built by [`BurnEma::offloaded`]).
+pub struct BurnEma<E = GpuEma> {
+    ema: E,
     specs: Vec<TensorSpec>,
     /// Parameters the selection leaves out, by module path.
     excluded: std::collections::HashSet<String>,
 }
 
-impl std::fmt::Debug for BurnEma {
+impl<E> std::fmt::Debug for BurnEma<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BurnEma")
             .field("specs", &self.specs)
-            .field("num_updates", &self.ema.num_updates())
             .finish_non_exhaustive()
     }
 }
 
-impl BurnEma {
+/// A builder tracking the resolved parameters `params` at their current buffers, with
+/// `selection` (the guards in `params` hold the memory until the build is done).
+fn track_module<'a>(
+    schedule: Schedule,
+    selection: &crate::select::Selection,
+    params: &'a [Resolved],
+) -> crate::GpuEmaBuilder<'a> {
+    let _ = BURN_0_22_AND_WGPU_EMA_0_1_SHARE_WGPU_30;
+    let mut builder = GpuEma::builder(schedule).select(selection.clone());
+    for p in params {
+        let r = p.resource.resource();
+        let spec = TensorSpec::new(p.name.clone(), &p.shape);
+        builder = builder.track_buffer(spec, &r.buffer, r.offset);
+    }
+    builder
+}
+
+impl<E> BurnEma<E> {
+    /// Wraps a built EMA: its tracked names, and the parameters the selection left out.
+    fn wrap(ema: E, specs: Vec<TensorSpec>, params: &[Resolved]) -> Self {
+        let excluded = params
+            .iter()
+            .filter(|p| !specs.iter().any(|s| s.name == p.name))
+            .map(|p| p.name.clone())
+            .collect();
+        Self {
+            ema,
+            specs,
+            excluded,
+        }
+    }
+
+    /// Finds each tracked parameter's current buffer and offset and hands it to `rebind`; the
+    /// returned guards hold the parameters' memory until dropped (after the submit).
+    fn rebind_all<M: Module>(
+        &mut self,
+        module: &M,
+        mut rebind: impl FnMut(&mut E, &str, &wgpu::Buffer, u64) -> Result<()>,
+    ) -> Result<Vec<Resolved>> {
+        let params = resolve_module(module)?;
+        let tracked: Vec<&Resolved> = params
+            .iter()
+            .filter(|p| !self.excluded.contains(&p.name))
+            .collect();
+        if tracked.len() != self.specs.len() {
+            return Err(Error::TensorCountMismatch {
+                expected: self.specs.len(),
+                got: tracked.len(),
+            });
+        }
+        for (p, spec) in tracked.iter().zip(&self.specs) {
+            if p.name != spec.name || p.shape != spec.shape {
+                return Err(burn_error(
+                    &p.name,
+                    format!("expected `{}` of shape {:?} here", spec.name, spec.shape),
+                ));
+            }
+            let r = p.resource.resource();
+            rebind(&mut self.ema, &spec.name, &r.buffer, r.offset)?;
+        }
+        Ok(params)
+    }
+
+    /// The tracked parameters, named by module path.
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// The EMA underneath: schedule, counter, readback, checkpoints.
+    pub fn ema(&self) -> &E {
+        &self.ema
+    }
+
+    /// The EMA underneath, mutably (to restore a checkpoint, set the counter).
+    pub fn ema_mut(&mut self) -> &mut E {
+        &mut self.ema
+    }
+
+    /// `module` with every float parameter replaced by `shadows` (by module path).
+    fn with_shadows<M: Module>(&self, module: M, shadows: HostTensors) -> Result<M> {
+        let shadows: HashMap<String, Vec<f32>> = shadows
+            .iter()
+            .map(|(s, v)| (s.name.clone(), v.to_vec()))
+            .collect();
+        let mut mapper = WithShadows {
+            path: PathStack::default(),
+            shadows: &shadows,
+            excluded: &self.excluded,
+            error: None,
+        };
+        let out = module.map(&mut mapper);
+        match mapper.error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+impl BurnEma<GpuEma> {
     /// Tracks every float parameter of `module`, whose tensors live on the wgpu `device`
     /// (burn's: `Device::wgpu_options().init_with_setup()` returns it in its `WgpuSetup`).
     /// Shadows start equal to the parameters, copied on the GPU.
@@ -244,27 +342,10 @@ impl BurnEma {
         schedule: Schedule,
         selection: &crate::select::Selection,
     ) -> Result<Self> {
-        let _ = BURN_0_22_AND_WGPU_EMA_0_1_SHARE_WGPU_30;
         let params = resolve_module(module)?;
-        let mut builder = GpuEma::builder(schedule).select(selection.clone());
-        for p in &params {
-            let r = p.resource.resource();
-            let spec = TensorSpec::new(p.name.clone(), &p.shape);
-            builder = builder.track_buffer(spec, &r.buffer, r.offset);
-        }
-        let ema = builder.build(device, queue)?;
+        let ema = track_module(schedule, selection, &params).build(device, queue)?;
         let specs = ema.specs();
-        let excluded = params
-            .iter()
-            .filter(|p| !specs.iter().any(|s| s.name == p.name))
-            .map(|p| p.name.clone())
-            .collect();
-        drop(params);
-        Ok(Self {
-            ema,
-            specs,
-            excluded,
-        })
+        Ok(Self::wrap(ema, specs, &params))
     }
 
     /// One update after the optimizer's step: finds each parameter's current buffer and
@@ -272,46 +353,13 @@ impl BurnEma {
     /// submits it. burn's pending work is flushed first (by resolving the tensors), and the
     /// parameters' memory is held until the pass is submitted.
     pub fn update<M: Module>(&mut self, module: &M) -> Result<()> {
-        let params = resolve_module(module)?;
-        let tracked: Vec<&Resolved> = params
-            .iter()
-            .filter(|p| !self.excluded.contains(&p.name))
-            .collect();
-        if tracked.len() != self.specs.len() {
-            return Err(Error::TensorCountMismatch {
-                expected: self.specs.len(),
-                got: tracked.len(),
-            });
-        }
-        for (p, spec) in tracked.iter().zip(&self.specs) {
-            if p.name != spec.name || p.shape != spec.shape {
-                return Err(burn_error(
-                    &p.name,
-                    format!("expected `{}` of shape {:?} here", spec.name, spec.shape),
-                ));
-            }
-            let r = p.resource.resource();
-            self.ema.rebind(&spec.name, &r.buffer, r.offset)?;
-        }
+        let params = self.rebind_all(module, |e, name, buffer, offset| {
+            e.rebind(name, buffer, offset)
+        })?;
         self.ema.update()?;
         // The guards in `params` are dropped only now, after the submit.
         drop(params);
         Ok(())
-    }
-
-    /// The tracked parameters, named by module path.
-    pub fn specs(&self) -> &[TensorSpec] {
-        &self.specs
-    }
-
-    /// The EMA underneath: schedule, counter, readback, checkpoints.
-    pub fn ema(&self) -> &GpuEma {
-        &self.ema
-    }
-
-    /// The EMA underneath, mutably (to restore a checkpoint, set the counter).
-    pub fn ema_mut(&mut self) -> &mut GpuEma {
-        &mut self.ema
     }
 
     /// Reads every shadow back, by module path.
@@ -328,21 +376,65 @@ impl BurnEma {
 
     /// `module` with every float parameter replaced by its EMA value, for evaluation.
     pub fn ema_module<M: Module>(&self, module: M) -> Result<M> {
-        let shadows: HashMap<String, Vec<f32>> = self
-            .read_shadows()?
-            .iter()
-            .map(|(s, v)| (s.name.clone(), v.to_vec()))
-            .collect();
-        let mut mapper = WithShadows {
-            path: PathStack::default(),
-            shadows: &shadows,
-            excluded: &self.excluded,
-            error: None,
-        };
-        let out = module.map(&mut mapper);
-        match mapper.error {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        let shadows = self.read_shadows()?;
+        self.with_shadows(module, shadows)
+    }
+}
+
+impl BurnEma<crate::OffloadedEma> {
+    /// [`BurnEma::with_selection`] with the shadows in host memory, fed through a staging ring
+    /// of `offload`'s size (see [`GpuEmaBuilder::build_offloaded`](crate::GpuEmaBuilder::build_offloaded)):
+    /// for models whose EMA does not fit beside them on the GPU. burn's parameter buffers
+    /// have `COPY_SRC`, which the copies need.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use burn::nn::LinearConfig;
+    /// use burn::tensor::Device;
+    /// use wgpu_ema::{burn::BurnEma, select::Selection, Offload, Schedule};
+    /// let (device, setup) = Device::wgpu_options().init_with_setup()?;
+    /// let model = LinearConfig::new(4, 2).init(&device);
+    /// let mut ema = BurnEma::offloaded(&model, &setup.device, &setup.queue, Schedule::tf(0.999),
+    ///     &Selection::new(), Offload::new(64 << 20))?;
+    /// ema.update(&model)?;                            // never waits for the host
+    /// let ema_model = ema.ema_module(model.clone())?; // settles, then reads host memory
+    /// # let _ = ema_model; Ok(()) }
+    /// ```
+    pub fn offloaded<M: Module>(
+        module: &M,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        schedule: Schedule,
+        selection: &crate::select::Selection,
+        offload: crate::Offload,
+    ) -> Result<Self> {
+        let params = resolve_module(module)?;
+        let ema =
+            track_module(schedule, selection, &params).build_offloaded(device, queue, offload)?;
+        let specs = ema.specs();
+        Ok(Self::wrap(ema, specs, &params))
+    }
+
+    /// One update after the optimizer's step: finds each parameter's current buffer, records
+    /// the copies of the chunks due on burn's queue and submits them. Never waits for the host
+    /// (see [`OffloadedEma`](crate::OffloadedEma)).
+    pub fn update<M: Module>(&mut self, module: &M) -> Result<()> {
+        let params = self.rebind_all(module, |e, name, buffer, offset| {
+            e.rebind(name, buffer, offset)
+        })?;
+        self.ema.update()?;
+        drop(params);
+        Ok(())
+    }
+
+    /// Settles the EMA and reads every shadow from host memory, by module path.
+    pub fn read_shadows(&mut self) -> Result<HostTensors> {
+        self.ema.read_shadows()
+    }
+
+    /// `module` with every float parameter replaced by its EMA value (settled first).
+    pub fn ema_module<M: Module>(&mut self, module: M) -> Result<M> {
+        let shadows = self.read_shadows()?;
+        self.with_shadows(module, shadows)
     }
 }

@@ -365,6 +365,17 @@ impl OffloadedEma {
         Ok(())
     }
 
+    /// Records one update and submits it on the queue. Never waits for the host.
+    pub fn update(&mut self) -> Result<wgpu::SubmissionIndex> {
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wgpu-ema offloaded update"),
+            });
+        self.record_update(&mut encoder)?;
+        Ok(self.queue.submit(Some(encoder.finish())))
+    }
+
     /// One more call: its action, every EMA's f32 alpha (EMA 0's in the action too), the f64
     /// alphas they round, and EMA 0's low part for compensated shadows. The counter moves only
     /// when all of them could be computed.
