@@ -6,7 +6,8 @@ on SwiftShader, and checks what the page publishes in window.wgpuEmaResult:
 - the self-check: the GPU's shadows after N steps against the f64 reference and the CPU's f32
   path, computed in the same tab (tolerances stated by the page), the uniform ring used (WebGPU
   has no immediates), a checkpoint round trip through bytes, the EMA fused into an SGD shader
-  of the page's own bit for bit the separate pass;
+  of the page's own bit for bit the separate pass, offloaded shadows (host update in the
+  map callbacks) against the GPU's;
 - the training run: the losses, the EMA download, the checkpoint download loaded back, and
   the same checkpoint truncated or with a bit flipped refused with a message.
 
@@ -178,6 +179,8 @@ def main():
             failures.append("compensated shadows or their Kahan terms differ from the CPU's")
         if not c.get("fused_pass"):
             failures.append("the EMA fused into an optimizer shader differs from the separate pass")
+        if not c.get("offload_pass"):
+            failures.append("offloaded shadows (host update in the map callbacks) differ from the GPU's")
         if not c.get("failed_readback_pass"):
             failures.append("a readback of a destroyed buffer did not fail (zeros instead?)")
         if not c.get("swap_round_trip"):

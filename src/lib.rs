@@ -56,8 +56,6 @@ pub mod debias;
 mod error;
 mod gpu;
 pub mod names;
-// Offloaded shadows stream through a worker thread: native-only.
-#[cfg(not(target_arch = "wasm32"))]
 mod offload;
 mod plan;
 // Post-hoc EMA records and reads snapshot files: native-only (no filesystem on the web).
@@ -73,7 +71,6 @@ pub use context::{wanted_features, GpuContext};
 pub use error::{CheckpointErrorKind, Error, Result};
 pub use gpu::{Epilogue, FusedStep, GpuEma, GpuEmaBuilder, ParamArena, Snapshot};
 pub use names::EMA_SUFFIX;
-#[cfg(not(target_arch = "wasm32"))]
 pub use offload::{Offload, OffloadStats, OffloadedEma};
 pub use schedule::{Numerics, Schedule};
 pub use tensors::{HostTensors, ParamDtype, TensorSpec};

@@ -468,7 +468,8 @@ impl<'a> GpuEmaBuilder<'a> {
     /// Everything the builder configures applies, except what an offloaded EMA cannot honour,
     /// refused here: a BEMA schedule, `write_back_every > 0`, compensation of f16/bf16
     /// parameters, a slot smaller than one 4-byte word. The parameters' buffers need
-    /// `COPY_SRC` (the arena has it). Not on the web.
+    /// `COPY_SRC` (the arena has it). On the web, where nothing blocks,
+    /// [`build_offloaded_async`](Self::build_offloaded_async).
     ///
     /// [`OffloadedEma`]: crate::OffloadedEma
     #[cfg(not(target_arch = "wasm32"))]
@@ -487,6 +488,27 @@ impl<'a> GpuEmaBuilder<'a> {
             queue,
             offload,
         )
+    }
+
+    /// [`build_offloaded`](Self::build_offloaded) on the web: resolves once every parameter
+    /// has been copied into its shadow (the browser runs the copies' map callbacks).
+    #[cfg(target_arch = "wasm32")]
+    pub async fn build_offloaded_async(
+        self,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        offload: crate::Offload,
+    ) -> Result<crate::OffloadedEma> {
+        let resolved = self.resolve(device)?;
+        crate::offload::OffloadedEma::new_async(
+            resolved,
+            self.extra_emas,
+            self.compensated,
+            device,
+            queue,
+            offload,
+        )
+        .await
     }
 }
 

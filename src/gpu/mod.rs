@@ -26,11 +26,9 @@ mod transfer;
 
 pub use arena::ParamArena;
 pub use builder::GpuEmaBuilder;
-#[cfg(not(target_arch = "wasm32"))]
 pub(crate) use builder::Resolved;
 pub use fused::{Epilogue, FusedStep};
 pub use snapshot::Snapshot;
-#[cfg(not(target_arch = "wasm32"))]
 pub(crate) use {
     bindings::validate_binding, device::check_same_device, overlaps::check as check_overlaps,
 };

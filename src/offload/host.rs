@@ -8,8 +8,9 @@
 //! chunk are applied in the order they were recorded, whatever order their maps complete in.
 
 use std::collections::HashMap;
-use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+#[cfg(not(target_arch = "wasm32"))]
+use std::sync::Arc;
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use super::chunks::{Chunk, Piece, Sample};
 use crate::cpu::{ema_step, ema_step_kahan, ema_step_tf};
@@ -43,17 +44,22 @@ pub(crate) struct Shadows {
     pub comps: Vec<Vec<f32>>,
 }
 
-/// A slot whose map completed (or failed), on its way to the worker.
+/// A slot whose map completed (or failed), on its way to be applied.
+#[derive(Debug)]
+pub(crate) struct Mapped {
+    pub slot: usize,
+    pub chunk: usize,
+    /// The chunk's sample number, in recording order.
+    pub seq: u64,
+    pub sample: Sample,
+    pub result: std::result::Result<(), String>,
+}
+
+/// What the worker thread receives.
+#[cfg(not(target_arch = "wasm32"))]
 #[derive(Debug)]
 pub(crate) enum Message {
-    Mapped {
-        slot: usize,
-        chunk: usize,
-        /// The chunk's sample number, in recording order.
-        seq: u64,
-        sample: Sample,
-        result: std::result::Result<(), String>,
-    },
+    Mapped(Mapped),
     /// The EMA was dropped.
     Stop,
 }
@@ -79,6 +85,8 @@ pub(crate) struct Progress {
     pub error: Option<String>,
     /// The worker waits while set (tests hold the host back with it).
     pub paused: bool,
+    /// Woken when a sample has been applied (an async wait for the ring to drain).
+    pub waker: Option<std::task::Waker>,
 }
 
 /// State shared across threads: the shadows and the ring's progress, with a condition
@@ -105,6 +113,7 @@ impl Shared {
     }
 
     /// Waits while the worker is paused.
+    #[cfg(not(target_arch = "wasm32"))]
     fn wait_unpaused(&self) -> Result<()> {
         let mut p = self.progress()?;
         while p.paused {
@@ -121,32 +130,72 @@ impl Shared {
     }
 }
 
-/// The worker's loop: applies mapped samples, per chunk in recording order, until
-/// [`Message::Stop`] or every sender is gone.
-pub(crate) fn run(layout: Arc<Layout>, shared: Arc<Shared>, rx: Receiver<Message>) {
-    let mut expected = vec![0u64; layout.chunks.len()];
-    let mut waiting: HashMap<(usize, u64), Message> = HashMap::new();
-    let mut scratch = Vec::new();
-    while let Ok(msg) = rx.recv() {
-        let Message::Mapped { chunk, seq, .. } = msg else {
-            return;
-        };
-        waiting.insert((chunk, seq), msg);
-        if shared.wait_unpaused().is_err() {
-            return;
+/// Applies mapped samples, per chunk in recording order: on native targets inside the worker
+/// thread, on the web inside the map callbacks (the page's one thread).
+#[derive(Debug)]
+pub(crate) struct Folder {
+    /// Per chunk: the sample number applied next.
+    expected: Vec<u64>,
+    /// Samples mapped ahead of an earlier one of their chunk.
+    waiting: HashMap<(usize, u64), Mapped>,
+    scratch: Vec<f32>,
+}
+
+impl Folder {
+    pub fn new(chunks: usize) -> Self {
+        Self {
+            expected: vec![0; chunks],
+            waiting: HashMap::new(),
+            scratch: Vec::new(),
         }
-        while let Some(next) = waiting.remove(&(chunk, expected[chunk])) {
-            expected[chunk] += 1;
-            let outcome = handle(&layout, &shared, next, &mut scratch);
+    }
+
+    /// Takes a mapped slot; applies it and every sample it unblocks. `false` when the shared
+    /// state is gone (a poisoned lock): the caller stops.
+    pub fn deliver(&mut self, layout: &Layout, shared: &Shared, msg: Mapped) -> bool {
+        let (chunk, seq) = (msg.chunk, msg.seq);
+        let Some(expected) = self.expected.get_mut(chunk) else {
+            return false;
+        };
+        let first = *expected;
+        self.waiting.insert((chunk, seq), msg);
+        let mut next_seq = first;
+        while let Some(next) = self.waiting.remove(&(chunk, next_seq)) {
+            next_seq += 1;
+            let outcome = handle(layout, shared, next, &mut self.scratch);
             let Ok(mut p) = shared.progress.lock() else {
-                return;
+                return false;
             };
             if let Err(e) = outcome {
                 p.error.get_or_insert(e);
             }
             p.applied += 1;
+            let waker = p.waker.take();
             drop(p);
             shared.changed.notify_all();
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+        if let Some(e) = self.expected.get_mut(chunk) {
+            *e = next_seq;
+        }
+        true
+    }
+}
+
+/// The worker's loop: hands each mapped slot to a [`Folder`] until [`Message::Stop`] or every
+/// sender is gone; waits while paused ([`Shared::set_paused`]).
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) fn run(
+    layout: Arc<Layout>,
+    shared: Arc<Shared>,
+    rx: std::sync::mpsc::Receiver<Message>,
+) {
+    let mut folder = Folder::new(layout.chunks.len());
+    while let Ok(Message::Mapped(msg)) = rx.recv() {
+        if shared.wait_unpaused().is_err() || !folder.deliver(&layout, &shared, msg) {
+            return;
         }
     }
 }
@@ -155,19 +204,16 @@ pub(crate) fn run(layout: Arc<Layout>, shared: Arc<Shared>, rx: Receiver<Message
 fn handle(
     layout: &Layout,
     shared: &Shared,
-    msg: Message,
+    msg: Mapped,
     scratch: &mut Vec<f32>,
 ) -> std::result::Result<(), String> {
-    let Message::Mapped {
+    let Mapped {
         slot,
         chunk,
         sample,
         result,
         ..
-    } = msg
-    else {
-        return Ok(());
-    };
+    } = msg;
     let free = |shared: &Shared| {
         if let Ok(mut p) = shared.progress.lock() {
             if let Some(b) = p.slots.get_mut(slot) {

@@ -1,13 +1,19 @@
 //! Offloaded shadows: the EMA of parameters that live on the GPU, kept in host memory and fed
 //! by samples streamed through a bounded ring of staging buffers ([`OffloadedEma`]).
 //!
-//! Here: the EMA and its calls (`mod.rs`), cutting tensors into chunks and what a chunk's next
-//! sample does (`chunks`), and the host side: shadows, the ring's state, the worker (`host`).
+//! Here: the EMA, its build and its recording (`mod.rs`), cutting tensors into chunks and what a
+//! chunk's next sample does (`chunks`), the host side: shadows, the ring's state, the worker
+//! (`host`), and what waits: blocking on native targets (`blocking`), async on the web (`web`).
 
+#[cfg(not(target_arch = "wasm32"))]
+mod blocking;
 mod chunks;
 mod host;
+#[cfg(target_arch = "wasm32")]
+mod web;
 
 use std::collections::HashMap;
+#[cfg(not(target_arch = "wasm32"))]
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
@@ -18,7 +24,9 @@ use crate::schedule::{Action, Numerics, Policy, Schedule, Stepper};
 use crate::shader::MAX_EMAS;
 use crate::tensors::{HostTensors, ParamDtype, TensorSpec};
 use chunks::{Chunk, Gap};
-use host::{Kind, Layout, Message, Shadows, Shared, Slot};
+#[cfg(not(target_arch = "wasm32"))]
+use host::Message;
+use host::{Kind, Layout, Mapped, Shadows, Shared, Slot};
 
 /// Where a tracked tensor's parameters are now.
 #[derive(Debug)]
@@ -151,8 +159,14 @@ pub struct OffloadedEma {
     sources: Vec<Source>,
     layout: Arc<Layout>,
     shared: Arc<Shared>,
+    /// To the worker thread, and the thread itself.
+    #[cfg(not(target_arch = "wasm32"))]
     tx: Sender<Message>,
+    #[cfg(not(target_arch = "wasm32"))]
     worker: Option<std::thread::JoinHandle<()>>,
+    /// On the web the map callbacks apply the samples themselves, through this.
+    #[cfg(target_arch = "wasm32")]
+    folder: Arc<std::sync::Mutex<host::Folder>>,
     /// Per chunk: the calls since its last sample.
     gaps: Vec<Gap>,
     /// Per chunk: samples recorded so far (the worker applies them in this order).
@@ -166,6 +180,7 @@ pub struct OffloadedEma {
     ring_bytes: u64,
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 impl Drop for OffloadedEma {
     /// Stops the worker and waits for it, so that the ring is freed with the EMA.
     fn drop(&mut self) {
@@ -178,9 +193,26 @@ impl Drop for OffloadedEma {
 }
 
 impl OffloadedEma {
-    /// Builds it from a resolved configuration: cuts the chunks, allocates the ring, starts the
-    /// worker and copies every parameter into its shadow (blocking, through the ring).
+    /// Builds it from a resolved configuration and copies every parameter into its shadow
+    /// (blocking, through the ring).
+    #[cfg(not(target_arch = "wasm32"))]
     pub(crate) fn new(
+        r: Resolved,
+        extra: Vec<Schedule>,
+        compensated: bool,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        offload: Offload,
+    ) -> Result<Self> {
+        let mut ema = Self::assemble(r, extra, compensated, device, queue, offload)?;
+        // Shadows := parameters: every chunk's first sample is a copy.
+        ema.settle()?;
+        Ok(ema)
+    }
+
+    /// Checks the configuration, cuts the chunks, allocates the ring and starts the worker
+    /// (on native targets); every chunk's first sample will be a copy.
+    pub(crate) fn assemble(
         r: Resolved,
         extra: Vec<Schedule>,
         compensated: bool,
@@ -272,6 +304,9 @@ impl OffloadedEma {
             });
         }
         let chunk_count = chunks.len();
+        // On the web wgpu's handles are not `Send` (one thread, no worker): the `Arc` is only
+        // shared with the map callbacks there.
+        #[allow(clippy::arc_with_non_send_sync)]
         let layout = Arc::new(Layout {
             chunks,
             kinds,
@@ -281,7 +316,9 @@ impl OffloadedEma {
         let shared = Arc::new(Shared::default());
         shared.progress()?.slots = vec![Slot::Free; slot_count];
         *shared.shadows()? = shadows;
+        #[cfg(not(target_arch = "wasm32"))]
         let (tx, rx) = std::sync::mpsc::channel();
+        #[cfg(not(target_arch = "wasm32"))]
         let worker = {
             let (layout, shared) = (layout.clone(), shared.clone());
             std::thread::Builder::new()
@@ -295,7 +332,7 @@ impl OffloadedEma {
             .per_step
             .unwrap_or((offload.slots / 2).max(1))
             .min(offload.slots);
-        let mut ema = Self {
+        Ok(Self {
             device: device.clone(),
             queue: queue.clone(),
             stepper: r.stepper,
@@ -307,8 +344,12 @@ impl OffloadedEma {
             sources,
             layout,
             shared,
+            #[cfg(not(target_arch = "wasm32"))]
             tx,
+            #[cfg(not(target_arch = "wasm32"))]
             worker: Some(worker),
+            #[cfg(target_arch = "wasm32")]
+            folder: Arc::new(std::sync::Mutex::new(host::Folder::new(chunk_count))),
             gaps: vec![Gap::copying(); chunk_count],
             seq: vec![0; chunk_count],
             next_chunk: 0,
@@ -317,10 +358,7 @@ impl OffloadedEma {
             skipped: 0,
             swapped: false,
             ring_bytes: slot_size * slot_count as u64,
-        };
-        // Shadows := parameters: every chunk's first sample is a copy.
-        ema.settle()?;
-        Ok(ema)
+        })
     }
 
     /// Records one update into the caller's encoder, as update number `num_updates() + 1`.
@@ -439,128 +477,54 @@ impl OffloadedEma {
         }
         let seq = self.seq[c];
         self.seq[c] += 1;
-        let (tx, shared) = (self.tx.clone(), self.shared.clone());
+        let shared = self.shared.clone();
+        #[cfg(not(target_arch = "wasm32"))]
+        let tx = self.tx.clone();
+        #[cfg(target_arch = "wasm32")]
+        let (folder, layout) = (self.folder.clone(), self.layout.clone());
         encoder.map_buffer_on_submit(buffer, wgpu::MapMode::Read, 0..chunk.bytes, move |result| {
-            // Runs inside whoever polls the device: hand over, never compute here.
             let Ok(mut p) = shared.progress.lock() else {
                 return;
             };
             if let Some(s) = p.slots.get_mut(slot) {
                 *s = Slot::Mapped;
             }
-            let message = Message::Mapped {
+            let message = Mapped {
                 slot,
                 chunk: c,
                 seq,
                 sample,
                 result: result.map_err(|e| e.to_string()),
             };
-            if tx.send(message).is_err() {
+            // Native: this runs inside whoever polls the device; hand over, never compute here.
+            #[cfg(not(target_arch = "wasm32"))]
+            if tx.send(Message::Mapped(message)).is_err() {
                 p.error
                     .get_or_insert_with(|| "the offload worker has stopped".into());
+            }
+            // The web: the page's one thread, between tasks; apply now.
+            #[cfg(target_arch = "wasm32")]
+            {
+                drop(p);
+                if let Ok(mut f) = folder.lock() {
+                    f.deliver(&layout, &shared, message);
+                }
             }
         });
         Ok(true)
     }
 
-    /// Waits for every submitted sample to be applied on the host.
-    ///
-    /// Once the queue is idle, a submitted sample's map callback has run or is running on
-    /// whichever thread polled the device: a slot still `Recorded` a while after that
-    /// belongs to an encoder never submitted, which is not waited for.
-    fn drain(&self) -> Result<()> {
-        const UNSUBMITTED: std::time::Duration = std::time::Duration::from_secs(2);
-        let mut only_recorded_since = None;
-        loop {
-            self.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| Error::Device(e.to_string()))?;
-            let p = self.shared.progress()?;
-            if let Some(e) = &p.error {
-                return Err(Error::Device(e.clone()));
-            }
-            let mapped = p.slots.contains(&Slot::Mapped);
-            let recorded = p.slots.contains(&Slot::Recorded);
-            if !mapped && !recorded {
-                return Ok(());
-            }
-            if mapped {
-                only_recorded_since = None;
-            } else if only_recorded_since
-                .get_or_insert_with(std::time::Instant::now)
-                .elapsed()
-                > UNSUBMITTED
-            {
-                return Ok(());
-            }
-            let wait = std::time::Duration::from_millis(1);
-            drop(self.shared.changed.wait_timeout(p, wait));
-        }
-    }
-
-    /// Waits until every sample submitted so far is applied on the host (blocking), sampling
-    /// nothing more: for a loop that wants no sample skipped, at the cost of waiting for the
-    /// host each step.
-    pub fn catch_up(&self) -> Result<()> {
-        self.check()?;
-        self.drain()
-    }
-
-    /// Samples every chunk of `list` with its gap, as many at a time as there are free slots,
-    /// blocking until all are applied.
-    fn sweep(&mut self, list: &[usize]) -> Result<()> {
-        let mut rest = list.iter().copied().peekable();
-        while rest.peek().is_some() {
-            let free = self.free_slots()?;
-            if free.is_empty() {
-                return Err(Error::InvalidConfig(
-                    "every offload slot holds a sample recorded into an encoder that was never \
-                     submitted: submit the encoders that recorded updates"
-                        .into(),
-                ));
-            }
-            let mut encoder = self
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("wgpu-ema offload sweep"),
-                });
-            let mut slots = free.into_iter().peekable();
-            while let (Some(&slot), Some(c)) = (slots.peek(), rest.peek().copied()) {
-                rest.next();
-                if self.record_sample(&mut encoder, c, slot)? {
-                    slots.next();
-                }
-            }
-            self.queue.submit(Some(encoder.finish()));
-            self.drain()?;
-        }
-        Ok(())
-    }
-
-    /// Brings every shadow to the current call, blocking: waits for the samples in flight,
-    /// then samples each chunk not sampled at the last update (with its gap, as the rotation
-    /// would have). Afterwards the host shadows are the EMA at [`num_updates`](Self::num_updates)
-    /// and can be read or saved. Taking it changes the run as one more sample would (no more:
-    /// a model of one chunk sampled at every update is settled already).
-    pub fn settle(&mut self) -> Result<()> {
-        if self.swapped {
-            return Err(Error::Swapped);
-        }
-        self.drain()?;
-        let stale: Vec<usize> = (0..self.gaps.len())
-            .filter(|&c| !self.gaps[c].is_empty())
-            .collect();
-        self.sweep(&stale)
-    }
-
     /// True when nothing is in flight and every chunk has been sampled at the last update.
     pub fn is_settled(&self) -> bool {
-        let idle = self
-            .shared
+        self.is_idle() && self.gaps.iter().all(Gap::is_empty)
+    }
+
+    /// True when every slot is free: no sample recorded and not yet applied.
+    fn is_idle(&self) -> bool {
+        self.shared
             .progress()
             .map(|p| p.slots.iter().all(|&s| s == Slot::Free))
-            .unwrap_or(false);
-        idle && self.gaps.iter().all(Gap::is_empty)
+            .unwrap_or(false)
     }
 
     fn ensure_settled(&self) -> Result<()> {
@@ -577,14 +541,8 @@ impl OffloadedEma {
         Ok(())
     }
 
-    /// Settles ([`settle`](Self::settle)) and returns EMA 0's shadows, from host memory.
-    pub fn read_shadows(&mut self) -> Result<HostTensors> {
-        self.read_ema(0)
-    }
-
-    /// Settles and returns EMA `k`'s shadows (0: the builder's schedule).
-    pub fn read_ema(&mut self, k: usize) -> Result<HostTensors> {
-        self.settle()?;
+    /// EMA `k`'s shadows as the host holds them now (callers settle first).
+    fn host_shadows(&self, k: usize) -> Result<HostTensors> {
         let shadows = self.shared.shadows()?;
         let ema = shadows.emas.get(k).ok_or_else(|| Error::UnknownName {
             name: format!("EMA number {k} (the EMA keeps {})", shadows.emas.len()),
@@ -632,7 +590,14 @@ impl OffloadedEma {
             return Err(Error::Swapped);
         }
         // Samples in flight belong to the run being replaced: let them land first.
+        #[cfg(not(target_arch = "wasm32"))]
         self.drain()?;
+        #[cfg(target_arch = "wasm32")]
+        if !self.is_idle() {
+            return Err(Error::InvalidConfig(
+                "samples are in flight: await settle_async() before restoring".into(),
+            ));
+        }
         let config = crate::checkpoint::Config::of(&self.stepper, &self.extra, &self.selection);
         let set = checkpoint.restore_set(&self.specs, self.compensated, &config, opts)?;
         let mut shadows = self.shared.shadows()?;
@@ -654,107 +619,6 @@ impl OffloadedEma {
         drop(shadows);
         self.gaps.fill(Gap::empty());
         self.stepper.set_num_updates(set.num_updates);
-        Ok(())
-    }
-
-    /// [`Error::HalfPrecision`] for the first tensor of f16/bf16 parameters, which swaps and
-    /// copies into the parameters do not support.
-    fn all_f32(&self, what: &'static str) -> Result<()> {
-        for (spec, s) in self.specs.iter().zip(&self.sources) {
-            if s.dtype != ParamDtype::F32 {
-                return Err(Error::HalfPrecision {
-                    name: spec.name.clone(),
-                    what,
-                });
-            }
-            if !s.buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
-                return Err(Error::MissingUsage {
-                    name: spec.name.clone(),
-                    needed: wgpu::BufferUsages::COPY_DST,
-                    have: s.buffer.usage(),
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Exchanges the parameters and EMA 0's shadows, exactly, chunk by chunk through the ring
-    /// (blocking): call it before evaluating and again after, as
-    /// [`GpuEma::swap`](crate::GpuEma::swap). Updates are refused in between. Settles first.
-    /// Parameter buffers need `COPY_DST`; f16/bf16 parameters are refused.
-    pub fn swap(&mut self) -> Result<()> {
-        self.all_f32("swaps")?;
-        if self.swapped {
-            self.drain()?;
-        } else {
-            self.settle()?;
-        }
-        let slots = self.free_slots()?;
-        if slots.is_empty() && !self.layout.chunks.is_empty() {
-            return Err(Error::InvalidConfig(
-                "every offload slot is busy with an unsubmitted encoder's sample".into(),
-            ));
-        }
-        let chunks: Vec<usize> = (0..self.layout.chunks.len()).collect();
-        // A ring's worth at a time: copy the parameters out, map, write the shadows in their
-        // place (they land at the batch's submit, after the copies ran), keep the parameters.
-        for batch in chunks.chunks(slots.len().max(1)) {
-            let mut encoder = self.device.create_command_encoder(&Default::default());
-            for (&c, &slot) in batch.iter().zip(&slots) {
-                let chunk = &self.layout.chunks[c];
-                copy_chunk(&self.sources, &mut encoder, chunk, &self.layout.slots[slot]);
-            }
-            self.queue.submit(Some(encoder.finish()));
-            let (tx, rx) = std::sync::mpsc::channel();
-            for (&c, &slot) in batch.iter().zip(&slots) {
-                let tx = tx.clone();
-                let bytes = self.layout.chunks[c].bytes;
-                self.layout.slots[slot]
-                    .slice(0..bytes)
-                    .map_async(wgpu::MapMode::Read, move |r| {
-                        let _ = tx.send(r.map_err(|e| e.to_string()));
-                    });
-            }
-            self.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| Error::Device(e.to_string()))?;
-            for _ in batch {
-                rx.recv()
-                    .map_err(|e| Error::Device(e.to_string()))?
-                    .map_err(Error::Device)?;
-            }
-            let mut shadows = self.shared.shadows()?;
-            let mut scratch = Vec::new();
-            for (&c, &slot) in batch.iter().zip(&slots) {
-                let chunk = &self.layout.chunks[c];
-                let buffer = &self.layout.slots[slot];
-                {
-                    let view = buffer
-                        .slice(0..chunk.bytes)
-                        .get_mapped_range()
-                        .map_err(|e| Error::Readback(e.to_string()))?;
-                    for piece in &chunk.pieces {
-                        let src = &self.sources[piece.tensor];
-                        let p = host::params(&view, piece, src.dtype, &mut scratch);
-                        let range = piece.start as usize..(piece.start + piece.len) as usize;
-                        let s = &mut shadows.emas[0][piece.tensor][range];
-                        self.queue.write_buffer(
-                            &src.buffer,
-                            src.offset + piece.start * 4,
-                            bytemuck::cast_slice(s),
-                        );
-                        s.copy_from_slice(p);
-                    }
-                }
-                buffer.unmap();
-            }
-            drop(shadows);
-            self.queue.submit(None);
-        }
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| Error::Device(e.to_string()))?;
-        self.swapped = !self.swapped;
         Ok(())
     }
 
@@ -804,122 +668,6 @@ impl OffloadedEma {
     /// True between two [`swap`](Self::swap)s.
     pub fn is_swapped(&self) -> bool {
         self.swapped
-    }
-
-    /// Writes EMA 0's shadows into the parameters (settled first), chunk by chunk, blocking
-    /// after each ring's worth so that staging stays bounded. Parameter buffers need
-    /// `COPY_DST`; f16/bf16 parameters are refused.
-    pub fn copy_to_params(&mut self) -> Result<()> {
-        self.all_f32("copies into the parameters")?;
-        self.settle()?;
-        let budget = self.ring_bytes.max(4);
-        let mut staged = 0;
-        let shadows = self.shared.shadows()?;
-        for chunk in &self.layout.chunks {
-            for piece in &chunk.pieces {
-                let src = &self.sources[piece.tensor];
-                let s = &shadows.emas[0][piece.tensor]
-                    [piece.start as usize..(piece.start + piece.len) as usize];
-                self.queue.write_buffer(
-                    &src.buffer,
-                    src.offset + piece.start * 4,
-                    bytemuck::cast_slice(s),
-                );
-            }
-            staged += chunk.bytes;
-            if staged >= budget {
-                self.queue.submit(None);
-                self.device
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| Error::Device(e.to_string()))?;
-                staged = 0;
-            }
-        }
-        drop(shadows);
-        self.queue.submit(None);
-        Ok(())
-    }
-
-    /// Reads tensor `i`'s parameters back through a free slot, blocking, widened to f32.
-    fn read_param_blocking(&self, i: usize) -> Result<Vec<f32>> {
-        if self.swapped {
-            return Err(Error::Swapped);
-        }
-        let spec = self.specs.get(i).ok_or_else(|| Error::UnknownName {
-            name: format!("tensor number {i}"),
-        })?;
-        let src = &self.sources[i];
-        let mut out = Vec::with_capacity(spec.numel() as usize);
-        let pieces = self
-            .layout
-            .chunks
-            .iter()
-            .flat_map(|c| c.pieces.iter())
-            .filter(|p| p.tensor == i);
-        for piece in pieces {
-            let slot = {
-                let mut p = self.shared.progress()?;
-                let Some(slot) = p.slots.iter().position(|&s| s == Slot::Free) else {
-                    return Err(Error::InvalidConfig(
-                        "no free offload slot to read parameters through: settle first".into(),
-                    ));
-                };
-                p.slots[slot] = Slot::Recorded;
-                slot
-            };
-            let buffer = &self.layout.slots[slot];
-            let mut encoder = self.device.create_command_encoder(&Default::default());
-            encoder.copy_buffer_to_buffer(
-                &src.buffer,
-                src.offset + piece.start * src.dtype.size(),
-                buffer,
-                0,
-                piece.bytes,
-            );
-            self.queue.submit(Some(encoder.finish()));
-            let read = (|| {
-                let slice = buffer.slice(0..piece.bytes);
-                let (send, recv) = std::sync::mpsc::channel();
-                slice.map_async(wgpu::MapMode::Read, move |r| {
-                    let _ = send.send(r);
-                });
-                self.device
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| Error::Device(e.to_string()))?;
-                recv.recv()
-                    .map_err(|e| Error::Readback(e.to_string()))?
-                    .map_err(|e| Error::Readback(e.to_string()))?;
-                let view = slice
-                    .get_mapped_range()
-                    .map_err(|e| Error::Readback(e.to_string()))?;
-                let n = piece.len as usize;
-                match src.dtype {
-                    ParamDtype::F32 => out.extend(
-                        view.chunks_exact(4)
-                            .take(n)
-                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                    ),
-                    ParamDtype::F16 => out.extend(
-                        view.chunks_exact(2)
-                            .take(n)
-                            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                    ),
-                    ParamDtype::BF16 => out.extend(
-                        view.chunks_exact(2)
-                            .take(n)
-                            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-                    ),
-                }
-                drop(view);
-                buffer.unmap();
-                Ok(())
-            })();
-            if let Some(b) = self.shared.progress()?.slots.get_mut(slot) {
-                *b = Slot::Free;
-            }
-            read?;
-        }
-        Ok(out)
     }
 
     /// The tracked tensors, in order.
@@ -977,11 +725,6 @@ impl OffloadedEma {
             .ok_or_else(|| Error::UnknownName {
                 name: name.to_string(),
             })
-    }
-
-    /// Tensor `name`'s parameters, read back through the ring (blocking), widened to f32.
-    pub fn read_param(&self, name: &str) -> Result<Vec<f32>> {
-        self.read_param_blocking(self.index(name)?)
     }
 
     /// Pauses the worker while the guard lives: samples wait, slots stay busy, and updates
@@ -1078,6 +821,13 @@ impl EmaState for OffloadedEma {
         self.host_values(|s| s.comps.get(i).cloned())
     }
     fn read_param(&self, i: usize) -> Result<Option<Vec<f32>>> {
-        self.read_param_blocking(i).map(Some)
+        #[cfg(not(target_arch = "wasm32"))]
+        return self.read_param_blocking(i).map(Some);
+        // Nothing may block on the web: the parameters are the caller's to pass.
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = i;
+            Ok(None)
+        }
     }
 }

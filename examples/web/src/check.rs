@@ -198,8 +198,11 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
     let elements: u64 = specs().iter().map(TensorSpec::numel).sum();
     let mut more = crate::layouts::run(&ctx).await?;
     let fused = crate::fused::run(&ctx, 20).await?;
-    if let (Some(m), Some(f)) = (more.as_object_mut(), fused.as_object()) {
-        m.extend(f.clone());
+    let offload = crate::offload::run(&ctx, 20).await?;
+    for extra in [fused, offload] {
+        if let (Some(m), Some(f)) = (more.as_object_mut(), extra.as_object()) {
+            m.extend(f.clone());
+        }
     }
     let pass = worst_rel <= REL_TOL
         && worst_ulps <= ULPS_TOL
@@ -209,7 +212,8 @@ pub async fn run(steps: u32, per_submit: u32) -> Result<Value, Error> {
         && more["user_buffers_pass"] == true
         && more["compensated_pass"] == true
         && more["failed_readback_pass"] == true
-        && more["fused_pass"] == true;
+        && more["fused_pass"] == true
+        && more["offload_pass"] == true;
     let mut report = json!({
         "pass": pass,
         "adapter": info.name,

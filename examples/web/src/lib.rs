@@ -17,6 +17,7 @@ mod layouts;
 #[path = "../../shared/linear.rs"]
 #[allow(dead_code)]
 mod linear;
+mod offload;
 mod train;
 
 use train::Trainer;
