@@ -127,7 +127,7 @@ fn shadows_of_a_burn_mlp_match_the_reference() {
     }
     assert_eq!(ema.ema().num_updates(), 6);
     let shadows = ema.read_shadows().unwrap();
-    let offloaded = off.read_shadows().unwrap();
+    let offloaded = off.read_shadows(&net).unwrap();
     for (i, spec) in ema.specs().iter().enumerate() {
         for (what, got) in [("on-GPU", &shadows), ("offloaded", &offloaded)] {
             assert_close(

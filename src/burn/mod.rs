@@ -427,14 +427,22 @@ impl BurnEma<crate::OffloadedEma> {
         Ok(())
     }
 
-    /// Settles the EMA and reads every shadow from host memory, by module path.
-    pub fn read_shadows(&mut self) -> Result<HostTensors> {
-        self.ema.read_shadows()
+    /// Settles the EMA and reads every shadow from host memory, by module path. Settling
+    /// samples the stale chunks, so it reads `module`'s parameters where they are now (pass
+    /// the module as it stands: burn may have moved them since the last update).
+    pub fn read_shadows<M: Module>(&mut self, module: &M) -> Result<HostTensors> {
+        let params = self.rebind_all(module, |e, name, buffer, offset| {
+            e.rebind(name, buffer, offset)
+        })?;
+        let shadows = self.ema.read_shadows();
+        drop(params);
+        shadows
     }
 
-    /// `module` with every float parameter replaced by its EMA value (settled first).
+    /// `module` with every float parameter replaced by its EMA value (settled first, reading
+    /// the parameters of `module`).
     pub fn ema_module<M: Module>(&mut self, module: M) -> Result<M> {
-        let shadows = self.read_shadows()?;
+        let shadows = self.read_shadows(&module)?;
         self.with_shadows(module, shadows)
     }
 }

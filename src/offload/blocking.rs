@@ -5,13 +5,14 @@
 use super::*;
 
 impl OffloadedEma {
-    /// Waits for every submitted sample to be applied on the host.
+    /// Waits for every submitted sample to be applied on the host; returns how many slots hold
+    /// samples of encoders not submitted (those are not waited for).
     ///
     /// Once the queue is idle, a submitted sample's map callback has run or is running on
-    /// whichever thread polled the device: a slot still `Recorded` a while after that
-    /// belongs to an encoder never submitted, which is not waited for.
-    pub(super) fn drain(&self) -> Result<()> {
-        const UNSUBMITTED: std::time::Duration = std::time::Duration::from_secs(2);
+    /// whichever thread polled the device: a slot still `Recorded` a moment after that belongs
+    /// to an encoder not submitted (yet).
+    pub(super) fn drain(&self) -> Result<usize> {
+        const UNSUBMITTED: std::time::Duration = std::time::Duration::from_millis(500);
         let mut only_recorded_since = None;
         loop {
             self.device
@@ -22,9 +23,9 @@ impl OffloadedEma {
                 return Err(Error::Device(e.clone()));
             }
             let mapped = p.slots.contains(&Slot::Mapped);
-            let recorded = p.slots.contains(&Slot::Recorded);
-            if !mapped && !recorded {
-                return Ok(());
+            let recorded = p.slots.iter().filter(|&&s| s == Slot::Recorded).count();
+            if !mapped && recorded == 0 {
+                return Ok(0);
             }
             if mapped {
                 only_recorded_since = None;
@@ -33,19 +34,31 @@ impl OffloadedEma {
                 .elapsed()
                 > UNSUBMITTED
             {
-                return Ok(());
+                return Ok(recorded);
             }
             let wait = std::time::Duration::from_millis(1);
             drop(self.shared.changed.wait_timeout(p, wait));
         }
     }
 
+    /// [`drain`](Self::drain), then an error if an encoder holding a recorded update was not
+    /// submitted: what follows (a read, a save, a swap, a restore) would not see its sample.
+    pub(super) fn drain_all(&self) -> Result<()> {
+        match self.drain()? {
+            0 => Ok(()),
+            n => Err(Error::InvalidConfig(format!(
+                "{n} recorded offloaded update sample(s) are in an encoder not yet submitted: \
+                 submit (or drop) the encoders that recorded updates first"
+            ))),
+        }
+    }
+
     /// Waits until every sample submitted so far is applied on the host (blocking), sampling
     /// nothing more: for a loop that wants no sample skipped, at the cost of waiting for the
-    /// host each step.
+    /// host each step. Samples in encoders not yet submitted are not waited for.
     pub fn catch_up(&self) -> Result<()> {
         self.check()?;
-        self.drain()
+        self.drain().map(|_| ())
     }
 
     /// Samples every chunk of `list` with its gap, as many at a time as there are free slots,
@@ -74,7 +87,7 @@ impl OffloadedEma {
                 }
             }
             self.queue.submit(Some(encoder.finish()));
-            self.drain()?;
+            self.drain_all()?;
         }
         Ok(())
     }
@@ -88,7 +101,8 @@ impl OffloadedEma {
         if self.swapped {
             return Err(Error::Swapped);
         }
-        self.drain()?;
+        self.drain_all()?;
+        self.reclaim()?;
         let stale: Vec<usize> = (0..self.gaps.len())
             .filter(|&c| !self.gaps[c].is_empty())
             .collect();
@@ -113,14 +127,14 @@ impl OffloadedEma {
     pub fn swap(&mut self) -> Result<()> {
         self.all_f32("swaps")?;
         if self.swapped {
-            self.drain()?;
+            self.drain_all()?;
         } else {
             self.settle()?;
         }
         let slots = self.free_slots()?;
-        if slots.is_empty() && !self.layout.chunks.is_empty() {
+        if slots.len() != self.layout.slots.len() {
             return Err(Error::InvalidConfig(
-                "every offload slot is busy with an unsubmitted encoder's sample".into(),
+                "an offload slot is busy with an unsubmitted encoder's sample".into(),
             ));
         }
         let chunks: Vec<usize> = (0..self.layout.chunks.len()).collect();
@@ -133,37 +147,18 @@ impl OffloadedEma {
                 copy_chunk(&self.sources, &mut encoder, chunk, &self.layout.slots[slot]);
             }
             self.queue.submit(Some(encoder.finish()));
-            let (tx, rx) = std::sync::mpsc::channel();
-            for (&c, &slot) in batch.iter().zip(&slots) {
-                let tx = tx.clone();
-                let bytes = self.layout.chunks[c].bytes;
-                self.layout.slots[slot]
-                    .slice(0..bytes)
-                    .map_async(wgpu::MapMode::Read, move |r| {
-                        let _ = tx.send(r.map_err(|e| e.to_string()));
-                    });
-            }
-            self.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| Error::Device(e.to_string()))?;
-            for _ in batch {
-                rx.recv()
-                    .map_err(|e| Error::Device(e.to_string()))?
-                    .map_err(Error::Device)?;
-            }
-            let mut shadows = self.shared.shadows()?;
-            let mut scratch = Vec::new();
-            for (&c, &slot) in batch.iter().zip(&slots) {
-                let chunk = &self.layout.chunks[c];
-                let buffer = &self.layout.slots[slot];
-                {
-                    let view = buffer
-                        .slice(0..chunk.bytes)
-                        .get_mapped_range()
-                        .map_err(|e| Error::Readback(e.to_string()))?;
-                    for piece in &chunk.pieces {
+            let maps: Vec<(usize, u64)> = batch
+                .iter()
+                .zip(&slots)
+                .map(|(&c, &slot)| (slot, self.layout.chunks[c].bytes))
+                .collect();
+            let exchanged = self.with_mapped(&maps, |views| {
+                let mut shadows = self.shared.shadows()?;
+                let mut scratch = Vec::new();
+                for (&c, view) in batch.iter().zip(views) {
+                    for piece in &self.layout.chunks[c].pieces {
                         let src = &self.sources[piece.tensor];
-                        let p = host::params(&view, piece, src.dtype, &mut scratch);
+                        let p = host::params(view, piece, src.dtype, &mut scratch);
                         let range = piece.start as usize..(piece.start + piece.len) as usize;
                         let s = &mut shadows.emas[0][piece.tensor][range];
                         self.queue.write_buffer(
@@ -174,9 +169,17 @@ impl OffloadedEma {
                         s.copy_from_slice(p);
                     }
                 }
-                buffer.unmap();
+                Ok(())
+            });
+            if let Err(e) = exchanged {
+                // Some chunks may be exchanged and others not: nothing after this is sound.
+                self.shared.progress()?.error.get_or_insert_with(|| {
+                    format!(
+                        "a swap failed midway ({e}); parameters and shadows are partly exchanged"
+                    )
+                });
+                return Err(e);
             }
-            drop(shadows);
             self.queue.submit(None);
         }
         self.device
@@ -257,49 +260,66 @@ impl OffloadedEma {
                 piece.bytes,
             );
             self.queue.submit(Some(encoder.finish()));
-            let read = (|| {
-                let slice = buffer.slice(0..piece.bytes);
-                let (send, recv) = std::sync::mpsc::channel();
-                slice.map_async(wgpu::MapMode::Read, move |r| {
-                    let _ = send.send(r);
-                });
-                self.device
-                    .poll(wgpu::PollType::wait_indefinitely())
-                    .map_err(|e| Error::Device(e.to_string()))?;
-                recv.recv()
-                    .map_err(|e| Error::Readback(e.to_string()))?
-                    .map_err(|e| Error::Readback(e.to_string()))?;
-                let view = slice
-                    .get_mapped_range()
-                    .map_err(|e| Error::Readback(e.to_string()))?;
-                let n = piece.len as usize;
-                match src.dtype {
-                    ParamDtype::F32 => out.extend(
-                        view.chunks_exact(4)
-                            .take(n)
-                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                    ),
-                    ParamDtype::F16 => out.extend(
-                        view.chunks_exact(2)
-                            .take(n)
-                            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                    ),
-                    ParamDtype::BF16 => out.extend(
-                        view.chunks_exact(2)
-                            .take(n)
-                            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-                    ),
-                }
-                drop(view);
-                buffer.unmap();
+            let mut scratch = Vec::new();
+            let read = self.with_mapped(&[(slot, piece.bytes)], |views| {
+                let alone = piece.at_start();
+                out.extend_from_slice(host::params(views[0], &alone, src.dtype, &mut scratch));
                 Ok(())
-            })();
+            });
             if let Some(b) = self.shared.progress()?.slots.get_mut(slot) {
                 *b = Slot::Free;
             }
             read?;
         }
         Ok(out)
+    }
+
+    /// Maps the first `bytes` of each `(slot, bytes)` (copies into them submitted), waits, and
+    /// runs `f` on the mapped bytes; every slot that mapped is unmapped afterwards, whatever
+    /// happened.
+    fn with_mapped(
+        &self,
+        maps: &[(usize, u64)],
+        f: impl FnOnce(&[&[u8]]) -> Result<()>,
+    ) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, &(slot, bytes)) in maps.iter().enumerate() {
+            let tx = tx.clone();
+            self.layout.slots[slot]
+                .slice(0..bytes)
+                .map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx.send((i, r.map_err(|e| e.to_string())));
+                });
+        }
+        drop(tx);
+        let polled = self
+            .device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| Error::Device(e.to_string()));
+        let mut mapped = vec![Err("the map did not complete".to_string()); maps.len()];
+        for (i, r) in rx.iter().take(maps.len()) {
+            mapped[i] = r;
+        }
+        let outcome = polled.and_then(|()| {
+            let mut views = Vec::with_capacity(maps.len());
+            for (&(slot, bytes), r) in maps.iter().zip(&mapped) {
+                r.clone().map_err(Error::Readback)?;
+                let view = self.layout.slots[slot]
+                    .slice(0..bytes)
+                    .get_mapped_range()
+                    .map_err(|e| Error::Readback(e.to_string()))?;
+                views.push(view);
+            }
+            let bytes: Vec<&[u8]> = views.iter().map(|v| &v[..]).collect();
+            f(&bytes)
+        });
+        for (&(slot, _), r) in maps.iter().zip(&mapped) {
+            if r.is_ok() {
+                self.layout.slots[slot].unmap();
+            }
+        }
+        outcome
     }
 
     /// Tensor `name`'s parameters, read back through the ring (blocking), widened to f32.

@@ -26,6 +26,14 @@ pub(crate) struct Piece {
     pub bytes: u64,
 }
 
+impl Piece {
+    /// The same piece staged alone, at the start of a slot (a parameter read, native only).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn at_start(&self) -> Self {
+        Self { stage: 0, ..*self }
+    }
+}
+
 /// Pieces copied together into one staging slot, updated together on the host.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Chunk {
@@ -90,14 +98,15 @@ pub(crate) enum Sample {
 /// sample `m` act on the value sampled at `n` as if the parameters had held it. A copy among
 /// them makes the sample a copy (the updates after a copy of a constant leave it unchanged);
 /// otherwise the updates compose into one, `decay = prod(1 - alpha_i)` per EMA (skipped calls
-/// contribute 1). One update alone keeps its own f32 alphas, so a chunk sampled on every
-/// update follows the on-GPU EMA bit for bit.
+/// contribute 1), summed as logarithms so that tiny alphas keep their digits. One update alone
+/// keeps its own f32 alphas, so a chunk sampled on every update follows the on-GPU EMA bit for
+/// bit.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Gap {
     copy: bool,
     updates: u64,
-    /// Per EMA, the product of the decays of the updates so far, in f64.
-    decay: [f64; MAX_EMAS],
+    /// Per EMA, `ln` of the product of the decays of the updates so far.
+    log_decay: [f64; MAX_EMAS],
     /// The last update's own values.
     last: Sample,
 }
@@ -108,7 +117,7 @@ impl Gap {
         Self {
             copy: false,
             updates: 0,
-            decay: [1.0; MAX_EMAS],
+            log_decay: [0.0; MAX_EMAS],
             last: Sample::Copy,
         }
     }
@@ -141,10 +150,35 @@ impl Gap {
             Action::Update(_) if self.copy => {}
             Action::Update(_) => {
                 self.updates += 1;
-                for (d, a) in self.decay.iter_mut().zip(exact) {
-                    *d *= 1.0 - a;
+                for (d, a) in self.log_decay.iter_mut().zip(exact) {
+                    *d += (-a).ln_1p();
                 }
                 self.last = Sample::Update { alphas, lo };
+            }
+        }
+    }
+
+    /// Puts back a sample that was taken but never applied (its encoder was dropped unsubmitted):
+    /// it covered the calls before this gap's, so the two compose, a copy in either winning.
+    pub fn restore(&mut self, lost: Sample) {
+        match lost {
+            Sample::Copy => self.copy = true,
+            Sample::Update { .. } if self.copy => {}
+            Sample::Update { alphas, lo } if self.updates == 0 => {
+                self.updates = 1;
+                for (k, (d, &a)) in self.log_decay.iter_mut().zip(&alphas).enumerate() {
+                    let lo = if k == 0 { f64::from(lo) } else { 0.0 };
+                    *d = (-(f64::from(a) + lo)).ln_1p();
+                }
+                self.last = lost;
+            }
+            Sample::Update { alphas, lo } => {
+                // Two updates or more: composed, never taken as one update's own values.
+                self.updates += 2;
+                for (k, (d, &a)) in self.log_decay.iter_mut().zip(&alphas).enumerate() {
+                    let lo = if k == 0 { f64::from(lo) } else { 0.0 };
+                    *d += (-(f64::from(a) + lo)).ln_1p();
+                }
             }
         }
     }
@@ -160,8 +194,8 @@ impl Gap {
                 _ => {
                     let mut alphas = [1.0f32; MAX_EMAS];
                     let mut lo = 0.0f32;
-                    for (k, (a, d)) in alphas.iter_mut().zip(self.decay).enumerate() {
-                        let exact = 1.0 - d;
+                    for (k, (a, d)) in alphas.iter_mut().zip(self.log_decay).enumerate() {
+                        let exact = -d.exp_m1();
                         *a = exact as f32;
                         if k == 0 {
                             lo = (exact - f64::from(*a)) as f32;
@@ -234,6 +268,35 @@ mod tests {
         assert_eq!(one.len(), 1);
         assert_eq!(one[0].bytes, 12 + 12);
         assert!(cut(&[(3, 4)], 3).is_none());
+    }
+
+    #[test]
+    fn a_lost_sample_is_put_back_in_front_of_the_gap() {
+        let up = |a: f32| Sample::Update {
+            alphas: [a, a, 1.0, 1.0],
+            lo: 0.0,
+        };
+        // Into an empty gap: the lost sample itself.
+        let mut g = Gap::empty();
+        g.restore(up(0.25));
+        assert_eq!(g.take(), Some(up(0.25)));
+        // Before one more update: 1 - (1 - 0.25)(1 - 0.5) = 0.625.
+        let mut g = Gap::empty();
+        g.fold(Action::Update(0.5), [0.5; MAX_EMAS], [0.5; MAX_EMAS], 0.0);
+        g.restore(up(0.25));
+        match g.take() {
+            Some(Sample::Update { alphas, .. }) => assert_eq!(alphas[0], 0.625),
+            other => panic!("{other:?}"),
+        }
+        // A lost copy makes the next sample a copy; a copy in the gap wins over a lost update.
+        let mut g = Gap::empty();
+        g.fold(Action::Update(0.5), [0.5; MAX_EMAS], [0.5; MAX_EMAS], 0.0);
+        g.restore(Sample::Copy);
+        assert_eq!(g.take(), Some(Sample::Copy));
+        let mut g = Gap::empty();
+        g.fold(Action::Copy, [1.0; MAX_EMAS], [1.0; MAX_EMAS], 0.0);
+        g.restore(up(0.25));
+        assert_eq!(g.take(), Some(Sample::Copy));
     }
 
     #[test]

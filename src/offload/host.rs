@@ -60,6 +60,11 @@ pub(crate) struct Mapped {
 #[derive(Debug)]
 pub(crate) enum Message {
     Mapped(Mapped),
+    /// Sample `seq` of `chunk` will never come (its encoder was dropped unsubmitted).
+    Abandoned {
+        chunk: usize,
+        seq: u64,
+    },
     /// The EMA was dropped.
     Stop,
 }
@@ -85,8 +90,11 @@ pub(crate) struct Progress {
     pub error: Option<String>,
     /// The worker waits while set (tests hold the host back with it).
     pub paused: bool,
-    /// Woken when a sample has been applied (an async wait for the ring to drain).
-    pub waker: Option<std::task::Waker>,
+    /// Woken when a sample has been applied or abandoned (async waits for the ring to drain).
+    pub wakers: Vec<std::task::Waker>,
+    /// Samples taken from their chunk's gap whose encoder was dropped unsubmitted: the
+    /// recording thread puts them back into the gaps.
+    pub lost: Vec<(usize, Sample)>,
 }
 
 /// State shared across threads: the shadows and the ring's progress, with a condition
@@ -136,8 +144,8 @@ impl Shared {
 pub(crate) struct Folder {
     /// Per chunk: the sample number applied next.
     expected: Vec<u64>,
-    /// Samples mapped ahead of an earlier one of their chunk.
-    waiting: HashMap<(usize, u64), Mapped>,
+    /// Samples mapped ahead of an earlier one of their chunk (`None`: abandoned, skip it).
+    waiting: HashMap<(usize, u64), Option<Mapped>>,
     scratch: Vec<f32>,
 }
 
@@ -154,15 +162,33 @@ impl Folder {
     /// state is gone (a poisoned lock): the caller stops.
     pub fn deliver(&mut self, layout: &Layout, shared: &Shared, msg: Mapped) -> bool {
         let (chunk, seq) = (msg.chunk, msg.seq);
-        let Some(expected) = self.expected.get_mut(chunk) else {
+        self.take(layout, shared, chunk, seq, Some(msg))
+    }
+
+    /// Sample `seq` of `chunk` will never come: the samples after it go on.
+    pub fn abandon(&mut self, layout: &Layout, shared: &Shared, chunk: usize, seq: u64) -> bool {
+        self.take(layout, shared, chunk, seq, None)
+    }
+
+    fn take(
+        &mut self,
+        layout: &Layout,
+        shared: &Shared,
+        chunk: usize,
+        seq: u64,
+        msg: Option<Mapped>,
+    ) -> bool {
+        let Some(&first) = self.expected.get(chunk) else {
             return false;
         };
-        let first = *expected;
         self.waiting.insert((chunk, seq), msg);
         let mut next_seq = first;
         while let Some(next) = self.waiting.remove(&(chunk, next_seq)) {
             next_seq += 1;
-            let outcome = handle(layout, shared, next, &mut self.scratch);
+            let outcome = match next {
+                Some(m) => handle(layout, shared, m, &mut self.scratch),
+                None => Ok(()),
+            };
             let Ok(mut p) = shared.progress.lock() else {
                 return false;
             };
@@ -170,12 +196,10 @@ impl Folder {
                 p.error.get_or_insert(e);
             }
             p.applied += 1;
-            let waker = p.waker.take();
+            let wakers = std::mem::take(&mut p.wakers);
             drop(p);
             shared.changed.notify_all();
-            if let Some(w) = waker {
-                w.wake();
-            }
+            wakers.into_iter().for_each(std::task::Waker::wake);
         }
         if let Some(e) = self.expected.get_mut(chunk) {
             *e = next_seq;
@@ -184,8 +208,9 @@ impl Folder {
     }
 }
 
-/// The worker's loop: hands each mapped slot to a [`Folder`] until [`Message::Stop`] or every
-/// sender is gone; waits while paused ([`Shared::set_paused`]).
+/// The worker's loop: hands each mapped (or abandoned) slot to a [`Folder`] until
+/// [`Message::Stop`] or every sender is gone; waits while paused ([`Shared::set_paused`]). A
+/// panic while applying a sample is recorded as the EMA's error, so that waits end.
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) fn run(
     layout: Arc<Layout>,
@@ -193,9 +218,25 @@ pub(crate) fn run(
     rx: std::sync::mpsc::Receiver<Message>,
 ) {
     let mut folder = Folder::new(layout.chunks.len());
-    while let Ok(Message::Mapped(msg)) = rx.recv() {
-        if shared.wait_unpaused().is_err() || !folder.deliver(&layout, &shared, msg) {
-            return;
+    let fail = |why: &str| {
+        if let Ok(mut p) = shared.progress.lock() {
+            p.error.get_or_insert_with(|| why.to_string());
+        }
+        shared.changed.notify_all();
+    };
+    while let Ok(msg) = rx.recv() {
+        if shared.wait_unpaused().is_err() {
+            return fail("the offload worker's state is poisoned");
+        }
+        let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match msg {
+            Message::Mapped(m) => folder.deliver(&layout, &shared, m),
+            Message::Abandoned { chunk, seq } => folder.abandon(&layout, &shared, chunk, seq),
+            Message::Stop => false,
+        }));
+        match delivered {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => return fail("the offload worker panicked while applying a sample"),
         }
     }
 }

@@ -257,7 +257,11 @@ impl OffloadedEma {
             .iter()
             .map(|(s, b, _)| (s.numel(), b.dtype.size()))
             .collect();
-        let chunks = chunks::cut(&sizes, offload.slot_bytes()).ok_or_else(|| {
+        // A slot is one buffer: never past the device's largest.
+        let slot_bytes = offload
+            .slot_bytes()
+            .min(device.limits().max_buffer_size / 4 * 4);
+        let chunks = chunks::cut(&sizes, slot_bytes).ok_or_else(|| {
             Error::InvalidConfig(format!(
                 "an offload ring of {} bytes in {} slots: a slot must hold at least one 4-byte \
                  word (one f32 parameter, two f16/bf16)",
@@ -364,7 +368,8 @@ impl OffloadedEma {
     /// Records one update into the caller's encoder, as update number `num_updates() + 1`.
     /// Never waits: samples whose slot is busy are skipped (see the type's docs).
     ///
-    /// The encoder must be submitted: a slot stays busy until its copies have run.
+    /// A slot stays busy until the encoder is submitted and its copies have run; an encoder
+    /// dropped unsubmitted gives its samples back to their chunks' next samples.
     pub fn record_update(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<()> {
         let n = self.stepper.next();
         self.record_update_at(encoder, n)
@@ -379,7 +384,9 @@ impl OffloadedEma {
         self.check()?;
         // Hands finished maps to the worker without waiting (native devices run callbacks
         // only when polled).
+        #[cfg(not(target_arch = "wasm32"))]
         let _ = self.device.poll(wgpu::PollType::Poll);
+        self.reclaim()?;
         let (action, alphas, exact, lo) = self.advance(n)?;
         if action == Action::Skip {
             return Ok(());
@@ -449,6 +456,17 @@ impl OffloadedEma {
         }
     }
 
+    /// Puts the samples of encoders dropped unsubmitted back into their chunks' gaps.
+    fn reclaim(&mut self) -> Result<()> {
+        let lost = std::mem::take(&mut self.shared.progress()?.lost);
+        for (c, sample) in lost {
+            if let Some(g) = self.gaps.get_mut(c) {
+                g.restore(sample);
+            }
+        }
+        Ok(())
+    }
+
     /// The slots free now.
     fn free_slots(&self) -> Result<Vec<usize>> {
         let p = self.shared.progress()?;
@@ -477,39 +495,18 @@ impl OffloadedEma {
         }
         let seq = self.seq[c];
         self.seq[c] += 1;
-        let shared = self.shared.clone();
-        #[cfg(not(target_arch = "wasm32"))]
-        let tx = self.tx.clone();
-        #[cfg(target_arch = "wasm32")]
-        let (folder, layout) = (self.folder.clone(), self.layout.clone());
-        encoder.map_buffer_on_submit(buffer, wgpu::MapMode::Read, 0..chunk.bytes, move |result| {
-            let Ok(mut p) = shared.progress.lock() else {
-                return;
-            };
-            if let Some(s) = p.slots.get_mut(slot) {
-                *s = Slot::Mapped;
-            }
-            let message = Mapped {
-                slot,
-                chunk: c,
-                seq,
-                sample,
-                result: result.map_err(|e| e.to_string()),
-            };
-            // Native: this runs inside whoever polls the device; hand over, never compute here.
+        let pending = Pending {
+            payload: Some((slot, c, seq, sample)),
+            shared: self.shared.clone(),
             #[cfg(not(target_arch = "wasm32"))]
-            if tx.send(Message::Mapped(message)).is_err() {
-                p.error
-                    .get_or_insert_with(|| "the offload worker has stopped".into());
-            }
-            // The web: the page's one thread, between tasks; apply now.
+            tx: self.tx.clone(),
             #[cfg(target_arch = "wasm32")]
-            {
-                drop(p);
-                if let Ok(mut f) = folder.lock() {
-                    f.deliver(&layout, &shared, message);
-                }
-            }
+            folder: self.folder.clone(),
+            #[cfg(target_arch = "wasm32")]
+            layout: self.layout.clone(),
+        };
+        encoder.map_buffer_on_submit(buffer, wgpu::MapMode::Read, 0..chunk.bytes, move |result| {
+            pending.mapped(result.map_err(|e| e.to_string()));
         });
         Ok(true)
     }
@@ -589,9 +586,10 @@ impl OffloadedEma {
         if self.swapped {
             return Err(Error::Swapped);
         }
-        // Samples in flight belong to the run being replaced: let them land first.
+        // Samples in flight belong to the run being replaced: let them land first (and refuse
+        // while an encoder holding one is unsubmitted: it would land on the restored shadows).
         #[cfg(not(target_arch = "wasm32"))]
-        self.drain()?;
+        self.drain_all()?;
         #[cfg(target_arch = "wasm32")]
         if !self.is_idle() {
             return Err(Error::InvalidConfig(
@@ -617,6 +615,8 @@ impl OffloadedEma {
             }
         }
         drop(shadows);
+        // Samples of dropped encoders belong to the run being replaced too.
+        self.shared.progress()?.lost.clear();
         self.gaps.fill(Gap::empty());
         self.stepper.set_num_updates(set.num_updates);
         Ok(())
@@ -742,6 +742,79 @@ impl OffloadedEma {
     ) -> Result<Option<Vec<f32>>> {
         self.ensure_settled()?;
         Ok(f(&*self.shared.shadows()?))
+    }
+}
+
+/// A recorded sample, carried by its slot's map callback. The callback hands it on
+/// ([`mapped`](Self::mapped)); if wgpu drops the callback unrun (its encoder dropped
+/// unsubmitted), `Drop` frees the slot, gives the sample back to its chunk's gap (the recording
+/// thread folds it into the chunk's next sample) and tells the folder to skip its number, so
+/// that the chunk's later samples go on.
+struct Pending {
+    /// (slot, chunk, sample number, sample), until handed on.
+    payload: Option<(usize, usize, u64, chunks::Sample)>,
+    shared: Arc<Shared>,
+    #[cfg(not(target_arch = "wasm32"))]
+    tx: Sender<Message>,
+    #[cfg(target_arch = "wasm32")]
+    folder: Arc<std::sync::Mutex<host::Folder>>,
+    #[cfg(target_arch = "wasm32")]
+    layout: Arc<Layout>,
+}
+
+impl Pending {
+    /// The slot's map completed (or failed): on native targets this runs inside whoever polls
+    /// the device, so it hands the slot to the worker and computes nothing; on the web it runs
+    /// on the page's one thread, between tasks, and applies the sample now.
+    fn mapped(mut self, result: std::result::Result<(), String>) {
+        let Some((slot, chunk, seq, sample)) = self.payload.take() else {
+            return;
+        };
+        let Ok(mut p) = self.shared.progress.lock() else {
+            return;
+        };
+        if let Some(s) = p.slots.get_mut(slot) {
+            *s = Slot::Mapped;
+        }
+        let message = Mapped {
+            slot,
+            chunk,
+            seq,
+            sample,
+            result,
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        if self.tx.send(Message::Mapped(message)).is_err() {
+            p.error
+                .get_or_insert_with(|| "the offload worker has stopped".into());
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            drop(p);
+            if let Ok(mut f) = self.folder.lock() {
+                f.deliver(&self.layout, &self.shared, message);
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some((slot, chunk, seq, sample)) = self.payload.take() else {
+            return;
+        };
+        if let Ok(mut p) = self.shared.progress.lock() {
+            if let Some(s) = p.slots.get_mut(slot) {
+                *s = Slot::Free;
+            }
+            p.lost.push((chunk, sample));
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = self.tx.send(Message::Abandoned { chunk, seq });
+        #[cfg(target_arch = "wasm32")]
+        if let Ok(mut f) = self.folder.lock() {
+            f.abandon(&self.layout, &self.shared, chunk, seq);
+        }
     }
 }
 

@@ -27,7 +27,7 @@ impl Future for Idle<'_> {
             return Poll::Ready(Ok(()));
         }
         // Stored under the same lock the callbacks take to free a slot: no wake-up is lost.
-        p.waker = Some(cx.waker().clone());
+        p.wakers.push(cx.waker().clone());
         Poll::Pending
     }
 }
@@ -62,6 +62,7 @@ impl OffloadedEma {
         }
         loop {
             Idle(&self.shared).await?;
+            self.reclaim()?;
             let stale: Vec<usize> = (0..self.gaps.len())
                 .filter(|&c| !self.gaps[c].is_empty())
                 .collect();

@@ -852,3 +852,66 @@ fn post_hoc_snapshots_are_written_from_host_memory() {
         }
     }
 }
+
+/// An encoder dropped without submit loses nothing: its sample goes back to its chunk, whose
+/// next sample takes both gaps, and nothing waits for it. A read while an encoder holding a
+/// sample is unsubmitted is an error (it would miss that step), and succeeds once submitted.
+#[test]
+fn a_dropped_encoder_gives_its_sample_back() {
+    let Some(ctx) = gpu() else { return };
+    let n = 70usize;
+    let arena = ParamArena::new(&ctx.device, [TensorSpec::new("w", [n])]).unwrap();
+    let values = |t: u64| random(300 + t, n);
+    arena.write(&ctx.queue, "w", &values(0)).unwrap();
+    let decay = 0.9f64;
+    let mut ema = GpuEma::builder(Schedule::constant(decay))
+        .track_arena(&arena)
+        .build_offloaded(&ctx.device, &ctx.queue, Offload::new(1 << 16))
+        .unwrap();
+    let mut reference: Vec<f64> = values(0).iter().map(|&x| f64::from(x)).collect();
+    let mut last = 0u64;
+    for t in 1..=10u64 {
+        arena.write(&ctx.queue, "w", &values(t)).unwrap();
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        ema.record_update(&mut enc).unwrap();
+        if t == 4 || t == 7 {
+            // A step abandoned after recording (a NaN loss, say): the encoder is dropped.
+            drop(enc);
+            continue;
+        }
+        ctx.queue.submit(Some(enc.finish()));
+        ema.catch_up().unwrap();
+        let d = decay.powi((t - last) as i32);
+        for (r, &p) in reference.iter_mut().zip(&values(t)) {
+            *r = d * *r + (1.0 - d) * f64::from(p);
+        }
+        last = t;
+    }
+    let got = ema.read_shadows().unwrap();
+    assert_close(
+        "after dropped encoders",
+        got.try_get("w").unwrap(),
+        &reference,
+        1e-6,
+    );
+    assert_eq!(ema.stats().in_flight, 0);
+
+    // An update recorded and not yet submitted: reads refuse, then go on once it is.
+    arena.write(&ctx.queue, "w", &values(11)).unwrap();
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    ema.record_update(&mut enc).unwrap();
+    let e = ema.read_shadows().unwrap_err();
+    assert!(e.to_string().contains("not yet submitted"), "{e}");
+    ctx.queue.submit(Some(enc.finish()));
+    let d = decay;
+    for (r, &p) in reference.iter_mut().zip(&values(11)) {
+        *r = d * *r + (1.0 - d) * f64::from(p);
+    }
+    let got = ema.read_shadows().unwrap();
+    assert_close(
+        "after the late submit",
+        got.try_get("w").unwrap(),
+        &reference,
+        1e-6,
+    );
+}
