@@ -20,8 +20,8 @@ use burn::train::renderer::{
     MetricsRendererTraining,
 };
 use burn::train::{
-    InferenceStep, Learner, LearningResult, RegressionOutput, SupervisedTraining, TrainOutput,
-    TrainStep,
+    ExecutionStrategy, InferenceStep, Learner, LearningResult, RegressionOutput,
+    SupervisedTraining, TrainOutput, TrainStep, TrainingStrategy,
 };
 use wgpu_ema::burn::EmaOptim;
 use wgpu_ema::Schedule;
@@ -142,6 +142,31 @@ pub fn train(
     train: Vec<Item>,
     valid: Vec<Item>,
 ) -> wgpu_ema::Result<LearningResult<Mlp>> {
+    Ok(train_with(
+        dir,
+        device,
+        epochs,
+        resume,
+        train,
+        valid,
+        None,
+        optimizer()?,
+    ))
+}
+
+/// [`train`] with an execution strategy (burn's default, one device, for `None`) and an
+/// optimizer of the caller's; the model starts on `device` (the strategy's main device).
+#[allow(clippy::too_many_arguments)]
+pub fn train_with(
+    dir: &Path,
+    device: &Device,
+    epochs: usize,
+    resume: Option<usize>,
+    train: Vec<Item>,
+    valid: Vec<Item>,
+    strategy: Option<ExecutionStrategy>,
+    optimizer: ModuleOptimizer,
+) -> LearningResult<Mlp> {
     device.seed(7);
     // The parameters must be tracked by autodiff for the Learner's backward pass.
     let model = Mlp::new(&device.clone().autodiff());
@@ -156,7 +181,10 @@ pub fn train(
     if let Some(epoch) = resume {
         training = training.checkpoint(epoch);
     }
-    Ok(training.launch(Learner::new(model, optimizer()?, LR)))
+    if let Some(strategy) = strategy {
+        training = training.with_training_strategy(TrainingStrategy::Default(strategy));
+    }
+    training.launch(Learner::new(model, optimizer, LR))
 }
 
 /// Mean squared error of `model` on `items`.

@@ -468,8 +468,8 @@ impl<'a> GpuEmaBuilder<'a> {
     /// Everything the builder configures applies, except what an offloaded EMA cannot honour,
     /// refused here: a BEMA schedule, `write_back_every > 0`, compensation of f16/bf16
     /// parameters, a slot smaller than one 4-byte word. The parameters' buffers need
-    /// `COPY_SRC` (the arena has it). On the web, where nothing blocks,
-    /// [`build_offloaded_async`](Self::build_offloaded_async).
+    /// `COPY_SRC` (the arena has it). On the web, where nothing blocks, `build_offloaded_async`
+    /// (wasm32 only).
     ///
     /// [`OffloadedEma`]: crate::OffloadedEma
     #[cfg(not(target_arch = "wasm32"))]
