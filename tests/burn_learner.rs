@@ -540,3 +540,251 @@ fn a_selection_under_ema_optim_uses_burns_parameter_groups() {
         .with_selection(&net, &Selection::new().exclude("nothing.*"))
         .is_err());
 }
+
+/// One optimizer step as [`Watch`] saw it.
+struct Seen {
+    shape: Vec<usize>,
+    /// Where the step ran, and where the first EMA's shadow lives after it.
+    param_device: String,
+    state_device: String,
+    values: Vec<f32>,
+}
+
+static SEEN: std::sync::Mutex<Vec<Seen>> = std::sync::Mutex::new(Vec::new());
+
+/// `EmaOptim` over Adam, as `model::optimizer` builds it, recording each step: the test's
+/// window into the Learner's optimizer. Parameters are told apart by shape (the MLP's four all
+/// differ); burn hands optimizers no parameter id.
+#[derive(Clone)]
+struct Watch(EmaOptim<burn::optim::Adam>);
+
+impl burn::optim::Optimizer for Watch {
+    type State<const D: usize> = <EmaOptim<burn::optim::Adam> as burn::optim::Optimizer>::State<D>;
+    fn step<const D: usize>(
+        &self,
+        lr: burn::optim::LearningRate,
+        tensor: Tensor<D>,
+        grad: Tensor<D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<D>, Option<Self::State<D>>) {
+        let (t, s) = self.0.step(lr, tensor, grad, state);
+        let state_device = s
+            .as_ref()
+            .and_then(|s| s.shadow(0))
+            .map(|x| format!("{:?}", x.device()))
+            .unwrap_or_default();
+        let seen = Seen {
+            shape: t.shape().dims::<D>().to_vec(),
+            param_device: format!("{:?}", t.device()),
+            state_device,
+            values: t.clone().into_data().try_to_vec::<f32>().expect("f32"),
+        };
+        SEEN.lock().unwrap_or_else(|e| e.into_inner()).push(seen);
+        (t, s)
+    }
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        <EmaOptim<burn::optim::Adam> as burn::optim::Optimizer>::to_device(state, device)
+    }
+}
+
+const SCHEDULES: fn() -> [Schedule; 2] =
+    || [Schedule::tf(0.99), Schedule::power_sigma_rel(0.10).unwrap()];
+
+fn watched() -> ModuleOptimizer {
+    let [a, b] = SCHEDULES();
+    Watch(
+        EmaOptim::new(AdamConfig::new().build(), a)
+            .unwrap()
+            .extra_ema(b)
+            .unwrap(),
+    )
+    .into()
+}
+
+/// (shape, id, values) of every float parameter.
+fn by_shape<M: Module>(m: &M) -> Vec<(Vec<usize>, u64, Vec<f32>)> {
+    struct V(Vec<(Vec<usize>, u64, Vec<f32>)>);
+    impl ModuleVisitor for V {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let t = param.val();
+            let shape = t.shape().dims::<D>().to_vec();
+            self.0.push((
+                shape,
+                param.id.val(),
+                t.into_data().try_to_vec::<f32>().expect("f32"),
+            ));
+        }
+    }
+    let mut v = V(Vec::new());
+    m.visit(&mut v);
+    v.0
+}
+
+/// burn's Learner under `MultiDevice` on two devices (two logical wgpu devices on one
+/// adapter), with the optimizer sharded (each parameter's step and state on device `id % 2`)
+/// and on the main device: the EMA state sits where burn keeps each parameter's optimizer
+/// state, both EMAs equal the f64 EMA of the values the run produced, and the sharded run's
+/// record exports.
+#[test]
+fn the_learner_on_two_devices_keeps_the_ema_with_each_parameters_state() {
+    use burn::train::{ExecutionStrategy, MultiDeviceOptim};
+    let _one = lock();
+    let Some(d0) = device() else { return };
+    let d1 = Device::wgpu(DeviceKind::Cpu);
+    let (tr, va) = (samples(1, 256), samples(2, 64));
+    // The parameters as `train_with` initializes them (seeded), by shape.
+    d0.seed(7);
+    let init = by_shape(&Mlp::new(&d0.clone().autodiff()));
+    for optim in [
+        MultiDeviceOptim::OptimSharded,
+        MultiDeviceOptim::OptimMainDevice,
+    ] {
+        SEEN.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        let dir = tempfile::tempdir().unwrap();
+        let strategy = ExecutionStrategy::multi(vec![d0.clone(), d1.clone()], optim);
+        let result = model::train_with(
+            dir.path(),
+            &d0,
+            2,
+            None,
+            tr.clone(),
+            va.clone(),
+            Some(strategy),
+            watched(),
+        );
+        let seen = std::mem::take(&mut *SEEN.lock().unwrap_or_else(|e| e.into_inner()));
+        let trained = by_shape(&result.model);
+        let w = EmaWeights::load(dir.path().join("checkpoint/optim-2.bpk")).unwrap();
+        // Where each parameter was stepped and its EMA kept.
+        let mut home = Vec::new();
+        for (shape, id, _) in &trained {
+            let steps: Vec<&Seen> = seen.iter().filter(|s| &s.shape == shape).collect();
+            assert!(!steps.is_empty(), "{optim:?}: no step of {shape:?}");
+            let devices: std::collections::HashSet<&str> =
+                steps.iter().map(|s| s.param_device.as_str()).collect();
+            assert_eq!(
+                devices.len(),
+                1,
+                "{optim:?}: {shape:?} stepped on {devices:?}"
+            );
+            for s in &steps {
+                assert_eq!(
+                    s.state_device, s.param_device,
+                    "{optim:?}: {shape:?}'s EMA elsewhere"
+                );
+            }
+            home.push((id % 2, steps[0].param_device.clone()));
+        }
+        let homes: std::collections::HashSet<&str> = home.iter().map(|(_, d)| d.as_str()).collect();
+        match optim {
+            MultiDeviceOptim::OptimMainDevice => assert_eq!(homes.len(), 1, "{homes:?}"),
+            MultiDeviceOptim::OptimSharded => {
+                // burn's rule: parameter `id` on device `id % 2`; same parity, same device.
+                for (pa, da) in &home {
+                    for (pb, db) in &home {
+                        assert_eq!(pa == pb, da == db, "{home:?}");
+                    }
+                }
+            }
+        }
+        // Both EMAs: the f64 EMA of each parameter's values, as the run produced them.
+        for (k, schedule) in SCHEDULES().into_iter().enumerate() {
+            for (shape, id, _) in &trained {
+                let start = &init.iter().find(|(s, ..)| s == shape).unwrap().2;
+                let mut r = ReferenceEma::new(schedule, Numerics::Exact, &[start]).unwrap();
+                for s in seen.iter().filter(|s| &s.shape == shape) {
+                    r.update(&[&s.values]).unwrap();
+                }
+                let (_, got) = w.shadow(*id, k).unwrap();
+                assert_close(
+                    &format!("{optim:?} EMA {k} {shape:?}"),
+                    got,
+                    &r.shadows()[0],
+                    16.0 * f32::EPSILON as f64,
+                );
+            }
+        }
+        let export = dir.path().join("ema.safetensors");
+        w.export_safetensors(&result.model, 0, &export).unwrap();
+        assert_eq!(Checkpoint::load(&export).unwrap().names().count(), 4);
+    }
+}
+
+/// A sharded two-device run checkpointed at epoch 1 resumes bit for bit as the uninterrupted
+/// one; its record resumes under one device, and a one-device record under two.
+#[test]
+fn two_device_records_resume_exactly_and_across_device_counts() {
+    use burn::train::{ExecutionStrategy, MultiDeviceOptim};
+    let _one = lock();
+    let Some(d0) = device() else { return };
+    let d1 = Device::wgpu(DeviceKind::Cpu);
+    let (tr, va) = (samples(1, 256), samples(2, 64));
+    let two = || {
+        Some(ExecutionStrategy::multi(
+            vec![d0.clone(), d1.clone()],
+            MultiDeviceOptim::OptimSharded,
+        ))
+    };
+    let run = |dir: &std::path::Path, epochs, resume, strategy| {
+        model::train_with(
+            dir,
+            &d0,
+            epochs,
+            resume,
+            tr.clone(),
+            va.clone(),
+            strategy,
+            watched(),
+        )
+    };
+    let record = |dir: &std::path::Path, epoch: usize| {
+        EmaWeights::load(dir.join(format!("checkpoint/optim-{epoch}.bpk"))).unwrap()
+    };
+    let whole = tempfile::tempdir().unwrap();
+    let a = run(whole.path(), 2, None, two());
+    let parts = tempfile::tempdir().unwrap();
+    run(parts.path(), 1, None, two());
+    let b = run(parts.path(), 2, Some(1), two());
+    let (wa, wb) = (record(whole.path(), 2), record(parts.path(), 2));
+    let per_epoch = record(parts.path(), 1).num_updates().unwrap();
+    assert_eq!(wa.num_updates(), Some(2 * per_epoch));
+    assert_eq!(wb.num_updates(), wa.num_updates());
+    // Each run made its own model (parameter ids are random): matched by position.
+    for ((shape, ia, x), (_, ib, y)) in by_shape(&a.model).iter().zip(&by_shape(&b.model)) {
+        assert_eq!(bits(x), bits(y), "raw weights differ after resume");
+        for k in 0..2 {
+            let (sa, sb) = (wa.shadow(*ia, k).unwrap().1, wb.shadow(*ib, k).unwrap().1);
+            assert_eq!(
+                bits(sa),
+                bits(sb),
+                "EMA {k} of {shape:?} differs after resume"
+            );
+        }
+    }
+    // Two devices, then one; one, then two: the records load and the EMA goes on.
+    let single = {
+        let dir = tempfile::tempdir().unwrap();
+        run(dir.path(), 1, None, None);
+        record(dir.path(), 1).num_updates().unwrap()
+    };
+    let moved = tempfile::tempdir().unwrap();
+    run(moved.path(), 1, None, two());
+    let c = run(moved.path(), 2, Some(1), None);
+    let wc = record(moved.path(), 2);
+    assert_eq!(wc.num_updates(), Some(per_epoch + single));
+    wc.check(&c.model, 0).unwrap();
+    let back = tempfile::tempdir().unwrap();
+    run(back.path(), 1, None, None);
+    let d = run(back.path(), 2, Some(1), two());
+    let wd = record(back.path(), 2);
+    assert_eq!(wd.num_updates(), Some(single + per_epoch));
+    wd.check(&d.model, 0).unwrap();
+    for (_, id, v) in by_shape(&d.model) {
+        let (_, s) = wd.shadow(id, 0).unwrap();
+        assert!(s.iter().all(|x| x.is_finite()) && s.len() == v.len());
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
