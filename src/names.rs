@@ -150,6 +150,20 @@ pub const META_GENERATION: &str = "wgpu_ema_generation";
 /// The index file of a sharded checkpoint, in Hugging Face's layout.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
+// Checkpoints of an EMA spread over ranks.
+
+/// The index of a ranked checkpoint: the save it commits, the rank count, the rank files.
+pub const RANKS_INDEX: &str = "wgpu-ema-ranks.json";
+/// Metadata key of a rank file: the rank that wrote it (0-based).
+pub const META_RANK: &str = "wgpu_ema_rank";
+/// Metadata key of a rank file: how many ranks share the model.
+pub const META_RANKS: &str = "wgpu_ema_ranks";
+/// Metadata key of a rank file: the save it belongs to (the caller's number: the step).
+pub const META_SAVE: &str = "wgpu_ema_save";
+/// Metadata key of a rank file: its pieces, a JSON list of
+/// `{"global", "shape", "start", "len"}` (the global tensor, its shape, the element range).
+pub const META_PIECES: &str = "wgpu_ema_pieces";
+
 // Post-hoc EMA snapshots.
 
 /// Metadata `format` of a post-hoc snapshot file.

@@ -26,6 +26,9 @@ pub(crate) mod errors;
 mod load;
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) mod lock;
+// An EMA spread over ranks: files per rank, an index committing a save, resharding.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod ranks;
 // Files: native-only (a page has no filesystem; it uses the bytes functions).
 #[cfg(not(target_arch = "wasm32"))]
 mod stream;

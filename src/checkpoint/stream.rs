@@ -269,6 +269,48 @@ impl TensorFile {
     }
 }
 
+impl TensorFile {
+    /// Elements `start .. start + len` of tensor `name` as f32. The whole tensor is read, a
+    /// piece at a time, so that its checksum is verified, but only the range is kept: memory
+    /// for the range and one piece.
+    pub fn read_f32_range(&self, name: &str, start: u64, len: u64) -> Result<Vec<f32>> {
+        let (t, dtype) = self.float_entry(name)?;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= t.numel())
+            .ok_or_else(|| {
+                bad_tensor(
+                    &self.path,
+                    K::Shape,
+                    name,
+                    format!(
+                        "elements {start}..+{len} of tensor `{name}`, which has {}",
+                        t.numel()
+                    ),
+                )
+            })?;
+        let mut out = Vec::with_capacity(len as usize);
+        let mut pieces = Pieces::new(&self.file, dtype, CHUNK);
+        let mut buf = vec![0f32; CHUNK.min(t.numel() as usize)];
+        let mut at = 0u64;
+        while at < t.numel() {
+            let n = (t.numel() - at).min(CHUNK as u64) as usize;
+            let piece = &mut buf[..n];
+            pieces
+                .read_into(t.offset + at * dtype.size(), piece)
+                .map_err(io(&self.path))?;
+            let (lo, hi) = (start.max(at), end.min(at + n as u64));
+            if lo < hi {
+                out.extend_from_slice(&piece[(lo - at) as usize..(hi - at) as usize]);
+            }
+            at += n as u64;
+        }
+        let crc = checksum::tensor_start(&t.name, &t.shape);
+        self.verify(t, crc32c::crc32c_combine(crc, pieces.crc, pieces.bytes))?;
+        Ok(out)
+    }
+}
+
 /// Elements per positioned read where the caller does not choose.
 const CHUNK: usize = 1 << 20;
 

@@ -35,6 +35,8 @@ mod past_one_binding;
 mod peers;
 /// Post-hoc EMA: recording, solving, synthesis.
 mod posthoc;
+/// An EMA spread over ranks: rank files, the committing index, consolidation, resharding.
+mod ranks;
 /// Corruption, killed saves, refusals, a destroyed device.
 mod reliability;
 /// Schedules and policies end to end.
