@@ -256,3 +256,70 @@ fn inspect_resolves_folders_and_refuses_unverified_files() {
     let (ok, out, err) = wgpu_ema(&["inspect", other.to_str().unwrap(), "--allow-unverified"]);
     assert!(ok && out.contains("UNVERIFIED"), "{out}{err}");
 }
+
+/// `wgpu-ema consolidate` and `reshard` on a ranked checkpoint (two ranks, CPU EMAs): the
+/// consolidated file holds each global tensor whole, the resharded folder opens with the same
+/// values, and a folder without an index is an error naming what it expected.
+#[test]
+fn consolidate_and_reshard_a_ranked_checkpoint() {
+    use wgpu_ema::checkpoint::ranks::{commit_ranks, save_rank, RankPlan, RankedCheckpoint};
+    use wgpu_ema::cpu::CpuEma;
+    use wgpu_ema::{HostTensors, Numerics, Schedule};
+    let dir = tempfile::tempdir().unwrap();
+    let ranks_dir = dir.path().join("ranks");
+    let model = [TensorSpec::new("w", [9, 4]), TensorSpec::new("b", [9])];
+    let global: Vec<Vec<f32>> = model
+        .iter()
+        .enumerate()
+        .map(|(i, s)| common::random(40 + i as u64, s.numel() as usize))
+        .collect();
+    for r in 0..2 {
+        let plan = RankPlan::even(&model, r, 2).unwrap();
+        let mut ema = CpuEma::new(Schedule::tf(0.9), Numerics::Exact).unwrap();
+        let mut params = HostTensors::new();
+        for p in plan.pieces() {
+            let g = model.iter().position(|s| s.name == p.global).unwrap();
+            let v = global[g][p.start as usize..(p.start + p.len) as usize].to_vec();
+            ema.track(TensorSpec::new(p.global.clone(), [p.len as usize]), &v)
+                .unwrap();
+            params
+                .insert(TensorSpec::new(p.global.clone(), [p.len as usize]), v)
+                .unwrap();
+        }
+        save_rank(
+            &ranks_dir,
+            &ema,
+            Some(&params),
+            &HostTensors::new(),
+            &plan,
+            1,
+        )
+        .unwrap();
+    }
+    commit_ranks(&ranks_dir, 1, 2, std::time::Duration::ZERO).unwrap();
+    let r = ranks_dir.to_str().unwrap();
+
+    let whole = dir.path().join("whole.safetensors");
+    let (ok, out, err) = wgpu_ema(&["consolidate", r, "-o", whole.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("save 1 of 2 ranks"), "{out}");
+    let ck = Checkpoint::load(&whole).unwrap();
+    for (s, v) in model.iter().zip(&global) {
+        let (shape, got) = ck
+            .get(&format!("{}/ExponentialMovingAverage", s.name))
+            .unwrap();
+        assert_eq!(shape, s.shape.as_slice());
+        assert_eq!(got, v.as_slice(), "{}", s.name);
+    }
+
+    let three = dir.path().join("three");
+    let (ok, out, err) = wgpu_ema(&["reshard", r, "--ranks", "3", "-o", three.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("into 3"), "{out}");
+    let again = RankedCheckpoint::open(&three).unwrap();
+    assert_eq!(again.ranks(), 3);
+    assert_eq!(again.read("w").unwrap(), global[0]);
+
+    let (ok, _, err) = wgpu_ema(&["consolidate", dir.path().to_str().unwrap(), "-o", "x"]);
+    assert!(!ok && err.contains("wgpu-ema-ranks.json"), "{err}");
+}

@@ -4,6 +4,8 @@
 //! wgpu-ema posthoc snapshots/ --sigma-rel 0.08 -o ema-0.08.safetensors
 //! wgpu-ema snapshots snapshots/
 //! wgpu-ema inspect checkpoint.safetensors
+//! wgpu-ema consolidate ranks/ -o model.safetensors
+//! wgpu-ema reshard ranks/ --ranks 4 -o ranks4/
 //! ```
 
 use std::collections::BTreeMap;
@@ -13,6 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use wgpu_ema::checkpoint::ranks::RankedCheckpoint;
 use wgpu_ema::checkpoint::{Checkpoint, TensorFile, COMPENSATION_SUFFIX};
 use wgpu_ema::names::ANCHOR_SUFFIX;
 use wgpu_ema::posthoc::{SnapshotSet, Weights};
@@ -82,6 +85,32 @@ enum Command {
         /// verified.
         #[arg(long)]
         allow_unverified: bool,
+    },
+    /// Joins the committed save of a ranked checkpoint (one file per rank) into one training
+    /// checkpoint of the whole model: global names and shapes, what a single process restores
+    /// and PyTorch loads.
+    Consolidate {
+        /// The folder holding the ranks' files and their index (wgpu-ema-ranks.json).
+        dir: PathBuf,
+        /// The output: a .safetensors file, or with --max-shard-size a folder of Hugging Face
+        /// shards.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Write Hugging Face shards of at most this many bytes each into the output folder.
+        #[arg(long)]
+        max_shard_size: Option<u64>,
+    },
+    /// Rewrites the committed save of a ranked checkpoint for another number of ranks (each
+    /// tensor cut evenly), reading only the ranges each new rank needs.
+    Reshard {
+        /// The folder holding the ranks' files and their index.
+        dir: PathBuf,
+        /// The number of ranks to write.
+        #[arg(long)]
+        ranks: usize,
+        /// The output folder (its index commits the new files).
+        #[arg(short, long)]
+        output: PathBuf,
     },
 }
 
@@ -158,6 +187,42 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             all,
             allow_unverified,
         } => inspect(&file, all, allow_unverified),
+        Command::Consolidate {
+            dir,
+            output,
+            max_shard_size,
+        } => {
+            let ck = RankedCheckpoint::open(&dir)?;
+            let written = match max_shard_size {
+                Some(max) => ck.consolidate_sharded(&output, max)?,
+                None => {
+                    ck.consolidate(&output)?;
+                    output.clone()
+                }
+            };
+            out!(
+                "save {} of {} ranks ({} tensors) consolidated: {}",
+                ck.save(),
+                ck.ranks(),
+                ck.names().count(),
+                written.display()
+            );
+            Ok(())
+        }
+        Command::Reshard { dir, ranks, output } => {
+            if ranks == 0 {
+                return Err("--ranks must be at least 1".into());
+            }
+            let ck = RankedCheckpoint::open(&dir)?;
+            let index = ck.reshard(&output, ranks)?;
+            out!(
+                "save {} of {} ranks resharded into {ranks}: {}",
+                ck.save(),
+                ck.ranks(),
+                index.display()
+            );
+            Ok(())
+        }
     }
 }
 
