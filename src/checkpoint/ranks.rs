@@ -283,12 +283,13 @@ pub fn commit_ranks(
         }
     }
     // Every file opens, verifies, and agrees with the others before the commit.
-    RankedCheckpoint::from_files(dir, save, ranks, &files)?;
+    let ck = RankedCheckpoint::from_files(dir, save, ranks, &files)?;
     let index = Index {
         format: INDEX_FORMAT.into(),
         save,
         ranks,
         files: files.clone(),
+        pieces: ck.pieces.clone(),
     };
     let text = serde_json::to_string_pretty(&index).map_err(|e| {
         bad(
@@ -313,12 +314,17 @@ pub fn commit_ranks(
 
 const INDEX_FORMAT: &str = "wgpu-ema ranks v1";
 
+/// The index: the save it commits, its files (rank `r`'s is `files[r]`), and every piece of
+/// every file, for readers that look no further.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Index {
     format: String,
     save: u64,
     ranks: usize,
     files: Vec<String>,
+    /// Per file, the pieces it holds (as its metadata says).
+    #[serde(default)]
+    pieces: Vec<Vec<Piece>>,
 }
 
 fn read_index(path: &Path) -> Result<Index> {
@@ -370,6 +376,8 @@ pub struct RankedCheckpoint {
     dir: PathBuf,
     save: u64,
     files: Vec<TensorFile>,
+    /// Per file, its pieces.
+    pieces: Vec<Vec<Piece>>,
     metadata: HashMap<String, String>,
     tensors: BTreeMap<String, Global>,
 }
@@ -379,11 +387,27 @@ impl RankedCheckpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let index = read_index(&dir.join(RANKS_INDEX))?;
-        Self::from_files(dir, index.save, index.ranks, &index.files)
+        let ck = Self::from_files(dir, index.save, index.ranks, &index.files)?;
+        // The index's copy of the pieces, when it has one, says what the files say.
+        if !index.pieces.is_empty() {
+            for (r, (listed, held)) in index.pieces.iter().zip(&ck.pieces).enumerate() {
+                if listed != held || index.pieces.len() != ck.pieces.len() {
+                    return Err(bad(
+                        &dir.join(&index.files[r]),
+                        K::Inconsistent,
+                        format!(
+                            "the index lists other pieces for this file ({RANKS_INDEX} edited?)"
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(ck)
     }
 
     fn from_files(dir: &Path, save: u64, ranks: usize, names: &[String]) -> Result<Self> {
         let mut files = Vec::with_capacity(names.len());
+        let mut all_pieces = Vec::with_capacity(names.len());
         let mut metadata: Option<HashMap<String, String>> = None;
         let mut tensors: BTreeMap<String, Global> = BTreeMap::new();
         for (rank, name) in names.iter().enumerate() {
@@ -482,6 +506,7 @@ impl RankedCheckpoint {
                 });
             }
             files.push(file);
+            all_pieces.push(pieces);
         }
         // Each global tensor covered exactly once, in order.
         for (name, g) in &mut tensors {
@@ -521,6 +546,7 @@ impl RankedCheckpoint {
             dir: dir.to_path_buf(),
             save,
             files,
+            pieces: all_pieces,
             metadata: metadata.unwrap_or_default(),
             tensors,
         })
@@ -534,6 +560,11 @@ impl RankedCheckpoint {
     /// How many ranks wrote it.
     pub fn ranks(&self) -> usize {
         self.files.len()
+    }
+
+    /// The pieces rank `r`'s file holds.
+    pub fn pieces_of(&self, r: usize) -> Option<&[Piece]> {
+        self.pieces.get(r).map(Vec::as_slice)
     }
 
     /// The folder.

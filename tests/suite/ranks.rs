@@ -142,6 +142,13 @@ fn ranks_save_consolidate_and_reshard_bit_for_bit() {
         save_all(ctx, dir.path(), n, steps);
         let ck = RankedCheckpoint::open(dir.path()).unwrap();
         assert_eq!((ck.ranks(), ck.save()), (n, steps));
+        // The index lists each file's pieces: each global tensor's ranges, in rank order.
+        let listed: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join(RANKS_INDEX)).unwrap())
+                .unwrap();
+        assert_eq!(listed["pieces"].as_array().unwrap().len(), n);
+        assert_eq!(listed["pieces"][0][0]["global"], "layer.weight");
+        assert_eq!(ck.pieces_of(0).unwrap()[0].start, 0);
         assert_eq!(
             ck.metadata().get("num_updates").map(String::as_str),
             Some("6")
