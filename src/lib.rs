@@ -97,5 +97,8 @@ pub struct ReliabilityDoctests;
 #[doc = include_str!("../docs/offload.md")]
 #[cfg(doctest)]
 pub struct OffloadDoctests;
+#[doc = include_str!("../docs/ranks.md")]
+#[cfg(doctest)]
+pub struct RanksDoctests;
 /// The exact `wgpu` this crate is built against: use it to create the buffers you hand in.
 pub use wgpu;
