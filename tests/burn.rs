@@ -218,3 +218,82 @@ fn a_selection_over_module_paths() {
         "an excluded parameter keeps its value"
     );
 }
+
+/// A module's EMA kept by two ranks, each its even part of every parameter (element ranges
+/// of burn's buffers, followed as burn moves them): the committed ranked save is, bit for bit,
+/// the EMA one BurnEma keeps of the whole module.
+#[test]
+fn ranked_burn_emas_save_the_whole_modules_ema() {
+    use wgpu_ema::checkpoint::ranks::{commit_ranks, save_rank, RankPlan, RankedCheckpoint};
+    let Some((device, setup, _one)) = burn_device() else {
+        return;
+    };
+    let device = device.autodiff();
+    device.seed(13);
+    let mut net = Net {
+        hidden: LinearConfig::new(5, 7).init(&device),
+        out: LinearConfig::new(7, 3).init(&device),
+    };
+    let schedule = Schedule::tf(0.9);
+    let mut whole = BurnEma::new(&net, &setup.device, &setup.queue, schedule).unwrap();
+    let plans: Vec<RankPlan> = (0..2)
+        .map(|r| RankPlan::even(whole.specs(), r, 2).unwrap())
+        .collect();
+    let mut ranks: Vec<BurnEma> = plans
+        .iter()
+        .map(|p| BurnEma::ranked(&net, &setup.device, &setup.queue, schedule, p).unwrap())
+        .collect();
+    assert_eq!(
+        ranks[1].specs()[0],
+        wgpu_ema::TensorSpec::new("hidden.weight", [17])
+    );
+    let mut optim = AdamConfig::new().init();
+    let mut rng = fastrand::Rng::with_seed(6);
+    for _ in 0..4 {
+        let x: Vec<f32> = (0..8 * 5).map(|_| rng.f32() - 0.5).collect();
+        let x = Tensor::<2>::from_data(TensorData::new(x, [8, 5]), &device);
+        let d = net.out.forward(net.hidden.forward(x));
+        let grads = GradientsParams::from_grads(d.clone().mul(d).mean().backward(), &net);
+        net = optim.step(0.05, net, grads);
+        whole.update(&net).unwrap();
+        for r in &mut ranks {
+            r.update(&net).unwrap();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (r, plan) in ranks.iter().zip(&plans) {
+        // With the parameters: burn's buffers can be copied out.
+        let snapshot = r.ema().snapshot(true).unwrap();
+        save_rank(
+            dir.path(),
+            &snapshot,
+            None,
+            &wgpu_ema::HostTensors::new(),
+            plan,
+            4,
+        )
+        .unwrap();
+    }
+    commit_ranks(dir.path(), 4, 2, std::time::Duration::ZERO).unwrap();
+    let ck = RankedCheckpoint::open(dir.path()).unwrap();
+    let want = whole.read_shadows().unwrap();
+    for s in whole.specs() {
+        let got = ck
+            .read(&format!("{}/ExponentialMovingAverage", s.name))
+            .unwrap();
+        let want = want.try_get(&s.name).unwrap();
+        assert!(
+            got.iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+                && got.len() == want.len(),
+            "{}",
+            s.name
+        );
+        // The parameters the ranks saved are burn's, whole again.
+        let v = values(&net);
+        let i = whole.specs().iter().position(|x| x.name == s.name).unwrap();
+        assert_eq!(ck.read(&s.name).unwrap(), v[i]);
+    }
+    assert!(ranks[0].ema_module(net.clone()).is_err());
+}

@@ -203,8 +203,11 @@ impl ModuleMapper for WithShadows<'_> {
 pub struct BurnEma<E = GpuEma> {
     ema: E,
     specs: Vec<TensorSpec>,
-    /// Parameters the selection leaves out, by module path.
+    /// Parameters the selection (or the rank's plan) leaves out, by module path.
     excluded: std::collections::HashSet<String>,
+    /// A rank's part of the module ([`BurnEma::ranked`]): each tracked tensor is an element
+    /// range of its parameter.
+    plan: Option<crate::checkpoint::ranks::RankPlan>,
 }
 
 impl<E> std::fmt::Debug for BurnEma<E> {
@@ -244,7 +247,28 @@ impl<E> BurnEma<E> {
             ema,
             specs,
             excluded,
+            plan: None,
         }
+    }
+
+    /// Where tracked tensor `spec` is in its parameter `p`: the element offset of the rank's
+    /// piece (0 when whole), after checking the parameter is the one expected.
+    fn offset_in(&self, p: &Resolved, spec: &TensorSpec) -> Result<u64> {
+        let piece = self
+            .plan
+            .as_ref()
+            .and_then(|plan| plan.pieces().iter().find(|q| q.global == spec.name));
+        let (shape, start) = match piece {
+            Some(q) => (&q.shape, q.start),
+            None => (&spec.shape, 0),
+        };
+        if p.name != spec.name || &p.shape != shape {
+            return Err(burn_error(
+                &p.name,
+                format!("expected `{}` of shape {shape:?} here", spec.name),
+            ));
+        }
+        Ok(start)
     }
 
     /// Finds each tracked parameter's current buffer and offset and hands it to `rebind`; the
@@ -266,14 +290,9 @@ impl<E> BurnEma<E> {
             });
         }
         for (p, spec) in tracked.iter().zip(&self.specs) {
-            if p.name != spec.name || p.shape != spec.shape {
-                return Err(burn_error(
-                    &p.name,
-                    format!("expected `{}` of shape {:?} here", spec.name, spec.shape),
-                ));
-            }
+            let start = self.offset_in(p, spec)?;
             let r = p.resource.resource();
-            rebind(&mut self.ema, &spec.name, &r.buffer, r.offset)?;
+            rebind(&mut self.ema, &spec.name, &r.buffer, r.offset + start * 4)?;
         }
         Ok(params)
     }
@@ -348,6 +367,54 @@ impl BurnEma<GpuEma> {
         Ok(Self::wrap(ema, specs, &params))
     }
 
+    /// A rank's part of `module`: for each piece of `plan` (its module path, the parameter's
+    /// shape and an element range), the EMA of that range, updated in place in burn's buffer;
+    /// parameters the plan does not name are left out. Save it with
+    /// [`checkpoint::ranks::save_rank`](crate::checkpoint::ranks::save_rank) of
+    /// [`snapshot`](Self::snapshot); the whole model's EMA comes from the committed save
+    /// ([`RankedCheckpoint`](crate::checkpoint::ranks::RankedCheckpoint)), not from
+    /// [`ema_module`](Self::ema_module), which this rank cannot fill.
+    pub fn ranked<M: Module>(
+        module: &M,
+        device: &wgpu::Device,
+        queue: &wgpu::Queue,
+        schedule: Schedule,
+        plan: &crate::checkpoint::ranks::RankPlan,
+    ) -> Result<Self> {
+        let _ = BURN_0_22_AND_WGPU_EMA_0_1_SHARE_WGPU_30;
+        let params = resolve_module(module)?;
+        let mut builder = GpuEma::builder(schedule);
+        for q in plan.pieces() {
+            let Some(p) = params.iter().find(|p| p.name == q.global) else {
+                return Err(burn_error(
+                    &q.global,
+                    "the plan names no parameter of the module",
+                ));
+            };
+            if p.shape != q.shape {
+                return Err(burn_error(
+                    &q.global,
+                    format!(
+                        "the parameter has shape {:?}, the plan {:?}",
+                        p.shape, q.shape
+                    ),
+                ));
+            }
+            let r = p.resource.resource();
+            let spec = TensorSpec::new(q.global.clone(), [q.len as usize]);
+            builder = builder.track_buffer(spec, &r.buffer, r.offset + q.start * 4);
+        }
+        let ema = builder.build(device, queue)?;
+        // Tracked in module order, as updates find them.
+        let specs: Vec<TensorSpec> = params
+            .iter()
+            .filter_map(|p| ema.specs().into_iter().find(|s| s.name == p.name))
+            .collect();
+        let mut out = Self::wrap(ema, specs, &params);
+        out.plan = Some(plan.clone());
+        Ok(out)
+    }
+
     /// One update after the optimizer's step: finds each parameter's current buffer and
     /// offset, records the update of all of them in one compute pass on burn's queue, and
     /// submits it. burn's pending work is flushed first (by resolving the tensors), and the
@@ -374,8 +441,17 @@ impl BurnEma<GpuEma> {
         self.ema.snapshot(false)
     }
 
-    /// `module` with every float parameter replaced by its EMA value, for evaluation.
+    /// `module` with every float parameter replaced by its EMA value, for evaluation. A
+    /// [`ranked`](Self::ranked) EMA holds parts of parameters: an error (consolidate the
+    /// ranked checkpoint instead).
     pub fn ema_module<M: Module>(&self, module: M) -> Result<M> {
+        if self.plan.is_some() {
+            return Err(Error::InvalidConfig(
+                "a ranked BurnEma holds part of the parameters: read the whole EMA from the \
+                 committed ranked checkpoint (RankedCheckpoint::consolidate)"
+                    .into(),
+            ));
+        }
         let shadows = self.read_shadows()?;
         self.with_shadows(module, shadows)
     }
