@@ -371,7 +371,8 @@ impl BurnEma<GpuEma> {
     /// shape and an element range), the EMA of that range, updated in place in burn's buffer;
     /// parameters the plan does not name are left out. Save it with
     /// [`checkpoint::ranks::save_rank`](crate::checkpoint::ranks::save_rank) of
-    /// [`snapshot`](Self::snapshot); the whole model's EMA comes from the committed save
+    /// `ema().snapshot(true)` (with the parameters, which a training checkpoint holds); the
+    /// whole model's EMA comes from the committed save
     /// ([`RankedCheckpoint`](crate::checkpoint::ranks::RankedCheckpoint)), not from
     /// [`ema_module`](Self::ema_module), which this rank cannot fill.
     pub fn ranked<M: Module>(

@@ -9,7 +9,7 @@
 //! reads a committed save back: any global tensor or range of one, the part a rank restores
 //! (for any plan: N ranks into M), one consolidated file, or the same save resharded.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,7 @@ use super::{EmaState, Entry, TensorFile};
 use crate::error::CheckpointErrorKind as K;
 use crate::error::{Error, Result};
 use crate::names::{
-    META_CHECKSUMS, META_GENERATION, META_PIECES, META_RANK, META_RANKS, META_SAVE,
+    META_CHECKSUMS, META_GENERATION, META_PIECES, META_RANK, META_RANKS, META_SAVE, META_SELECTION,
 };
 use crate::tensors::{HostTensors, TensorSpec};
 
@@ -41,9 +41,14 @@ pub struct Piece {
 }
 
 impl Piece {
-    fn numel(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product()
+    /// Elements of the global tensor; `None` past u64.
+    fn numel(&self) -> Option<u64> {
+        numel(&self.shape)
     }
+}
+
+fn numel(shape: &[usize]) -> Option<u64> {
+    shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64))
 }
 
 /// What one rank keeps of the global model: at most one piece per global tensor.
@@ -92,11 +97,16 @@ impl RankPlan {
             start,
             len,
         };
-        if start.checked_add(len).is_none_or(|end| end > piece.numel()) {
+        let n = piece.numel().ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "`{}`: shape {:?} is too large",
+                piece.global, piece.shape
+            ))
+        })?;
+        if start.checked_add(len).is_none_or(|end| end > n) {
             return Err(Error::InvalidConfig(format!(
-                "elements {start}..+{len} of `{}`, which has {}",
-                piece.global,
-                piece.numel()
+                "elements {start}..+{len} of `{}`, which has {n}",
+                piece.global
             )));
         }
         if self.pieces.iter().any(|p| p.global == piece.global) {
@@ -113,7 +123,8 @@ impl RankPlan {
     }
 
     /// Rank `rank`'s share of `globals` cut evenly: each tensor in `ranks` contiguous ranges
-    /// of `ceil(numel / ranks)` elements (the last ones shorter, or empty and left out).
+    /// of `ceil(numel / ranks)` elements (the last ones shorter, or empty and left out; a
+    /// tensor without elements is kept by no rank).
     pub fn even(globals: &[TensorSpec], rank: usize, ranks: usize) -> Result<Self> {
         let mut plan = Self::new(rank, ranks)?;
         for g in globals {
@@ -157,12 +168,33 @@ fn rank_file(save: u64, rank: usize, ranks: usize) -> String {
     format!("ema-{save:020}-rank{rank:05}-of-{ranks:05}.safetensors")
 }
 
-/// The save a rank file belongs to, from its name.
+/// The save a rank file belongs to, from its name (exactly as [`rank_file`] makes it).
 fn save_of(file_name: &str) -> Option<u64> {
-    let rest = file_name.strip_prefix("ema-")?;
+    let rest = file_name
+        .strip_prefix("ema-")?
+        .strip_suffix(".safetensors")?;
     let (save, rest) = rest.split_once("-rank")?;
-    rest.ends_with(".safetensors").then_some(())?;
-    save.parse().ok()
+    let (rank, ranks) = rest.split_once("-of-")?;
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(save, 20) && digits(rank, 5) && digits(ranks, 5)).then(|| save.parse().ok())?
+}
+
+/// The save the index in `dir` commits, if there is a readable one.
+fn committed(dir: &Path) -> Option<u64> {
+    read_index(&dir.join(RANKS_INDEX)).ok().map(|i| i.save)
+}
+
+/// Refuses to write files of save `save` into `dir` when a save as new is committed there:
+/// its files would replace the committed ones in place.
+fn check_newer(dir: &Path, save: u64) -> Result<()> {
+    match committed(dir) {
+        Some(c) if c >= save => Err(bad(
+            &dir.join(RANKS_INDEX),
+            K::Refused,
+            format!("save {c} is committed here; save {save} would overwrite or precede it (number saves upward)"),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Saves rank `plan.rank()`'s part of save `save` (a number of the caller's that grows from
@@ -198,13 +230,21 @@ pub fn save_rank(
             plan.rank
         )));
     }
+    check_newer(dir, save)?;
     let entries = super::training_entries(state, params, extra)?;
     for e in &entries {
-        if piece_of(&plan.pieces, &e.name).is_none() {
+        let Some((piece, _)) = piece_of(&plan.pieces, &e.name) else {
             return Err(Error::InvalidConfig(format!(
                 "tensor `{}` belongs to no piece of rank {}'s plan (extra tensors are named \
                  `<tracked name>/...`)",
                 e.name, plan.rank
+            )));
+        };
+        if numel(&e.shape) != Some(piece.len) {
+            return Err(Error::InvalidConfig(format!(
+                "tensor `{}` has shape {:?}; its piece holds {} elements (extra tensors have \
+                 their piece's elements)",
+                e.name, e.shape, piece.len
             )));
         }
     }
@@ -244,6 +284,9 @@ pub fn commit_ranks(
     wait: Duration,
 ) -> Result<PathBuf> {
     let dir = dir.as_ref();
+    if ranks == 0 {
+        return Err(Error::InvalidConfig("a save of 0 ranks".into()));
+    }
     let files: Vec<String> = (0..ranks).map(|r| rank_file(save, r, ranks)).collect();
     let start = Instant::now();
     loop {
@@ -270,17 +313,18 @@ pub fn commit_ranks(
         std::thread::sleep(Duration::from_millis(20));
     }
     let index_path = dir.join(RANKS_INDEX);
-    if let Ok(current) = read_index(&index_path) {
-        if current.save > save {
+    // One commit at a time per folder: the check, the index and the cleanup together.
+    let _lock = super::FolderLock::wait(dir)?;
+    match committed(dir) {
+        Some(c) if c > save => {
             return Err(bad(
                 &index_path,
                 K::Inconsistent,
-                format!(
-                    "save {} is committed already; save {save} is older",
-                    current.save
-                ),
-            ));
+                format!("save {c} is committed already; save {save} is older"),
+            ))
         }
+        Some(c) if c == save => return Ok(index_path),
+        _ => {}
     }
     // Every file opens, verifies, and agrees with the others before the commit.
     let ck = RankedCheckpoint::from_files(dir, save, ranks, &files)?;
@@ -310,6 +354,45 @@ pub fn commit_ranks(
         }
     }
     Ok(index_path)
+}
+
+/// A selection as the metadata writes it (`copy=a,b;exclude=c`): the names copied and left out.
+fn parse_selection(s: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+    let (mut copy, mut exclude) = (BTreeSet::new(), BTreeSet::new());
+    for part in s.split(';') {
+        let (set, names) = match part.split_once('=') {
+            Some(("copy", names)) => (&mut copy, names),
+            Some(("exclude", names)) => (&mut exclude, names),
+            _ => continue,
+        };
+        set.extend(names.split(',').filter(|n| !n.is_empty()).map(String::from));
+    }
+    (copy, exclude)
+}
+
+/// [`parse_selection`]'s inverse, over the names `keep` accepts (the form `select::describe`
+/// writes: sorted names, the empty string for no selection).
+fn describe_selection(
+    copy: &BTreeSet<String>,
+    exclude: &BTreeSet<String>,
+    keep: impl Fn(&str) -> bool,
+) -> String {
+    let list = |set: &BTreeSet<String>| -> String {
+        set.iter()
+            .filter(|n| keep(n))
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (c, e) = (list(copy), list(exclude));
+    let mut parts = Vec::new();
+    if !c.is_empty() {
+        parts.push(format!("copy={c}"));
+    }
+    if !e.is_empty() {
+        parts.push(format!("exclude={e}"));
+    }
+    parts.join(";")
 }
 
 const INDEX_FORMAT: &str = "wgpu-ema ranks v1";
@@ -379,6 +462,8 @@ pub struct RankedCheckpoint {
     /// Per file, its pieces.
     pieces: Vec<Vec<Piece>>,
     metadata: HashMap<String, String>,
+    /// The union of the ranks' selections: tensors copied, and left out.
+    selection: (BTreeSet<String>, BTreeSet<String>),
     tensors: BTreeMap<String, Global>,
 }
 
@@ -386,8 +471,26 @@ impl RankedCheckpoint {
     /// Opens the save the index in `dir` commits.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let index = read_index(&dir.join(RANKS_INDEX))?;
-        let ck = Self::from_files(dir, index.save, index.ranks, &index.files)?;
+        // A commit of a newer save may remove this one's files while they are opened: then
+        // the index has moved on, and the newer save is read instead.
+        let mut tries = 0;
+        let (index, ck) = loop {
+            let index = read_index(&dir.join(RANKS_INDEX))?;
+            for (r, f) in index.files.iter().enumerate() {
+                if *f != rank_file(index.save, r, index.ranks) {
+                    return Err(bad(
+                        &dir.join(RANKS_INDEX),
+                        K::Format,
+                        format!("it names `{f}` as rank {r}'s file of save {}", index.save),
+                    ));
+                }
+            }
+            match Self::from_files(dir, index.save, index.ranks, &index.files) {
+                Ok(ck) => break (index, ck),
+                Err(_) if tries < 3 && committed(dir) != Some(index.save) => tries += 1,
+                Err(e) => return Err(e),
+            }
+        };
         // The index's copy of the pieces, when it has one, says what the files say.
         if !index.pieces.is_empty() {
             for (r, (listed, held)) in index.pieces.iter().zip(&ck.pieces).enumerate() {
@@ -406,8 +509,16 @@ impl RankedCheckpoint {
     }
 
     fn from_files(dir: &Path, save: u64, ranks: usize, names: &[String]) -> Result<Self> {
+        if ranks == 0 || names.len() != ranks {
+            return Err(bad(
+                dir,
+                K::Format,
+                format!("{} files for {ranks} ranks", names.len()),
+            ));
+        }
         let mut files = Vec::with_capacity(names.len());
         let mut all_pieces = Vec::with_capacity(names.len());
+        let mut selection = (BTreeSet::new(), BTreeSet::new());
         let mut metadata: Option<HashMap<String, String>> = None;
         let mut tensors: BTreeMap<String, Global> = BTreeMap::new();
         for (rank, name) in names.iter().enumerate() {
@@ -446,6 +557,12 @@ impl RankedCheckpoint {
             for key in [META_RANK, META_PIECES, META_CHECKSUMS, META_GENERATION] {
                 common.remove(key);
             }
+            // Each rank's selection names its own tensors: the save's is their union.
+            if let Some(s) = common.remove(META_SELECTION) {
+                let (c, e) = parse_selection(&s);
+                selection.0.extend(c);
+                selection.1.extend(e);
+            }
             match &metadata {
                 None => metadata = Some(common),
                 Some(first) if *first != common => {
@@ -483,6 +600,16 @@ impl RankedCheckpoint {
                     ));
                 }
                 let global = format!("{}{rest}", piece.global);
+                if tensors.get(&global).is_some_and(|g| g.base != piece.global) {
+                    return Err(bad(
+                        &path,
+                        K::Inconsistent,
+                        format!(
+                            "`{global}` belongs to `{}` here and to another piece elsewhere",
+                            piece.global
+                        ),
+                    ));
+                }
                 let entry = tensors.entry(global.clone()).or_insert_with(|| Global {
                     shape: piece.shape.clone(),
                     base: piece.global.clone(),
@@ -510,8 +637,15 @@ impl RankedCheckpoint {
         }
         // Each global tensor covered exactly once, in order.
         for (name, g) in &mut tensors {
+            g.parts.retain(|p| p.len > 0);
             g.parts.sort_by_key(|p| p.start);
-            let numel: u64 = g.shape.iter().map(|&d| d as u64).product();
+            let numel = numel(&g.shape).ok_or_else(|| {
+                bad(
+                    dir,
+                    K::Shape,
+                    format!("`{name}`: shape {:?} too large", g.shape),
+                )
+            })?;
             let mut at = 0u64;
             for p in &g.parts {
                 let path = dir.join(&names[p.file]);
@@ -535,8 +669,12 @@ impl RankedCheckpoint {
                 at += p.len;
             }
             if at != numel {
+                let last = g
+                    .parts
+                    .last()
+                    .map_or(dir.to_path_buf(), |p| dir.join(&names[p.file]));
                 return Err(bad(
-                    dir,
+                    &last,
                     K::Inconsistent,
                     format!("the ranks hold elements 0..{at} of `{name}`, which has {numel}"),
                 ));
@@ -548,6 +686,7 @@ impl RankedCheckpoint {
             files,
             pieces: all_pieces,
             metadata: metadata.unwrap_or_default(),
+            selection,
             tensors,
         })
     }
@@ -611,7 +750,7 @@ impl RankedCheckpoint {
 
     /// Global tensor `name`, assembled from the ranks' pieces.
     pub fn read(&self, name: &str) -> Result<Vec<f32>> {
-        let n = self.global(name)?.shape.iter().map(|&d| d as u64).product();
+        let n = numel(&self.global(name)?.shape).unwrap_or(u64::MAX);
         self.read_range(name, 0, n)
     }
 
@@ -619,7 +758,14 @@ impl RankedCheckpoint {
     /// the range is read (and verified) a part at a time, keeping only the range.
     pub fn read_range(&self, name: &str, start: u64, len: u64) -> Result<Vec<f32>> {
         let g = self.global(name)?;
-        let end = start + len;
+        let n = numel(&g.shape).unwrap_or(u64::MAX);
+        let end = start.checked_add(len).filter(|&e| e <= n).ok_or_else(|| {
+            bad(
+                &self.dir,
+                K::Shape,
+                format!("elements {start}..+{len} of `{name}`, which has {n}"),
+            )
+        })?;
         let mut out = Vec::with_capacity(len as usize);
         for p in &g.parts {
             let (lo, hi) = (start.max(p.start), end.min(p.start + p.len));
@@ -640,11 +786,16 @@ impl RankedCheckpoint {
         Ok(out)
     }
 
-    /// The metadata a consolidated or resharded file carries.
-    fn common_metadata(&self) -> HashMap<String, String> {
+    /// The metadata a consolidated or resharded file carries, its selection restricted to
+    /// the tensors `keep` accepts.
+    fn common_metadata(&self, keep: impl Fn(&str) -> bool) -> HashMap<String, String> {
         let mut m = self.metadata.clone();
         m.remove(META_RANKS);
         m.remove(META_SAVE);
+        let selection = describe_selection(&self.selection.0, &self.selection.1, keep);
+        if !selection.is_empty() {
+            m.insert(META_SELECTION.into(), selection);
+        }
         m
     }
 
@@ -653,10 +804,7 @@ impl RankedCheckpoint {
         let mut out = Vec::new();
         for (name, g) in &self.tensors {
             let (start, len, shape) = match plan {
-                None => {
-                    let n = g.shape.iter().map(|&d| d as u64).product();
-                    (0, n, g.shape.clone())
-                }
+                None => (0, numel(&g.shape).unwrap_or(0), g.shape.clone()),
                 Some(plan) => match plan.pieces.iter().find(|p| p.global == g.base) {
                     Some(p) => (p.start, p.len, vec![p.len as usize]),
                     None => continue,
@@ -676,8 +824,12 @@ impl RankedCheckpoint {
     /// the ranks' common metadata), one tensor in memory at a time: what a single process
     /// restores, and what PyTorch reads with `safetensors.torch.load_file`.
     pub fn consolidate(&self, out: impl AsRef<Path>) -> Result<()> {
-        super::write_safetensors(out.as_ref(), self.entries(None), &self.common_metadata())
-            .map(|_| ())
+        super::write_safetensors(
+            out.as_ref(),
+            self.entries(None),
+            &self.common_metadata(|_| true),
+        )
+        .map(|_| ())
     }
 
     /// [`consolidate`](Self::consolidate) into Hugging Face shards of at most
@@ -690,7 +842,7 @@ impl RankedCheckpoint {
         super::write_sharded(
             out.as_ref(),
             self.entries(None),
-            &self.common_metadata(),
+            &self.common_metadata(|_| true),
             max_shard_bytes,
         )
     }
@@ -699,9 +851,10 @@ impl RankedCheckpoint {
     /// `plan.local_specs()`) restores: any plan, of any rank count.
     pub fn part(&self, plan: &RankPlan) -> Result<super::Checkpoint> {
         self.check_plan(plan)?;
+        let keeps = |name: &str| plan.pieces.iter().any(|p| p.global == name);
         let bytes = super::safetensors_bytes(
             self.entries(Some(plan)),
-            &self.common_metadata(),
+            &self.common_metadata(keeps),
             crate::ParamDtype::F32,
         )?;
         super::Checkpoint::from_bytes(bytes)
@@ -739,15 +892,28 @@ impl RankedCheckpoint {
     }
 
     /// The same save for `ranks` ranks (each tensor cut evenly, [`RankPlan::even`]) in folder
-    /// `out`, committed; each rank's file is written reading only the ranges it needs.
+    /// `out` (not this one), committed. Each new rank's file is written from the ranges it
+    /// needs; each source piece a range overlaps is read whole, to verify its checksum.
     /// Returns the index's path.
     pub fn reshard(&self, out: impl AsRef<Path>, ranks: usize) -> Result<PathBuf> {
         let out = out.as_ref();
+        if ranks == 0 {
+            return Err(Error::InvalidConfig("a save of 0 ranks".into()));
+        }
         fs::create_dir_all(out).map_err(io(out))?;
+        if fs::canonicalize(out).ok() == fs::canonicalize(&self.dir).ok() {
+            return Err(bad(
+                out,
+                K::Refused,
+                "resharding into the folder it reads from: write into another folder",
+            ));
+        }
+        check_newer(out, self.save)?;
         let tracked = self.tracked();
         for rank in 0..ranks {
             let plan = RankPlan::even(&tracked, rank, ranks)?;
-            let mut meta = self.common_metadata();
+            let keeps = |name: &str| plan.pieces.iter().any(|p| p.global == name);
+            let mut meta = self.common_metadata(keeps);
             meta.insert(META_RANK.into(), rank.to_string());
             meta.insert(META_RANKS.into(), ranks.to_string());
             meta.insert(META_SAVE.into(), self.save.to_string());

@@ -12,9 +12,30 @@ use super::errors::{bad, bad_from, io};
 use crate::error::Result;
 use crate::tensors::ParamDtype;
 
-/// Temporary files of saves into `dir` that a crashed process left (`.<name>.tmp-<pid>-<n>`
-/// whose process is gone): removed by the next save into the same directory. Where processes
-/// cannot be looked up (no `/proc`), only those over an hour old are removed.
+/// A token of the process namespace this process's ids belong to: this boot of this
+/// machine, and the PID namespace (containers on one host have their own). Only temporaries of
+/// the same token can be judged by their process id: others may be another machine's or
+/// container's, writing into a shared folder right now.
+fn pid_space() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let ns = fs::read_link("/proc/self/ns/pid")
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let host = fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!(
+            "{:08x}",
+            crc32c::crc32c(format!("{boot}|{ns}|{host}").as_bytes())
+        )
+    })
+}
+
+/// Temporary files of saves into `dir` that a crashed process left
+/// (`.<name>.tmp-<space>-<pid>-<n>`): removed by the next save into the same directory when
+/// their process is gone, which only a process of the same PID space ([`pid_space`]) can tell;
+/// others (another machine's, another container's, or where processes cannot be looked up)
+/// only once over an hour old.
 fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -26,13 +47,18 @@ fn remove_stale_temporaries(dir: &Path) {
         let Some(rest) = name.strip_prefix('.').and_then(|n| n.rsplit_once(".tmp-")) else {
             continue;
         };
-        let Some((pid, n)) = rest.1.split_once('-') else {
-            continue;
+        let parts: Vec<&str> = rest.1.split('-').collect();
+        let (space, pid, n) = match parts[..] {
+            [space, pid, n] => (Some(space), pid, n),
+            // Written before the space was in the name.
+            [pid, n] => (None, pid, n),
+            _ => continue,
         };
         let (Ok(pid), true) = (pid.parse::<u32>(), n.chars().all(|c| c.is_ascii_digit())) else {
             continue;
         };
-        let gone = if proc_fs {
+        let ours = space.is_none_or(|s| s == pid_space());
+        let gone = if proc_fs && ours {
             pid != me && !Path::new(&format!("/proc/{pid}")).exists()
         } else {
             e.metadata()
@@ -66,7 +92,11 @@ pub(crate) fn atomic_write(
     remove_stale_temporaries(&dir);
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let unique = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{file_name}.tmp-{}-{unique}", std::process::id()));
+    let tmp = dir.join(format!(
+        ".{file_name}.tmp-{}-{}-{unique}",
+        pid_space(),
+        std::process::id()
+    ));
     let result = (|| {
         let file = File::create(&tmp).map_err(io(&tmp))?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
@@ -234,4 +264,34 @@ pub fn write_sharded(
         }
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod temporaries {
+    use super::*;
+
+    /// A crashed save's temporary goes, when its process is known gone; another PID space's
+    /// (another machine or container writing into a shared folder) stays until it is old.
+    #[test]
+    fn only_temporaries_known_dead_are_removed() {
+        if !Path::new("/proc/self").exists() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // A process id no live process has here (past the kernel's pid_max limit).
+        let dead = 1u32 << 30;
+        let ours = format!(".a.safetensors.tmp-{}-{dead}-0", pid_space());
+        let legacy = format!(".b.safetensors.tmp-{dead}-0");
+        let foreign = format!(".c.safetensors.tmp-0badc0de-{dead}-0");
+        for n in [&ours, &legacy, &foreign] {
+            fs::write(dir.path().join(n), b"partial").unwrap();
+        }
+        remove_stale_temporaries(dir.path());
+        assert!(!dir.path().join(&ours).exists());
+        assert!(!dir.path().join(&legacy).exists());
+        assert!(
+            dir.path().join(&foreign).exists(),
+            "another machine's save in progress"
+        );
+    }
 }

@@ -322,3 +322,73 @@ fn a_missing_rank_leaves_the_last_save_and_bad_sets_name_their_file() {
     )
     .is_err());
 }
+
+/// What would overwrite a committed save or cannot be a save is refused; ranks with their own
+/// selections commit together, the consolidated file carrying their union and each part its
+/// own.
+#[test]
+fn committed_saves_are_not_overwritten_and_selections_are_per_rank() {
+    let Some(ctx) = gpu() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    save_all(ctx, dir.path(), 2, 3);
+    let plan = RankPlan::even(&model(), 0, 2).unwrap();
+    let ema = rank(ctx, &plan, 3);
+    let snap = ema.snapshot(true).unwrap();
+    for save in [2, 3] {
+        let e = save_rank(dir.path(), &snap, None, &HostTensors::new(), &plan, save).unwrap_err();
+        assert_eq!(kind(&e), Some(CheckpointErrorKind::Refused), "{e}");
+    }
+    // An extra tensor of another size than its piece.
+    let mut extra = HostTensors::new();
+    extra
+        .insert(TensorSpec::new("layer.bias/Momentum", [37]), vec![0.0; 37])
+        .unwrap();
+    assert!(save_rank(dir.path(), &snap, None, &extra, &plan, 4).is_err());
+    let ck = RankedCheckpoint::open(dir.path()).unwrap();
+    assert!(
+        ck.reshard(dir.path(), 3).is_err(),
+        "into the folder it reads"
+    );
+    assert!(ck.reshard(tempfile::tempdir().unwrap().path(), 0).is_err());
+    assert!(commit_ranks(dir.path(), 9, 0, Duration::ZERO).is_err());
+    assert!(ck.read_range("layer.bias", 30, u64::MAX).is_err());
+    assert!(ck.read_range("layer.bias", 30, 8).is_err());
+    assert_eq!(ck.read_range("layer.bias", 30, 7).unwrap().len(), 7);
+
+    // Rank 0 copies `scale` (only it holds it); rank 1 has no selection.
+    let sel = tempfile::tempdir().unwrap();
+    for r in 0..2 {
+        let plan = RankPlan::even(&model(), r, 2).unwrap();
+        let arena = ParamArena::new(&ctx.device, plan.local_specs()).unwrap();
+        let mut b = GpuEma::builder(schedule()).track_arena(&arena);
+        if r == 0 {
+            b = b.select(wgpu_ema::select::Selection::new().copy("scale"));
+        }
+        let ema = b.build(&ctx.device, &ctx.queue).unwrap();
+        save_rank(
+            sel.path(),
+            &ema.snapshot(true).unwrap(),
+            None,
+            &HostTensors::new(),
+            &plan,
+            1,
+        )
+        .unwrap();
+    }
+    commit_ranks(sel.path(), 1, 2, Duration::ZERO).unwrap();
+    let ck = RankedCheckpoint::open(sel.path()).unwrap();
+    assert_eq!(
+        ck.metadata().get("selection"),
+        None,
+        "kept apart from the shared metadata"
+    );
+    let file = sel.path().join("all.safetensors");
+    ck.consolidate(&file).unwrap();
+    let whole = Checkpoint::load(&file).unwrap();
+    assert_eq!(
+        whole.metadata().get("selection").map(String::as_str),
+        Some("copy=scale")
+    );
+    let one = ck.part(&RankPlan::even(&model(), 1, 2).unwrap()).unwrap();
+    assert_eq!(one.metadata().get("selection"), None);
+}
