@@ -9,7 +9,8 @@
 # ResNet-50's and GPT-2 small's tensor lists (arena / own buffers / 4 pooled buffers), SGD,
 # momentum and AdamW alone / with the EMA pass / with the EMA fused in (2^24 f32), then in
 # the same run PyTorch's torch._foreach_lerp_ and timm's ModelEmaV3 over the same lists (CUDA
-# events). Writes OUT_DIR/wgpu.csv, OUT_DIR/torch.csv and OUT_DIR/summary.txt.
+# events); then the offload bench if its binary is there. Writes OUT_DIR/wgpu.csv,
+# OUT_DIR/torch.csv, OUT_DIR/summary.txt and OUT_DIR/offload/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/gpu-bench}"
@@ -26,6 +27,12 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt"
 export WGPU_BACKEND="${WGPU_BACKEND:-vulkan}"
 "$bin" --max-log2 "${MAX_LOG2:-28}" --out "$out" 2>&1 | tee "$out/wgpu.log"
+# The offloaded EMA (PCIe included), when its binary came along (`cargo bench --bench offload
+# --no-run`; OFFLOAD_BENCH_BIN names it): GPU memory, throughput against its stages, step cost.
+offload_bin="${OFFLOAD_BENCH_BIN:-$(ls -t target/release/deps/offload-* 2>/dev/null | grep -v '\.d$' | head -n 1)}"
+if [ -n "$offload_bin" ]; then
+  "$offload_bin" --out "$out/offload" 2>&1 | tee "$out/offload.log"
+fi
 python3 benches/torch_ema.py --shapes "$out/shapes.json" --csv "$out/torch.csv" 2>&1 | tee "$out/torch.log"
 python3 - "$out" <<'PY' | tee "$out/summary.txt"
 import csv, sys, os
