@@ -994,5 +994,15 @@ mod tests {
         assert_eq!(of("wx"), None);
         assert_eq!(save_of(&rank_file(42, 1, 3)), Some(42));
         assert_eq!(save_of("model-1-of-2.safetensors"), None);
+        // Only names exactly as rank_file makes them: a user's file is never taken for one.
+        for other in [
+            "ema-5-rankings.safetensors",
+            "ema-00000000000000000042-rank1-of-00003.safetensors",
+            "ema-00000000000000000042-rank00001-of-3.safetensors",
+            "ema-0000000000000000004x-rank00001-of-00003.safetensors",
+            "ema-00000000000000000042-rank00001-of-00003.safetensors.tmp",
+        ] {
+            assert_eq!(save_of(other), None, "{other}");
+        }
     }
 }
