@@ -271,6 +271,40 @@ mod tests {
     }
 
     #[test]
+    fn emptiness_low_parts_and_a_piece_alone() {
+        let mut g = Gap::empty();
+        g.fold(Action::Skip, [1.0; MAX_EMAS], [1.0; MAX_EMAS], 0.0);
+        assert!(g.is_empty());
+        g.fold(Action::Copy, [1.0; MAX_EMAS], [1.0; MAX_EMAS], 0.0);
+        assert!(!g.is_empty(), "a copy is due");
+        let mut g = Gap::empty();
+        g.fold(Action::Update(0.5), [0.5; MAX_EMAS], [0.5; MAX_EMAS], 0.0);
+        assert!(!g.is_empty(), "an update is due");
+        // Composed, EMA 0's low part is what its own f32 alpha dropped (not another EMA's).
+        let (a0, a1) = (1e-4f64 + 1e-13, 0.3f64);
+        let mut g = Gap::empty();
+        for _ in 0..3 {
+            let alphas = [a0 as f32, a1 as f32, 1.0, 1.0];
+            g.fold(Action::Update(alphas[0]), alphas, [a0, a1, 1.0, 1.0], 0.0);
+        }
+        let Some(Sample::Update { alphas, lo }) = g.take() else {
+            panic!("an update");
+        };
+        // 1 - (1 - a)^3 without the cancellation of computing it that way.
+        let exact0 = 3.0 * a0 - 3.0 * a0 * a0 + a0 * a0 * a0;
+        assert!((f64::from(alphas[0]) + f64::from(lo) - exact0).abs() < 1e-17);
+        assert!((f64::from(alphas[1]) - (1.0 - (1.0 - a1).powi(3))).abs() < 1e-7);
+        let p = Piece {
+            tensor: 2,
+            start: 6,
+            len: 3,
+            stage: 40,
+            bytes: 12,
+        };
+        assert_eq!(p.at_start(), Piece { stage: 0, ..p });
+    }
+
+    #[test]
     fn a_lost_sample_is_put_back_in_front_of_the_gap() {
         let up = |a: f32| Sample::Update {
             alphas: [a, a, 1.0, 1.0],
@@ -280,6 +314,22 @@ mod tests {
         let mut g = Gap::empty();
         g.restore(up(0.25));
         assert_eq!(g.take(), Some(up(0.25)));
+        // Into an empty gap, then one more update: both compose, EMA 0's low part included.
+        let lost = Sample::Update {
+            alphas: [0.25, 0.5, 1.0, 1.0],
+            lo: 1e-9,
+        };
+        let mut g = Gap::empty();
+        g.restore(lost);
+        g.fold(Action::Update(0.5), [0.5; MAX_EMAS], [0.5; MAX_EMAS], 0.0);
+        match g.take() {
+            Some(Sample::Update { alphas, lo }) => {
+                let want0 = 1.0 - (1.0 - (0.25 + 1e-9)) * 0.5;
+                assert!((f64::from(alphas[0]) + f64::from(lo) - want0).abs() < 1e-15);
+                assert_eq!(alphas[1], 0.75);
+            }
+            other => panic!("{other:?}"),
+        }
         // Before one more update: 1 - (1 - 0.25)(1 - 0.5) = 0.625.
         let mut g = Gap::empty();
         g.fold(Action::Update(0.5), [0.5; MAX_EMAS], [0.5; MAX_EMAS], 0.0);
