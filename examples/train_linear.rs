@@ -256,11 +256,7 @@ fn run_gpu(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Result<Run
     }
     bar.finish_and_clear();
 
-    let log = read_buffer(device, queue, &log_buf)?;
-    let losses = log[4..4 + 2 * steps as usize]
-        .chunks_exact(2)
-        .map(|p| (p[0], p[1]))
-        .collect();
+    let losses = logged_losses(device, queue, &log_buf, steps)?;
     let last_checkpoint = match last_checkpoint {
         Some(p) => p,
         None => save_resumed(
@@ -358,11 +354,7 @@ fn run_offloaded(ctx: &GpuContext, args: &Args, data: &[f32], st: Start) -> Resu
         stats.samples, stats.skipped, stats.gpu_bytes
     );
 
-    let log = read_buffer(device, queue, &log_buf)?;
-    let losses = log[4..4 + 2 * steps as usize]
-        .chunks_exact(2)
-        .map(|p| (p[0], p[1]))
-        .collect();
+    let losses = logged_losses(device, queue, &log_buf, steps)?;
     let last_checkpoint = match last_checkpoint {
         Some(p) => p,
         None => save_resumed(
@@ -488,6 +480,20 @@ fn save_resumed(
     let path = checkpoint_path(out, state.num_updates(), tf);
     save(&path, tf, state, None, momentum)?;
     Ok(path)
+}
+
+/// The (raw, EMA) held-out losses the shader logged for each of `steps` steps.
+fn logged_losses(
+    device: &wgpu::Device,
+    queue: &wgpu::Queue,
+    log_buf: &wgpu::Buffer,
+    steps: u64,
+) -> Result<Vec<(f32, f32)>, Error> {
+    let log = read_buffer(device, queue, log_buf)?;
+    Ok(log[4..4 + 2 * steps as usize]
+        .chunks_exact(2)
+        .map(|p| (p[0], p[1]))
+        .collect())
 }
 
 fn read_buffer(
