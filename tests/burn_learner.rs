@@ -13,7 +13,7 @@ use burn::optim::{AdamConfig, GradientsParams, ModuleOptimizer, MultiGradientsPa
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, DeviceKind, Tensor};
 use burn::train::TrainStep;
-use common::assert_close;
+use common::{assert_close, bits};
 use model::{samples, train, ItemBatcher, Mlp};
 use wgpu_ema::burn::{EmaOptim, EmaWeights};
 use wgpu_ema::checkpoint::Checkpoint;
@@ -783,8 +783,4 @@ fn two_device_records_resume_exactly_and_across_device_counts() {
         let (_, s) = wd.shadow(id, 0).unwrap();
         assert!(s.iter().all(|x| x.is_finite()) && s.len() == v.len());
     }
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use common::{gpu, random};
+use common::{bits, gpu, random};
 use wgpu_ema::checkpoint::ranks::{commit_ranks, save_rank, RankPlan, RankedCheckpoint};
 use wgpu_ema::{GpuContext, GpuEma, HostTensors, ParamArena, Schedule, TensorSpec};
 
@@ -131,10 +131,6 @@ fn whole(ctx: &GpuContext, steps: u64) -> Vec<HostTensors> {
             part.ema.read_shadows_blocking().unwrap()
         })
         .collect()
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 fn assert_save(ck: &RankedCheckpoint, want: &HostTensors, what: &str) {

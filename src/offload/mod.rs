@@ -428,6 +428,9 @@ impl OffloadedEma {
     fn advance(&mut self, n: u64) -> Result<(Action, [f32; MAX_EMAS], [f64; MAX_EMAS], f32)> {
         let k = n.saturating_sub(self.stepper.policy().update_after_step);
         let numerics = self.stepper.numerics();
+        // Each schedule evaluated once: the f32 alpha (what the on-GPU pass uses) and its low
+        // part, before the counter moves (an invalid schedule moves nothing).
+        let mut alphas = [1.0f32; MAX_EMAS];
         let mut exact = [1.0f64; MAX_EMAS];
         let mut lo0 = 0.0f32;
         for (j, s) in std::iter::once(self.stepper.schedule())
@@ -435,16 +438,13 @@ impl OffloadedEma {
             .enumerate()
         {
             let (hi, lo) = s.alpha_split(k, numerics)?;
+            alphas[j] = hi;
             exact[j] = f64::from(hi) + f64::from(lo);
             if j == 0 && self.compensated {
                 lo0 = lo;
             }
         }
-        let mut alphas = [1.0f32; MAX_EMAS];
-        let action = self.stepper.advance_all(n, &self.extra, &mut alphas)?;
-        if let Action::Update(a) = action {
-            alphas[0] = a;
-        }
+        let action = self.stepper.advance_to(n)?;
         Ok((action, alphas, exact, lo0))
     }
 

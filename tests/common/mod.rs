@@ -128,6 +128,11 @@ pub fn ulps(a: f32, b: f32) -> u64 {
     (key(a) - key(b)).unsigned_abs()
 }
 
+/// The bit patterns of `v`: compares f32 values exactly (NaNs and signed zeros included).
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// Reads a whole buffer (it needs COPY_SRC) back as u32 words.
 pub fn read_words(ctx: &GpuContext, buf: &wgpu::Buffer) -> Vec<u32> {
     let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {

@@ -2,7 +2,7 @@
 //! against an f64 model of the rotation rule written here; skips, swaps, checkpoints, errors,
 //! and the GPU memory it allocates.
 
-use crate::common::{assert_close, buffer_with, gpu, half_buffer, random};
+use crate::common::{assert_close, bits, buffer_with, gpu, half_buffer, random, read_words};
 use half::{bf16, f16};
 use wgpu_ema::checkpoint::{self, Checkpoint, EmaState};
 use wgpu_ema::cpu::CpuEma;
@@ -79,26 +79,13 @@ impl Model {
     }
 }
 
+/// `n` f32 elements of `buf` from `offset`.
 fn read_buffer(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, n: usize) -> Vec<f32> {
-    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: (n * 4) as u64,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buf, offset, &staging, 0, (n * 4) as u64);
-    ctx.queue.submit(Some(enc.finish()));
-    staging.slice(..).map_async(wgpu::MapMode::Read, |_| {});
-    ctx.device
-        .poll(wgpu::PollType::wait_indefinitely())
-        .unwrap();
-    let v = bytemuck::cast_slice(&staging.slice(..).get_mapped_range().unwrap()).to_vec();
-    v
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
+    let at = (offset / 4) as usize;
+    read_words(ctx, buf)[at..at + n]
+        .iter()
+        .map(|&w| f32::from_bits(w))
+        .collect()
 }
 
 fn step(ctx: &GpuContext, ema: &mut wgpu_ema::OffloadedEma) {

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{gpu, random};
+use crate::common::{bits, gpu, random};
 use wgpu_ema::checkpoint::ranks::{
     commit_ranks, save_rank, RankPlan, RankedCheckpoint, RANKS_INDEX,
 };
@@ -107,10 +107,6 @@ fn save_all(ctx: &GpuContext, dir: &Path, ranks: usize, steps: u64) {
         .unwrap();
     }
     commit_ranks(dir, steps, ranks, Duration::from_secs(5)).unwrap();
-}
-
-fn bits(v: &[f32]) -> Vec<u32> {
-    v.iter().map(|x| x.to_bits()).collect()
 }
 
 /// The global shadows of both EMAs in `ck`, against the whole model's EMA.
