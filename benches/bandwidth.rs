@@ -2,8 +2,11 @@
 //! bandwidth for the same access pattern, and against what users would write instead.
 //!
 //! ```text
-//! cargo bench --bench bandwidth -- [--quick] [--cpu-only] [--out DIR]
+//! cargo bench --bench bandwidth -- [--quick] [--cpu-only] [--update-only] [--out DIR]
 //! ```
+//!
+//! `--update-only` measures just the GPU update of one tensor against the bandwidth kernel
+//! at each size (no CPU rows, no models), for iterating on the shader.
 //!
 //! The update moves 12 bytes per f32 element (read param, read shadow, write shadow); the
 //! f64 reference moves 20 (read an f32 param, read and write an f64 shadow). Each row:
@@ -16,7 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use wgpu_ema::{cpu, wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
+use wgpu_ema::{cpu, wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec, Tiling};
 
 #[path = "shared/optimizers.rs"]
 mod optimizers;
@@ -96,6 +99,7 @@ fn row(path: &str, n: u64, secs: f64, bytes_per_elem: u64, bandwidth: f64) -> Ro
 struct Args {
     quick: bool,
     cpu_only: bool,
+    update_only: bool,
     out: PathBuf,
 }
 
@@ -103,6 +107,7 @@ fn parse_args() -> Result<Args, Error> {
     let mut a = Args {
         quick: false,
         cpu_only: false,
+        update_only: false,
         out: PathBuf::from("target/bench"),
     };
     let mut it = std::env::args().skip(1);
@@ -110,6 +115,7 @@ fn parse_args() -> Result<Args, Error> {
         match f.as_str() {
             "--quick" => a.quick = true,
             "--cpu-only" => a.cpu_only = true,
+            "--update-only" => a.update_only = true,
             "--out" => a.out = it.next().ok_or("--out needs a value")?.into(),
             "--bench" => {} // passed by `cargo bench`-style runners
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -284,6 +290,79 @@ impl GpuBench<'_> {
         });
         (t, n)
     }
+}
+
+/// `--update-only`: the update of one tensor (the device's default tiling, then each tiling)
+/// against the bandwidth kernel at each size, measured in alternation (7 rounds of 3 runs
+/// each) so that all see the same machine state; the rows hold the medians over the rounds,
+/// and a note each round's ratio.
+fn update_vs_bandwidth(
+    gb: &GpuBench<'_>,
+    sizes: &[u64],
+    rows: &mut Vec<Row>,
+    notes: &mut Vec<String>,
+) -> Result<f64, Error> {
+    let ctx = gb.ctx;
+    let pb = bar(sizes.len() as u64, "gpu");
+    let mut bw_ref = 0.0;
+    for &n in sizes {
+        let arena = ParamArena::new(&ctx.device, [TensorSpec::new("p", [n as usize])])?;
+        // The device's default tiling, then each one.
+        let mut emas = Vec::new();
+        for tiling in [Tiling::Auto, Tiling::Gpu, Tiling::Software] {
+            emas.push(
+                GpuEma::builder(Schedule::tf(0.999))
+                    .tiling(tiling)
+                    .track_arena(&arena)
+                    .build(&ctx.device, &ctx.queue)?,
+            );
+        }
+        let mut t_bw = Vec::new();
+        let mut t_up = vec![Vec::new(); emas.len()];
+        let mut ratios = vec![Vec::new(); emas.len()];
+        let mut n_bw = n;
+        for _ in 0..7 {
+            let (t, covered) = gb.bandwidth(n, 3);
+            n_bw = covered;
+            t_bw.push(t);
+            for (k, ema) in emas.iter_mut().enumerate() {
+                let u = time(3, Duration::from_millis(500), || {
+                    if let Ok(idx) = ema.update() {
+                        gb.wait(idx);
+                    }
+                });
+                ratios[k].push((12 * n) as f64 / u / ((12 * covered) as f64 / t));
+                t_up[k].push(u);
+            }
+        }
+        let t = median(t_bw);
+        let bw = (12 * n_bw) as f64 / t / 1e9;
+        if n <= 1 << 24 {
+            bw_ref = bw;
+        }
+        rows.push(row("gpu-bandwidth", n_bw, t, 12, bw));
+        for (k, path) in ["gpu", "gpu-tiling-gpu", "gpu-tiling-software"]
+            .into_iter()
+            .enumerate()
+        {
+            rows.push(row(path, n, median(t_up[k].clone()), 12, bw));
+            let mut sorted = ratios[k].clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            let r: Vec<String> = sorted
+                .iter()
+                .map(|x| format!("{:.0}%", 100.0 * x))
+                .collect();
+            notes.push(format!(
+                "2^{} {path}: update / bandwidth per round (sorted): {}; median {:.1}%",
+                n.trailing_zeros(),
+                r.join(" "),
+                100.0 * median(ratios[k].clone())
+            ));
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(bw_ref)
 }
 
 fn gpu_rows(
@@ -800,7 +879,11 @@ fn main() -> Result<(), Error> {
         "measuring the CPU path ({cores} threads){}",
         if args.quick { ", --quick" } else { "" }
     );
-    let cpu_bw = cpu_rows(&sizes, reps, &mut rows);
+    let cpu_bw = if args.update_only {
+        0.0
+    } else {
+        cpu_rows(&sizes, reps, &mut rows)
+    };
     let mut notes = Vec::new();
     let mut gpu_summary = String::from("GPU: not measured (--cpu-only)");
     if !args.cpu_only {
@@ -817,8 +900,13 @@ fn main() -> Result<(), Error> {
                     .iter()
                     .copied()
                     .filter(|&n| !args.quick || n <= 1 << 22 || n == 1 << 24)
+                    .filter(|&n| !args.update_only || n >= 1 << 20)
                     .collect();
-                let bw = gpu_rows(&gb, &gpu_sizes, reps, args.quick, &mut rows, &mut notes)?;
+                let bw = if args.update_only {
+                    update_vs_bandwidth(&gb, &gpu_sizes, &mut rows, &mut notes)?
+                } else {
+                    gpu_rows(&gb, &gpu_sizes, reps, args.quick, &mut rows, &mut notes)?
+                };
                 let at = rows
                     .iter()
                     .find(|r| r.path == "gpu" && r.elements == 1 << 24);

@@ -2,7 +2,7 @@
 // set of tensors, in one dispatch per shadow buffer and group of parameter bindings.
 //
 // This file is the hand-written half of the shader. The host (src/shader/mod.rs) generates the
-// other half around it: the constants WG and PER_THREAD, `struct Step` and its declaration
+// other half around it: the constants WG, PER_THREAD and LANES, `struct Step` and its declaration
 // `step` (an immediate, or a uniform ring slot), `struct Seg` (the chunk-table row), the
 // storage bindings (`segs`, `shadow`, `comp`, `shadow_b..d`, and per parameter slot `p<i>` /
 // `q<i>` with `load4`, `load2`, `load4_rw`, `load1_rw`, `store_rw` picking one by slot
@@ -14,11 +14,15 @@
 // of `count` elements of one tensor whose parameters start at element `param` of parameter
 // binding number `slot` and whose shadows start at element `shadow` of the shadow binding.
 // The work is a list of *items* of 4 elements (one `vec4<f32>` of shadows; a segment's last
-// item is padded), numbered across the segments: a row's `vstart` is its first item. Each
-// invocation takes PER_THREAD items, `WG` apart so that neighbouring lanes read neighbouring
-// memory; it finds an item's row by binary search (rows are sorted by `vstart`), and most
-// items only check that they are still in the row of the one before. Small tensors thus share
-// workgroups with their neighbours instead of leaving lanes idle.
+// item is padded), numbered across the segments: a row's `vstart` is its first item. A
+// workgroup takes WG * PER_THREAD consecutive items; each run of LANES invocations takes a
+// block of them, LANES apart per step (`ItemMap` in src/plan/mod.rs: on GPUs LANES = WG, so
+// that neighbouring lanes read neighbouring memory at every step; on software devices small
+// blocks, which a CPU core streams through). Where all the workgroup's items lie in one row
+// (most of a large tensor), the row is found once, from the workgroup's first item;
+// elsewhere each invocation finds an item's row by binary search (rows are sorted by
+// `vstart`), and most items only check that they are still in the row of the one before.
+// Small tensors thus share workgroups with their neighbours instead of leaving lanes idle.
 //
 // Parameter bindings are plain `array<u32>` (f32 bits, or two f16/bf16 per word) at any
 // element offset, so one dispatch reads up to as many buffers as the device allows storage
@@ -48,7 +52,8 @@ fn total_items() -> u32 {
 
 // Item number `j` of this invocation.
 fn item_index(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, j: u32) -> u32 {
-    return ((wid.y * nwg.x + wid.x) * PER_THREAD + j) * WG + lid.x;
+    let block = (wid.y * nwg.x + wid.x) * WG * PER_THREAD + (lid.x / LANES) * LANES * PER_THREAD;
+    return block + j * LANES + lid.x % LANES;
 }
 
 // The row holding item `v`, searching from row `start` (which starts at or before `v`).
@@ -82,10 +87,23 @@ fn next_item(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, j: u32, total: u32,
 }
 
 fn locate(v: u32, row: u32) -> Item {
-    let seg = segs[row];
+    return locate_in(segs[row], v);
+}
+
+fn locate_in(seg: Seg, v: u32) -> Item {
     let q = v - seg.vstart;
     let e = q * 4u;
     return Item(seg, e, min(4u, seg.count - e), seg.shadow / 4u + q);
+}
+
+// True when all of a workgroup's items, from item `first` on, lie in row `row`. The entry
+// points then read the row once, from values every lane shares (the workgroup's first item
+// depends on the workgroup only), so the compiler can keep it in scalar registers: software
+// devices otherwise run each lane's row search and row loads as gathers across their SIMD
+// lanes, which cost them more than the update's own memory traffic.
+fn in_one_row(first: u32, row: u32) -> bool {
+    let seg = segs[row];
+    return first + WG * PER_THREAD <= seg.vstart + (seg.count + 3u) / 4u;
 }
 
 // The item's 4 parameters as f32 (elements past `n` are whatever the binding holds there).

@@ -69,7 +69,7 @@ mod tensors;
 
 pub use context::{wanted_features, GpuContext};
 pub use error::{CheckpointErrorKind, Error, Result};
-pub use gpu::{Epilogue, FusedStep, GpuEma, GpuEmaBuilder, ParamArena, Snapshot};
+pub use gpu::{Epilogue, FusedStep, GpuEma, GpuEmaBuilder, ParamArena, Snapshot, Tiling};
 pub use names::EMA_SUFFIX;
 pub use offload::{Offload, OffloadStats, OffloadedEma};
 pub use schedule::{Numerics, Schedule};

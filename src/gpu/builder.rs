@@ -5,7 +5,7 @@ use std::num::NonZeroU64;
 
 use super::bindings;
 use super::*;
-use crate::plan::{self, Plan};
+use crate::plan::{self, ItemMap, Plan};
 use crate::select::Mode;
 use crate::shader::{self, Shape, STEP_BYTES};
 
@@ -25,6 +25,25 @@ pub(crate) struct Resolved {
     pub names: HashMap<String, usize>,
     /// The selection as checkpoints record it.
     pub selection: String,
+}
+
+/// How the update spreads a step's elements over the shader's invocations
+/// ([`GpuEmaBuilder::tiling`]). Every choice computes the same bits; they differ in speed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Tiling {
+    /// [`Tiling::Software`] on adapters wgpu reports as `DeviceType::Cpu` (lavapipe,
+    /// llvmpipe, SwiftShader through Vulkan), [`Tiling::Gpu`] elsewhere. In a browser the
+    /// adapter's type is not known: `Gpu`.
+    #[default]
+    Auto,
+    /// 16 elements per invocation; at each of its 4 steps, neighbouring invocations take
+    /// neighbouring elements (coalesced loads), and large tensors get many workgroups.
+    Gpu,
+    /// 128 elements per invocation; each 4 neighbouring invocations take one contiguous
+    /// block. A CPU runs a workgroup on one core a few invocations at a time: this pays the
+    /// shader's per-invocation set-up over more elements and keeps each core's reads
+    /// sequential.
+    Software,
 }
 
 /// Configures a [`GpuEma`]: schedule, numerics, and the tensors to track.
@@ -50,6 +69,7 @@ pub struct GpuEmaBuilder<'a> {
     num_updates: u64,
     ring_slots: usize,
     param_slots: Option<usize>,
+    tiling: Tiling,
     prefer_immediates: bool,
     arena: Option<&'a ParamArena>,
     buffers: Vec<(TensorSpec, ParamBinding<wgpu::Buffer>)>,
@@ -67,6 +87,7 @@ impl<'a> GpuEmaBuilder<'a> {
             num_updates: 0,
             ring_slots: 1024,
             param_slots: None,
+            tiling: Tiling::Auto,
             prefer_immediates: true,
             arena: None,
             buffers: Vec::new(),
@@ -155,6 +176,14 @@ impl<'a> GpuEmaBuilder<'a> {
     /// one dispatch costs them several times 29 dispatches.
     pub fn param_slots(mut self, slots: usize) -> Self {
         self.param_slots = Some(slots);
+        self
+    }
+
+    /// How a step's elements are spread over the shader's invocations ([`Tiling::Auto`] by
+    /// default: chosen by the adapter's device type). Results are the same bits either way;
+    /// only speed differs.
+    pub fn tiling(mut self, tiling: Tiling) -> Self {
+        self.tiling = tiling;
         self
     }
 
@@ -390,17 +419,24 @@ impl<'a> GpuEmaBuilder<'a> {
         let immediates = self.prefer_immediates
             && device.features().contains(wgpu::Features::IMMEDIATES)
             && u64::from(device.limits().max_immediate_size) >= STEP_BYTES;
+        let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
+        let map = match self.tiling {
+            Tiling::Gpu => ItemMap::GPU,
+            Tiling::Software => ItemMap::SOFTWARE,
+            Tiling::Auto if software => ItemMap::SOFTWARE,
+            Tiling::Auto => ItemMap::GPU,
+        };
         let mut shape = Shape {
             emas,
             compensated: self.compensated,
             bema,
             slots: 0,
+            map,
         };
         let storage = device.limits().max_storage_buffers_per_shader_stage as usize;
         let max = storage
             .saturating_sub(shader::fixed_bindings(&shape))
             .clamp(1, MAX_SLOTS);
-        let software = device.adapter_info().device_type == wgpu::DeviceType::Cpu;
         shape.slots = match self.param_slots {
             Some(n) => n.clamp(1, max),
             None if software => 1,

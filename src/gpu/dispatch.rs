@@ -209,7 +209,7 @@ impl Dispatches {
                     Family::Read => Some(&g.read),
                     Family::Write => g.write[target_index(target)].as_ref(),
                 };
-                g.map(|g| (g, d.tier, d.groups, aligned))
+                g.map(|g| (g, d.tier, self.shape.map.workgroups(d.items), aligned))
             })
     }
 

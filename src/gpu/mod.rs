@@ -25,8 +25,8 @@ mod snapshot;
 mod transfer;
 
 pub use arena::ParamArena;
-pub use builder::GpuEmaBuilder;
 pub(crate) use builder::Resolved;
+pub use builder::{GpuEmaBuilder, Tiling};
 pub use fused::{Epilogue, FusedStep};
 pub use snapshot::Snapshot;
 pub(crate) use {

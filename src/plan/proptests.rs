@@ -196,14 +196,17 @@ fn check(plan: &Plan<u32>, l: &Layout) -> Vec<Runs> {
             assert_eq!(u64::from(row.vstart), vstart, "dispatch {di}: vstart");
             vstart += u64::from(row.count).div_ceil(4);
         }
-        let (x, y) = d.groups;
-        assert!(u64::from(x) <= MAX_GROUPS_PER_DIM && x > 0 && y > 0);
-        let lanes = u64::from(x) * u64::from(y) * WORKGROUP * ITEMS_PER_THREAD;
-        assert!(lanes >= vstart, "dispatch {di}: workgroups miss items");
-        assert!(
-            lanes < vstart + WORKGROUP * ITEMS_PER_THREAD * u64::from(y).max(1),
-            "dispatch {di}: too many workgroups"
-        );
+        assert_eq!(d.items, vstart, "dispatch {di}: items");
+        for map in [ItemMap::GPU, ItemMap::SOFTWARE] {
+            let (x, y) = map.workgroups(d.items);
+            assert!(u64::from(x) <= MAX_GROUPS_PER_DIM && x > 0 && y > 0);
+            let covered = u64::from(x) * u64::from(y) * map.span();
+            assert!(covered >= vstart, "dispatch {di}: workgroups miss items");
+            assert!(
+                covered < vstart + map.span() * u64::from(y).max(1),
+                "dispatch {di}: too many workgroups"
+            );
+        }
         assert_eq!(
             d.table_offset % l.lim.align,
             0,

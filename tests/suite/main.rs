@@ -47,6 +47,8 @@ mod several_emas;
 mod tf_checkpoint;
 /// TensorFlow 2.21's own shadows, replayed.
 mod tf_fixture;
+/// Both ways of spreading items over invocations, every route through the shader.
+mod tiling;
 /// The GPU update against the f64 reference: sizes, offsets, numerics, immediates and the ring.
 mod update;
 /// EMA variants: Switch EMA, selection by name, target networks.
