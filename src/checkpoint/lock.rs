@@ -11,7 +11,9 @@
 //! The lock is the operating system's (`flock` on Unix, `LockFileEx` on Windows, through
 //! `std::fs::File::try_lock`): released when its holder exits, however it exits, so a killed
 //! writer never leaves the folder locked. The lock file itself stays (removing it would race
-//! with a writer opening it).
+//! with a writer opening it). Such a lock belongs to the open file, which a child process
+//! forked by another thread shares until it starts its program: a writer therefore tries for
+//! a quarter of a second before it reports `Busy`.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -58,8 +60,9 @@ pub struct FolderLock {
 }
 
 impl FolderLock {
-    /// Takes the lock of `dir` (created if missing), or fails at once with
-    /// [`Busy`](crate::error::CheckpointErrorKind::Busy) while another writer holds it.
+    /// Takes the lock of `dir` (created if missing), or fails with
+    /// [`Busy`](crate::error::CheckpointErrorKind::Busy) while another writer holds it (after
+    /// trying for a quarter of a second: see the module's notes on child processes).
     pub fn try_acquire(dir: impl AsRef<Path>) -> Result<Self> {
         Self::take(dir.as_ref(), false, true)
     }
@@ -81,7 +84,7 @@ impl FolderLock {
         if wait {
             file.lock().map_err(io(&path))?;
         } else {
-            match file.try_lock() {
+            match try_lock_briefly(&file) {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(bad(
@@ -109,6 +112,27 @@ impl FolderLock {
             None
         };
         Ok(Self { file, shared_as })
+    }
+}
+
+/// How long a writer that would fail with `Busy` keeps trying first.
+const GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// `try_lock`, tried again for [`GRACE`] while another holder has it. An OS lock belongs to
+/// the open file, and a child process forked by another thread of this program shares our
+/// open files until it runs its program (which closes them: Rust opens files close-on-exec):
+/// a save right after another, in a program that starts processes, could find the folder
+/// "busy" with its own released lock for those microseconds. A real writer holds the lock
+/// for its whole save and is still refused.
+fn try_lock_briefly(file: &File) -> std::result::Result<(), std::fs::TryLockError> {
+    let start = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < GRACE => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -135,6 +135,9 @@ pub(crate) struct SegRow {
     pub pad1: u32,
 }
 
+/// How many dtype codes [`dtype_code`] gives (0 to this less one).
+pub(crate) const DTYPE_CODES: u32 = 3;
+
 /// The shader's code for a parameter dtype (`Seg.dtype`).
 pub(crate) fn dtype_code(dtype: ParamDtype) -> u32 {
     match dtype {
@@ -786,6 +789,13 @@ mod tests {
         assert_eq!(plan.dispatches().len(), 1);
         assert_eq!(plan.rebind(1, t(160)), Change::Replanned);
         assert_eq!(plan.dispatches().len(), 2);
+    }
+
+    #[test]
+    fn dtype_codes_are_below_their_count() {
+        for d in [ParamDtype::F32, ParamDtype::F16, ParamDtype::BF16] {
+            assert!(dtype_code(d) < DTYPE_CODES, "{d:?}");
+        }
     }
 
     /// Each map gives every item of a workgroup's span to exactly one (lane, step), inside

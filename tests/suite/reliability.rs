@@ -820,3 +820,32 @@ fn parser_errors_are_kept_as_sources() {
         "{e}"
     );
 }
+
+/// A folder lock just released is not reported `Busy` because a child process forked by
+/// another thread still shares the locked file (until it starts its program): the child here
+/// waits 150 ms between its fork and its exec, and the next writer gets the folder.
+#[cfg(unix)]
+#[test]
+fn a_released_lock_shared_with_a_forking_child_is_not_busy() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let held = checkpoint::FolderLock::try_acquire(dir.path()).unwrap();
+    let child = std::thread::spawn(|| {
+        let mut cmd = Command::new("true");
+        // SAFETY: the hook only sleeps (nanosleep is async-signal-safe).
+        unsafe {
+            cmd.pre_exec(|| {
+                std::thread::sleep(Duration::from_millis(150));
+                Ok(())
+            });
+        }
+        cmd.status()
+    });
+    // The child has forked (sharing the locked file) well within 50 ms.
+    std::thread::sleep(Duration::from_millis(50));
+    drop(held);
+    let again = checkpoint::FolderLock::try_acquire(dir.path());
+    assert!(again.is_ok(), "{:?}", again.err());
+    drop(again);
+    assert!(child.join().unwrap().unwrap().success());
+}
