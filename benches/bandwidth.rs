@@ -2,11 +2,12 @@
 //! bandwidth for the same access pattern, and against what users would write instead.
 //!
 //! ```text
-//! cargo bench --bench bandwidth -- [--quick] [--cpu-only] [--update-only] [--out DIR]
+//! cargo bench --bench bandwidth -- [--quick] [--cpu-only] [--update-only] [--fused-only] [--out DIR]
 //! ```
 //!
 //! `--update-only` measures just the GPU update of one tensor against the bandwidth kernel
-//! at each size (no CPU rows, no models), for iterating on the shader.
+//! at each size (no CPU rows, no models), `--fused-only` just the reference optimizers with
+//! and without the fused epilogue: for iterating on the shaders.
 //!
 //! The update moves 12 bytes per f32 element (read param, read shadow, write shadow); the
 //! f64 reference moves 20 (read an f32 param, read and write an f64 shadow). Each row:
@@ -100,6 +101,7 @@ struct Args {
     quick: bool,
     cpu_only: bool,
     update_only: bool,
+    fused_only: bool,
     out: PathBuf,
 }
 
@@ -108,6 +110,7 @@ fn parse_args() -> Result<Args, Error> {
         quick: false,
         cpu_only: false,
         update_only: false,
+        fused_only: false,
         out: PathBuf::from("target/bench"),
     };
     let mut it = std::env::args().skip(1);
@@ -116,6 +119,7 @@ fn parse_args() -> Result<Args, Error> {
             "--quick" => a.quick = true,
             "--cpu-only" => a.cpu_only = true,
             "--update-only" => a.update_only = true,
+            "--fused-only" => a.fused_only = true,
             "--out" => a.out = it.next().ok_or("--out needs a value")?.into(),
             "--bench" => {} // passed by `cargo bench`-style runners
             other => return Err(format!("unknown argument {other:?}").into()),
@@ -879,7 +883,7 @@ fn main() -> Result<(), Error> {
         "measuring the CPU path ({cores} threads){}",
         if args.quick { ", --quick" } else { "" }
     );
-    let cpu_bw = if args.update_only {
+    let cpu_bw = if args.update_only || args.fused_only {
         0.0
     } else {
         cpu_rows(&sizes, reps, &mut rows)
@@ -904,6 +908,13 @@ fn main() -> Result<(), Error> {
                     .collect();
                 let bw = if args.update_only {
                     update_vs_bandwidth(&gb, &gpu_sizes, &mut rows, &mut notes)?
+                } else if args.fused_only {
+                    let n = 1 << 22;
+                    let (t, covered) = gb.bandwidth(n, reps);
+                    let bw = (12 * covered) as f64 / t / 1e9;
+                    rows.push(row("gpu-bandwidth", covered, t, 12, bw));
+                    fused_optimizers(&gb, n, reps, &mut rows, &mut notes, bw)?;
+                    bw
                 } else {
                     gpu_rows(&gb, &gpu_sizes, reps, args.quick, &mut rows, &mut notes)?
                 };

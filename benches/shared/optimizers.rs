@@ -4,15 +4,31 @@
 
 use wgpu_ema::{wgpu, Epilogue, FusedStep, ParamArena};
 
-/// (entry point, bytes per element of the optimizer alone).
-pub const OPTIMIZERS: [(&str, u64); 3] = [("sgd", 12), ("momentum", 20), ("adamw", 28)];
+/// (entry point, bytes per element of the optimizer alone); entry points ending in `4` take
+/// four elements per invocation and call `ema_epilogue4`.
+pub const OPTIMIZERS: [(&str, u64); 6] = [
+    ("sgd", 12),
+    ("momentum", 20),
+    ("adamw", 28),
+    ("sgd4", 12),
+    ("momentum4", 20),
+    ("adamw4", 28),
+];
+
+/// Elements per invocation of an entry point of [`OPTIMIZERS`].
+fn width(entry: &str) -> u64 {
+    if entry.ends_with('4') {
+        4
+    } else {
+        1
+    }
+}
 
 /// The optimizers' pipelines, plain and fused, and their one bind group.
 pub struct Optimizers {
     group0: wgpu::BindGroup,
-    /// Per entry of [`OPTIMIZERS`]: (plain, fused).
-    pipelines: Vec<(wgpu::ComputePipeline, wgpu::ComputePipeline)>,
-    workgroups: (u32, u32),
+    /// Per entry of [`OPTIMIZERS`]: (plain, fused, workgroups).
+    pipelines: Vec<(wgpu::ComputePipeline, wgpu::ComputePipeline, (u32, u32))>,
     _buffers: Vec<wgpu::Buffer>,
 }
 
@@ -99,9 +115,19 @@ impl Optimizers {
         let base = include_str!("../optimizers.wgsl");
         let make = |name: &str, fused: bool| {
             let source = if fused {
+                // Only `name`'s placeholder becomes the call; the others' entry points are
+                // not compiled into this pipeline.
+                let call = if width(name) == 4 {
+                    "ema_epilogue4(0u, e, x);"
+                } else {
+                    "ema_epilogue(0u, i, x);"
+                };
+                let at = base.find(&format!("fn {name}(")).unwrap_or(0);
+                let (head, tail) = base.split_at(at);
                 format!(
-                    "{}\n{}",
-                    base.replace("//EMA", "ema_epilogue(0u, i, x);"),
+                    "{}{}\n{}",
+                    head.replace("//EMA", ""),
+                    tail.replacen("//EMA", call, 1).replace("//EMA", ""),
                     epilogue.source()
                 )
             } else {
@@ -130,29 +156,31 @@ impl Optimizers {
                 cache: None,
             })
         };
+        let workgroups = |name: &str| {
+            let groups = n.div_ceil(256 * width(name)).max(1);
+            let x = groups.min(65_535);
+            (x as u32, groups.div_ceil(x) as u32)
+        };
         let pipelines = OPTIMIZERS
             .iter()
-            .map(|(name, _)| (make(name, false), make(name, true)))
+            .map(|(name, _)| (make(name, false), make(name, true), workgroups(name)))
             .collect();
-        let groups = n.div_ceil(256).max(1);
-        let x = groups.min(65_535);
         Ok(Self {
             group0,
             pipelines,
-            workgroups: (x as u32, groups.div_ceil(x) as u32),
             _buffers: vec![g, m, v, hyper],
         })
     }
 
     /// Records optimizer `which` (an index of [`OPTIMIZERS`]): plain, or fused with `step`.
     pub fn record(&self, enc: &mut wgpu::CommandEncoder, which: usize, step: Option<&FusedStep>) {
-        let (plain, fused) = &self.pipelines[which];
+        let (plain, fused, (x, y)) = &self.pipelines[which];
         let mut pass = enc.begin_compute_pass(&Default::default());
         pass.set_pipeline(if step.is_some() { fused } else { plain });
         pass.set_bind_group(0, &self.group0, &[]);
         if let Some(s) = step {
             s.set_on(&mut pass);
         }
-        pass.dispatch_workgroups(self.workgroups.0, self.workgroups.1, 1);
+        pass.dispatch_workgroups(*x, *y, 1);
     }
 }

@@ -18,8 +18,11 @@ const RING_SLOTS: usize = 1024;
 /// In your shader, after computing a parameter's new value `p` (as you store it: rounded to
 /// the parameter's dtype), call `ema_epilogue(tensor, element, p)`: `tensor` is the tracked
 /// tensor's number in [`GpuEma::specs`]' order, `element` its element index. Each element of
-/// every tracked tensor must be passed exactly once per step. Per step, take the values with
-/// [`GpuEma::fused_step`] and set its bind group before dispatching.
+/// every tracked tensor must be passed exactly once per step. An optimizer that takes four
+/// elements per invocation calls `ema_epilogue4(tensor, element, p4)` instead, `element` a
+/// multiple of 4 and `p4` the four new values (past the tensor's end they are ignored); one
+/// entry point uses one form. Per step, take the values with [`GpuEma::fused_step`] and set
+/// its bind group before dispatching.
 #[derive(Debug, Clone)]
 pub struct Epilogue {
     source: String,
@@ -28,7 +31,8 @@ pub struct Epilogue {
 }
 
 impl Epilogue {
-    /// The WGSL to append to your shader's source (declarations and `fn ema_epilogue`).
+    /// The WGSL to append to your shader's source (declarations, `fn ema_epilogue` and
+    /// `fn ema_epilogue4`, `fn ema_value` and `fn ema_value4`).
     pub fn source(&self) -> &str {
         &self.source
     }
@@ -327,8 +331,8 @@ impl GpuEma {
 
     /// Reads the epilogue's fault word back, blocking: [`Error::InvalidConfig`] if a call to
     /// `ema_epilogue` since the epilogue was made (or since the last check) passed a tensor
-    /// number or an element past what this EMA tracks (that call changed nothing). Not on
-    /// the web.
+    /// number or an element past what this EMA tracks, or a call to `ema_epilogue4` an
+    /// element that is not a multiple of 4 (that call changed nothing). Not on the web.
     #[cfg(not(target_arch = "wasm32"))]
     pub fn check_epilogue(&self) -> Result<()> {
         let Some(f) = self.fused.as_deref() else {
@@ -348,7 +352,8 @@ impl GpuEma {
             self.queue.write_buffer(&f.table, 4, &0u32.to_le_bytes());
             return Err(Error::InvalidConfig(format!(
                 "ema_epilogue was called with a tensor number or element past what this EMA \
-                 tracks ({} tensors); those calls changed nothing",
+                 tracks ({} tensors), or ema_epilogue4 with an element not a multiple of 4; \
+                 those calls changed nothing",
                 self.tensors.len()
             )));
         }

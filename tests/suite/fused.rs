@@ -11,7 +11,8 @@ use wgpu_ema::{
     wgpu, Error, GpuContext, GpuEma, GpuEmaBuilder, Numerics, ParamArena, Schedule, TensorSpec,
 };
 
-/// The caller's optimizer; `//FUSED` becomes the epilogue's call in the fused variant.
+/// The caller's optimizer; `//FUSED` (`//FUSED4` in `sgd4`) becomes the epilogue's call in
+/// the fused variant.
 const OPTIMIZER: &str = "
 struct Meta { tensor: u32, offset: u32, count: u32, pad: u32 }
 @group(0) @binding(0) var<storage, read_write> params: array<f32>;
@@ -28,6 +29,26 @@ fn sgd(@builtin(global_invocation_id) id: vec3<u32>) {
     let p = params[i] - 0.05 * grads[i];
     params[i] = p;
     //FUSED
+}
+
+// Four elements per invocation, for `ema_epilogue4`: lanes past the tensor's end are not
+// the tensor's (not written), and get NaN, which the EMA must ignore.
+@compute @workgroup_size(64)
+fn sgd4(@builtin(global_invocation_id) id: vec3<u32>) {
+    let e = 4u * id.x;
+    if e >= info.count {
+        return;
+    }
+    let i = info.offset + e;
+    var p = vec4<f32>(bitcast<f32>(0x7fc00000u | info.pad)); // NaN, not a constant (Tint refuses NaN constants)
+    for (var k = 0u; k < 4u; k++) {
+        if e + k < info.count {
+            let x = params[i + k] - 0.05 * grads[i + k];
+            params[i + k] = x;
+            p[k] = x;
+        }
+    }
+    //FUSED4
 }
 ";
 
@@ -85,6 +106,8 @@ fn optimizer_layout(ctx: &GpuContext) -> wgpu::BindGroupLayout {
 /// The call the fused variant makes (an untracked tensor, left out by a selection, has no
 /// EMA tensor number: the optimizer does not call the epilogue for it).
 const CALL: &str = "if info.tensor != 0xffffffffu { ema_epilogue(info.tensor, e, p); }";
+/// The same with four elements per call (run by `sgd4`).
+const CALL4: &str = "if info.tensor != 0xffffffffu { ema_epilogue4(info.tensor, e, p); }";
 
 /// A run from the seeded start: separate when `call` is `None`, else fused with `call` in the
 /// optimizer.
@@ -95,6 +118,9 @@ fn start(
     call: Option<&str>,
 ) -> Run {
     let fused = call.is_some();
+    // Four elements per invocation where the call is the four-element form.
+    let wide = call.is_some_and(|c| c.contains("ema_epilogue4"));
+    let (entry, per_group) = if wide { ("sgd4", 256) } else { ("sgd", 64) };
     let specs = specs();
     let arena = ParamArena::new(&ctx.device, specs.clone()).unwrap();
     for (i, s) in specs.iter().enumerate() {
@@ -116,7 +142,10 @@ fn start(
         (
             format!(
                 "{}\n{}",
-                OPTIMIZER.replace("//FUSED", call.unwrap_or_default()),
+                OPTIMIZER.replace(
+                    if wide { "//FUSED4" } else { "//FUSED\n" },
+                    &format!("{}\n", call.unwrap_or_default())
+                ),
                 epi.source()
             ),
             vec![Some(layout0.clone()), Some(epi.layout().clone())],
@@ -144,7 +173,7 @@ fn start(
             label: Some("test optimizer"),
             layout: Some(&pl),
             module: &module,
-            entry_point: Some("sgd"),
+            entry_point: Some(entry),
             compilation_options: Default::default(),
             cache: None,
         });
@@ -192,7 +221,7 @@ fn start(
                     },
                 ],
             });
-            (bg, (s.numel() as u32).div_ceil(64))
+            (bg, (s.numel() as u32).div_ceil(per_group))
         })
         .collect();
     Run {
@@ -314,9 +343,13 @@ fn the_fused_epilogue_is_the_separate_pass_bit_for_bit() {
             }),
         ),
     ];
-    for (what, schedule, configure) in &options {
+    let calls = [("one element per call", CALL), ("four per call", CALL4)];
+    for ((what, schedule, configure), (form, call)) in
+        options.iter().flat_map(|o| calls.map(|c| (o, c)))
+    {
+        let what = format!("{what}, {form}");
         let mut separate = start(ctx, *schedule, configure.as_ref(), None);
-        let mut fused = start(ctx, *schedule, configure.as_ref(), Some(CALL));
+        let mut fused = start(ctx, *schedule, configure.as_ref(), Some(call));
         for n in 1..=13 {
             separate.step(ctx, n);
             fused.step(ctx, n);
@@ -382,6 +415,8 @@ fn fused_misuse_is_an_error() {
     for call in [
         "ema_epilogue(info.tensor + 4u, e, p);",
         "ema_epilogue(info.tensor, e + info.count, p);",
+        "ema_epilogue4(info.tensor, e + 4u * info.count, p);",
+        "ema_epilogue4(info.tensor, e + 1u, p);",
     ] {
         let mut bad = start(ctx, tf, &same, Some(call));
         let before = bad.ema.read_shadows_blocking().unwrap();

@@ -1,7 +1,7 @@
 //! The fused epilogue in the browser: an SGD shader of the page's own that calls
-//! `ema_epilogue` with each new value, against the same SGD followed by the separate pass, from
-//! the same start with the same gradients; the EMAs must agree bit for bit (plain and
-//! compensated), on WebGPU's uniform-ring path.
+//! `ema_epilogue` with each new value (or `ema_epilogue4` with four), against the same SGD
+//! followed by the separate pass, from the same start with the same gradients; the EMAs must
+//! agree bit for bit (plain and compensated), on WebGPU's uniform-ring path.
 
 use serde_json::{json, Value};
 use wgpu_ema::checkpoint::EmaState;
@@ -26,6 +26,26 @@ fn sgd(@builtin(global_invocation_id) id: vec3<u32>) {
     params[i] = p;
     //EMA
 }
+
+// Four elements per invocation, for `ema_epilogue4` (lanes past the tensor get NaN, which
+// the EMA ignores).
+@compute @workgroup_size(64)
+fn sgd4(@builtin(global_invocation_id) id: vec3<u32>) {
+    let e = 4u * id.x;
+    if e >= info.count {
+        return;
+    }
+    let i = info.offset + e;
+    var p = vec4<f32>(bitcast<f32>(0x7fc00000u | info.pad)); // NaN, not a constant (Tint refuses NaN constants)
+    for (var k = 0u; k < 4u; k++) {
+        if e + k < info.count {
+            let x = params[i + k] - 0.05 * grads[i + k];
+            params[i + k] = x;
+            p[k] = x;
+        }
+    }
+    //EMA4
+}
 ";
 
 fn specs() -> Vec<TensorSpec> {
@@ -46,6 +66,7 @@ fn start(
     schedule: Schedule,
     compensated: bool,
     fused: bool,
+    wide: bool,
     init: &[Vec<f32>],
     grads: &wgpu::Buffer,
 ) -> Result<Run, Error> {
@@ -81,7 +102,8 @@ fn start(
         (
             format!(
                 "{}\n{}",
-                SGD.replace("//EMA", "ema_epilogue(info.tensor, e, p);"),
+                SGD.replace("//EMA4", "ema_epilogue4(info.tensor, e, p);")
+                    .replace("//EMA\n", "ema_epilogue(info.tensor, e, p);\n"),
                 epi.source()
             ),
             Some(epi.layout().clone()),
@@ -104,7 +126,7 @@ fn start(
         label: Some("sgd"),
         layout: Some(&layout),
         module: &module,
-        entry_point: Some("sgd"),
+        entry_point: Some(if wide { "sgd4" } else { "sgd" }),
         compilation_options: Default::default(),
         cache: None,
     });
@@ -142,7 +164,8 @@ fn start(
                 },
             ],
         });
-        groups.push((bg, (s.numel() as u32).div_ceil(64)));
+        let per_group = if wide { 256 } else { 64 };
+        groups.push((bg, (s.numel() as u32).div_ceil(per_group)));
     }
     Ok(Run {
         arena,
@@ -201,9 +224,11 @@ pub async fn run(ctx: &GpuContext, steps: u32) -> Result<Value, Error> {
         .collect();
     let mut same = true;
     let mut differing = Vec::new();
-    for (schedule, compensated) in [
-        (Schedule::tf(0.99), false),
-        (Schedule::constant(0.999), true),
+    for (schedule, compensated, wide) in [
+        (Schedule::tf(0.99), false, false),
+        (Schedule::constant(0.999), true, false),
+        (Schedule::tf(0.99), false, true),
+        (Schedule::constant(0.999), true, true),
     ] {
         // One gradient buffer laid out as the arenas (the same specs give the same layout).
         let probe = ParamArena::new(&ctx.device, specs())?;
@@ -213,8 +238,8 @@ pub async fn run(ctx: &GpuContext, steps: u32) -> Result<Value, Error> {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut separate = start(ctx, schedule, compensated, false, &init, &grads)?;
-        let mut fused = start(ctx, schedule, compensated, true, &init, &grads)?;
+        let mut separate = start(ctx, schedule, compensated, false, wide, &init, &grads)?;
+        let mut fused = start(ctx, schedule, compensated, true, wide, &init, &grads)?;
         for _ in 0..steps {
             let g: Vec<f32> = (0..probe.size() / 4).map(|_| rng.f32() - 0.5).collect();
             ctx.queue.write_buffer(&grads, 0, bytemuck::cast_slice(&g));
@@ -228,7 +253,11 @@ pub async fn run(ctx: &GpuContext, steps: u32) -> Result<Value, Error> {
         let pb = fused.arena.read(&ctx.device, &ctx.queue).await?;
         if a != b || pa != pb {
             same = false;
-            differing.push(if compensated { "compensated" } else { "plain" });
+            differing.push(format!(
+                "{}, {} per call",
+                if compensated { "compensated" } else { "plain" },
+                if wide { 4 } else { 1 }
+            ));
         }
     }
     Ok(json!({
