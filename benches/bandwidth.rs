@@ -478,7 +478,7 @@ fn gpu_rows(
     };
     for (model, specs) in models {
         let total: u64 = specs.iter().map(TensorSpec::numel).sum();
-        let (_arena, mut a, params, mut b) = gb.arena_and_buffers(&specs, Schedule::tf(0.999))?;
+        let (arena, mut a, params, mut b) = gb.arena_and_buffers(&specs, Schedule::tf(0.999))?;
         let bw = bw_ref.max(1e-9);
         let t = time(reps, Duration::from_secs(3), || {
             if let Ok(i) = a.update() {
@@ -486,6 +486,25 @@ fn gpu_rows(
             }
         });
         rows.push(row(&format!("gpu-{model}-arena"), total, t, 12, bw));
+        // The arena under each tiling, whatever the device's default.
+        for (tiling, name) in [(Tiling::Gpu, "gpu"), (Tiling::Software, "software")] {
+            let mut e = GpuEma::builder(Schedule::tf(0.999))
+                .tiling(tiling)
+                .track_arena(&arena)
+                .build(&ctx.device, &ctx.queue)?;
+            let t = time(reps, Duration::from_secs(3), || {
+                if let Ok(i) = e.update() {
+                    gb.wait(i);
+                }
+            });
+            rows.push(row(
+                &format!("gpu-{model}-arena-tiling-{name}"),
+                total,
+                t,
+                12,
+                bw,
+            ));
+        }
         let t = time(reps, Duration::from_secs(3), || {
             if let Ok(i) = b.update() {
                 gb.wait(i);
