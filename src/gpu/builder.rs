@@ -32,8 +32,8 @@ pub(crate) struct Resolved {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Tiling {
     /// [`Tiling::Software`] on adapters wgpu reports as `DeviceType::Cpu` (lavapipe,
-    /// llvmpipe, SwiftShader through Vulkan), [`Tiling::Gpu`] elsewhere. In a browser the
-    /// adapter's type is not known: `Gpu`.
+    /// llvmpipe, SwiftShader through Vulkan; in a browser, a WebGPU fallback adapter such as
+    /// Chromium's SwiftShader), [`Tiling::Gpu`] elsewhere.
     #[default]
     Auto,
     /// 16 elements per invocation; at each of its 4 steps, neighbouring invocations take
