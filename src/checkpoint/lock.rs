@@ -12,8 +12,8 @@
 //! `std::fs::File::try_lock`): released when its holder exits, however it exits, so a killed
 //! writer never leaves the folder locked. The lock file itself stays (removing it would race
 //! with a writer opening it). Such a lock belongs to the open file, which a child process
-//! forked by another thread shares until it starts its program: a writer therefore tries for
-//! a quarter of a second before it reports `Busy`.
+//! forked by another thread shares until it starts its program: a writer therefore unlocks
+//! it explicitly when done, rather than only closing it.
 
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -29,7 +29,7 @@ pub const LOCK_FILE: &str = ".wgpu-ema.lock";
 /// Folders whose lock a [`FolderLock`] of this process holds for its owner, with the locked
 /// file: saves into them run under it instead of taking the lock again, and keep the file
 /// (so the lock) open while they write, even if the `FolderLock` is dropped meanwhile.
-static HELD: Mutex<Vec<(PathBuf, Arc<File>)>> = Mutex::new(Vec::new());
+static HELD: Mutex<Vec<(PathBuf, Arc<Locked>)>> = Mutex::new(Vec::new());
 
 /// The exclusive right to write checkpoints into a folder, until dropped.
 ///
@@ -53,16 +53,15 @@ static HELD: Mutex<Vec<(PathBuf, Arc<File>)>> = Mutex::new(Vec::new());
 /// ```
 #[derive(Debug)]
 pub struct FolderLock {
-    /// The locked file: the lock lasts while any clone of it is open.
-    file: Arc<File>,
+    /// The locked file: the lock lasts while any clone of it is held.
+    file: Arc<Locked>,
     /// Set when this lock lets the saves of this process join it.
     shared_as: Option<PathBuf>,
 }
 
 impl FolderLock {
-    /// Takes the lock of `dir` (created if missing), or fails with
-    /// [`Busy`](crate::error::CheckpointErrorKind::Busy) while another writer holds it (after
-    /// trying for a quarter of a second: see the module's notes on child processes).
+    /// Takes the lock of `dir` (created if missing), or fails at once with
+    /// [`Busy`](crate::error::CheckpointErrorKind::Busy) while another writer holds it.
     pub fn try_acquire(dir: impl AsRef<Path>) -> Result<Self> {
         Self::take(dir.as_ref(), false, true)
     }
@@ -84,7 +83,7 @@ impl FolderLock {
         if wait {
             file.lock().map_err(io(&path))?;
         } else {
-            match try_lock_briefly(&file) {
+            match file.try_lock() {
                 Ok(()) => {}
                 Err(std::fs::TryLockError::WouldBlock) => {
                     return Err(bad(
@@ -101,7 +100,7 @@ impl FolderLock {
                 Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
             }
         }
-        let file = Arc::new(file);
+        let file = Arc::new(Locked(file));
         let shared_as = if share {
             let key = std::fs::canonicalize(dir).map_err(io(dir))?;
             if let Ok(mut held) = HELD.lock() {
@@ -115,24 +114,19 @@ impl FolderLock {
     }
 }
 
-/// How long a writer that would fail with `Busy` keeps trying first.
-const GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+/// The locked file. Unlocked explicitly when its last holder lets go, not only by closing it:
+/// an OS lock belongs to the open file, and a child process forked by another thread of this
+/// program shares our open files until it runs its program (which closes them: Rust opens
+/// files close-on-exec). Closed without an unlock, the lock would outlive its writer for
+/// those moments, and a save right after another, in a program that starts processes, would
+/// find the folder busy with its own released lock. An unlock through any copy releases it
+/// for all of them.
+#[derive(Debug)]
+struct Locked(File);
 
-/// `try_lock`, tried again for [`GRACE`] while another holder has it. An OS lock belongs to
-/// the open file, and a child process forked by another thread of this program shares our
-/// open files until it runs its program (which closes them: Rust opens files close-on-exec):
-/// a save right after another, in a program that starts processes, could find the folder
-/// "busy" with its own released lock for those microseconds. A real writer holds the lock
-/// for its whole save and is still refused.
-fn try_lock_briefly(file: &File) -> std::result::Result<(), std::fs::TryLockError> {
-    let start = std::time::Instant::now();
-    loop {
-        match file.try_lock() {
-            Err(std::fs::TryLockError::WouldBlock) if start.elapsed() < GRACE => {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            other => return other,
-        }
+impl Drop for Locked {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
     }
 }
 
@@ -152,7 +146,7 @@ impl Drop for FolderLock {
 /// What a writer holds while it writes into a folder: its own lock, or the locked file of
 /// a [`FolderLock`] its program holds (kept open, so the folder stays locked while it writes).
 #[derive(Debug)]
-pub(crate) struct WriterGuard(#[allow(dead_code)] Arc<File>);
+pub(crate) struct WriterGuard(#[allow(dead_code)] Arc<Locked>);
 
 /// The lock a writer takes before writing into `dir`: joins a [`FolderLock`] this process
 /// holds for the folder, else takes it, failing at once if another writer holds it.

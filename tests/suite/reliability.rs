@@ -823,7 +823,7 @@ fn parser_errors_are_kept_as_sources() {
 
 /// A folder lock just released is not reported `Busy` because a child process forked by
 /// another thread still shares the locked file (until it starts its program): the child here
-/// waits 150 ms between its fork and its exec, and the next writer gets the folder.
+/// waits 500 ms between its fork and its exec, and the next writer gets the folder at once.
 #[cfg(unix)]
 #[test]
 fn a_released_lock_shared_with_a_forking_child_is_not_busy() {
@@ -835,7 +835,7 @@ fn a_released_lock_shared_with_a_forking_child_is_not_busy() {
         // SAFETY: the hook only sleeps (nanosleep is async-signal-safe).
         unsafe {
             cmd.pre_exec(|| {
-                std::thread::sleep(Duration::from_millis(150));
+                std::thread::sleep(Duration::from_millis(500));
                 Ok(())
             });
         }
