@@ -10,7 +10,7 @@
 //! invocation finding its rows), with one and with several parameter buffers per dispatch.
 
 use crate::common::{bits, buffer_with, gpu, half_buffer, random, read_words, ulps, write};
-use half::bf16;
+use half::{bf16, f16};
 use wgpu_ema::cpu::CpuEma;
 use wgpu_ema::select::Selection;
 use wgpu_ema::{
@@ -25,8 +25,12 @@ const OWN: [(&str, usize, u64); 3] = [
     ("odd", 70_001, 4),
     ("stats.running_mean", 50_000, 0),
 ];
-/// bf16 parameters: (name, elements).
-const HALF: (&str, usize) = ("half", 40_001);
+/// 16-bit parameters, each in a buffer of its own: (name, elements, dtype). Two spans of the
+/// software tiling and more, so that whole workgroups lie in their rows wherever they start.
+const HALVES: [(&str, usize, ParamDtype); 2] = [
+    ("half.bf16", 70_001, ParamDtype::BF16),
+    ("half.f16", 66_003, ParamDtype::F16),
+];
 /// Tensors in an arena, one dispatch: `edge` first, ending one item short of a multiple of
 /// both tilings' workgroups (its last workgroup holds the next row's first item, which must
 /// not be taken for `edge`'s), then small tensors, several rows per workgroup.
@@ -46,17 +50,28 @@ struct Variant {
     extra: Option<f64>,
     /// Parameter buffers per dispatch (`None`: the device's default).
     slots: Option<usize>,
-    bf16: bool,
+    /// Track the 16-bit tensors too (then nothing is swapped: a swap with 16-bit
+    /// parameters would round the shadows, and is refused).
+    halves: bool,
 }
 
-fn bf16_values(seed: u64, n: usize) -> (Vec<u16>, Vec<f32>) {
+/// Seeded 16-bit values: their bits, and the f32 values they decode to.
+fn half_values(dtype: ParamDtype, seed: u64, n: usize) -> (Vec<u16>, Vec<f32>) {
     random(seed, n)
         .iter()
-        .map(|&x| {
-            let h = bf16::from_f32(x);
-            (h.to_bits(), h.to_f32())
-        })
+        .map(|&x| round_half(dtype, x))
         .unzip()
+}
+
+/// `x` rounded to nearest even in `dtype` (16-bit): its bits and its value.
+fn round_half(dtype: ParamDtype, x: f32) -> (u16, f32) {
+    if dtype == ParamDtype::F16 {
+        let h = f16::from_f32(x);
+        (h.to_bits(), h.to_f32())
+    } else {
+        let h = bf16::from_f32(x);
+        (h.to_bits(), h.to_f32())
+    }
 }
 
 /// Runs `steps` updates of `variant` under `tiling` and compares the shadows (every EMA) with
@@ -74,8 +89,16 @@ fn run(ctx: &GpuContext, tiling: Tiling, v: Variant) {
         .enumerate()
         .map(|(i, &(_, n, off))| buffer_with(ctx, &random(10 + i as u64, n), off))
         .collect();
-    let (half_bits, half0) = bf16_values(20, HALF.1);
-    let half_buf = half_buffer(ctx, &half_bits, 0);
+    let half_start: Vec<Vec<f32>> = HALVES
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, n, dtype))| half_values(dtype, 20 + i as u64, n).1)
+        .collect();
+    let half_bufs: Vec<wgpu::Buffer> = HALVES
+        .iter()
+        .enumerate()
+        .map(|(i, &(_, n, dtype))| half_buffer(ctx, &half_values(dtype, 20 + i as u64, n).0, 0))
+        .collect();
     let arena = ParamArena::new(
         &ctx.device,
         SMALL.iter().map(|&(name, n)| TensorSpec::new(name, [n])),
@@ -102,21 +125,18 @@ fn run(ctx: &GpuContext, tiling: Tiling, v: Variant) {
     for (&(name, n, off), buf) in OWN.iter().zip(&own_bufs) {
         builder = builder.track_buffer(TensorSpec::new(name, [n]), buf, off);
     }
-    if v.bf16 {
-        builder = builder.track_buffer_as(
-            TensorSpec::new(HALF.0, [HALF.1]),
-            &half_buf,
-            0,
-            ParamDtype::BF16,
-        );
+    if v.halves {
+        for (&(name, n, dtype), buf) in HALVES.iter().zip(&half_bufs) {
+            builder = builder.track_buffer_as(TensorSpec::new(name, [n]), buf, 0, dtype);
+        }
     }
     let mut ema = builder.build(&ctx.device, &ctx.queue).unwrap();
 
-    // The CPU path, one EMA per schedule, fed the same values (bf16 ones decoded).
+    // The CPU path, one EMA per schedule, fed the same values (16-bit ones decoded).
     let mut names: Vec<(String, usize)> = SMALL.iter().map(|&(s, n)| (s.to_string(), n)).collect();
     names.extend(OWN.iter().map(|&(s, n, _)| (s.to_string(), n)));
-    if v.bf16 {
-        names.push((HALF.0.to_string(), HALF.1));
+    if v.halves {
+        names.extend(HALVES.iter().map(|&(s, n, _)| (s.to_string(), n)));
     }
     let start = |name: &str| -> Vec<f32> {
         if let Some(i) = SMALL.iter().position(|s| s.0 == name) {
@@ -125,7 +145,8 @@ fn run(ctx: &GpuContext, tiling: Tiling, v: Variant) {
         if let Some(i) = OWN.iter().position(|s| s.0 == name) {
             return random(10 + i as u64, OWN[i].1);
         }
-        half0.clone()
+        let i = HALVES.iter().position(|s| s.0 == name).unwrap();
+        half_start[i].clone()
     };
     let mut cpus: Vec<CpuEma> = schedules
         .iter()
@@ -149,12 +170,13 @@ fn run(ctx: &GpuContext, tiling: Tiling, v: Variant) {
             .enumerate()
             .map(|(i, (name, n))| {
                 let seed = 1000 * step + i as u64;
-                if name == HALF.0 {
-                    let (b, f) = bf16_values(seed, *n);
-                    let mut words = b;
-                    words.push(0xFFFF); // whole words; the NaN neighbour stays
+                if let Some(h) = HALVES.iter().position(|s| s.0 == name) {
+                    let (mut words, f) = half_values(HALVES[h].2, seed, *n);
+                    if words.len() % 2 == 1 {
+                        words.push(0xFFFF); // whole words; the NaN neighbour stays
+                    }
                     ctx.queue
-                        .write_buffer(&half_buf, 0, bytemuck::cast_slice(&words));
+                        .write_buffer(&half_bufs[h], 0, bytemuck::cast_slice(&words));
                     return f;
                 }
                 let f = random(seed, *n);
@@ -209,8 +231,7 @@ fn run(ctx: &GpuContext, tiling: Tiling, v: Variant) {
         }
     };
     let shadow_bits = |_: usize, name: &str| bits(shadows.try_get(name).unwrap());
-    // (16-bit parameters are not swapped: the exchange would round the shadows.)
-    if !v.bf16 {
+    if !v.halves {
         ema.swap().unwrap();
         check("swapped in", &shadow_bits);
         ema.swap().unwrap();
@@ -220,6 +241,27 @@ fn run(ctx: &GpuContext, tiling: Tiling, v: Variant) {
     ema.record_copy_to_params(&mut enc).unwrap();
     ctx.queue.submit(Some(enc.finish()));
     check("copied in", &shadow_bits);
+    // The arena's tensors take their shadows; 16-bit ones the shadows rounded to nearest even.
+    let params = arena.read_blocking(&ctx.device, &ctx.queue).unwrap();
+    for &(name, _) in &SMALL {
+        assert!(
+            bits(params.try_get(name).unwrap()) == shadow_bits(0, name),
+            "{what}: `{name}` copied in"
+        );
+    }
+    if v.halves {
+        for (&(name, n, dtype), buf) in HALVES.iter().zip(&half_bufs) {
+            let words = read_words(ctx, buf);
+            let got: Vec<u16> = bytemuck::cast_slice::<u32, u16>(&words)[..n].to_vec();
+            let want: Vec<u16> = shadows
+                .try_get(name)
+                .unwrap()
+                .iter()
+                .map(|&x| round_half(dtype, x).0)
+                .collect();
+            assert!(got == want, "{what}: `{name}` copied in");
+        }
+    }
 }
 
 #[test]
@@ -230,12 +272,12 @@ fn both_tilings_give_the_cpu_paths_bits() {
         compensated: false,
         extra: None,
         slots: None,
-        bf16: true,
+        halves: true,
     };
     let variants = [
         plain,
         Variant {
-            bf16: false,
+            halves: false,
             ..plain
         },
         Variant {
@@ -245,7 +287,7 @@ fn both_tilings_give_the_cpu_paths_bits() {
         },
         Variant {
             compensated: true,
-            bf16: false,
+            halves: false,
             ..plain
         },
         Variant {
