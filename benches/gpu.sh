@@ -51,7 +51,11 @@ for model in ("resnet50", "gpt2_small"):
         w = find(f"{model}-{how} ")
         if t and w:
             print(f"{model} {how}: {w:.4f} ms vs _foreach_lerp_ {t:.4f} ms: {t / w:.2f}x")
-for name, opt in (("sgd", 12), ("momentum", 20), ("adamw", 28)):
+for model in ("resnet50", "gpt2_small"):
+    d, s = find(f"{model}-arena "), find(f"{model}-arena-tiling-software ")
+    if d and s:
+        print(f"{model} arena: default tiling {d:.4f} ms, Tiling::Software {s:.4f} ms")
+for name, opt in (("sgd", 12), ("momentum", 20), ("adamw", 28), ("sgd4", 12), ("momentum4", 20), ("adamw4", 28)):
     a, p, f = rows.get(f"opt-{name}"), rows.get(f"opt-{name}+ema-pass"), rows.get(f"opt-{name}-fused")
     if a and p and f:
         print(f"{name}: alone {a:.4f} ms, + EMA pass {p:.4f} ms, fused {f:.4f} ms: {p / f:.2f}x (bytes {opt + 12}/{opt + 8} = {(opt + 12) / (opt + 8):.2f}x)")

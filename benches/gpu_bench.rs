@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use wgpu_ema::{wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec};
+use wgpu_ema::{wgpu, GpuContext, GpuEma, ParamArena, Schedule, TensorSpec, Tiling};
 
 #[path = "shared/optimizers.rs"]
 mod optimizers;
@@ -227,6 +227,21 @@ fn model_rows(
         let _ = a.record_update(enc);
     });
     drop(a);
+    // The same arena under the software devices' tiling, for comparison with the default.
+    let mut s = GpuEma::builder(Schedule::tf(0.9999))
+        .tiling(Tiling::Software)
+        .track_arena(&arena)
+        .build(&ctx.device, &ctx.queue)?;
+    measure(
+        b,
+        rows,
+        label("arena-tiling-software", &s),
+        shape,
+        &mut |enc| {
+            let _ = s.record_update(enc);
+        },
+    );
+    drop(s);
     drop(arena);
     let own: Vec<wgpu::Buffer> = specs.iter().map(|s| b.buffer(s.numel() * 4)).collect();
     let mut e = specs
