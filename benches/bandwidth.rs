@@ -252,6 +252,15 @@ impl GpuBench<'_> {
         Ok((arena, a, params, b))
     }
 
+    /// Median seconds of `ema.update()`, each waited for (as [`time`]).
+    fn time_updates(&self, ema: &mut GpuEma, reps: usize, budget: Duration) -> f64 {
+        time(reps, budget, || {
+            if let Ok(idx) = ema.update() {
+                self.wait(idx);
+            }
+        })
+    }
+
     /// Seconds per `a += s*b` pass (vec4), one submit each, waited for, and the elements it
     /// covered (`n`, or fewer where `n` exceeds one storage binding).
     fn bandwidth(&self, n: u64, reps: usize) -> (f64, u64) {
@@ -330,11 +339,7 @@ fn update_vs_bandwidth(
             n_bw = covered;
             t_bw.push(t);
             for (k, ema) in emas.iter_mut().enumerate() {
-                let u = time(3, Duration::from_millis(500), || {
-                    if let Ok(idx) = ema.update() {
-                        gb.wait(idx);
-                    }
-                });
+                let u = gb.time_updates(ema, 3, Duration::from_millis(500));
                 ratios[k].push((12 * n) as f64 / u / ((12 * covered) as f64 / t));
                 t_up[k].push(u);
             }
@@ -391,11 +396,7 @@ fn gpu_rows(
         let mut ema = GpuEma::builder(Schedule::tf(0.999))
             .track_arena(&arena)
             .build(&ctx.device, &ctx.queue)?;
-        let t = time(reps, Duration::from_millis(1500), || {
-            if let Ok(idx) = ema.update() {
-                gb.wait(idx);
-            }
-        });
+        let t = gb.time_updates(&mut ema, reps, Duration::from_millis(1500));
         rows.push(row("gpu", n, t, 12, bw));
         // Several steps in one encoder: per-step time.
         let k = 4;
@@ -423,11 +424,7 @@ fn gpu_rows(
         let mut two = GpuEma::builder(Schedule::constant(0.9999))
             .track_arena(&arena)
             .build(&ctx.device, &ctx.queue)?;
-        let t1 = time(reps, Duration::from_millis(1500), || {
-            if let Ok(i) = both.update() {
-                gb.wait(i);
-            }
-        });
+        let t1 = gb.time_updates(&mut both, reps, Duration::from_millis(1500));
         let t2 = time(reps, Duration::from_millis(1500), || {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             let _ = one.record_update(&mut enc);
@@ -451,22 +448,14 @@ fn gpu_rows(
                 wgpu_ema::ParamDtype::BF16,
             )
             .build(&ctx.device, &ctx.queue)?;
-        let t3 = time(reps, Duration::from_millis(1500), || {
-            if let Ok(i) = half.update() {
-                gb.wait(i);
-            }
-        });
+        let t3 = gb.time_updates(&mut half, reps, Duration::from_millis(1500));
         rows.push(row("gpu-bf16-params", n, t3, 10, bw_ref.max(1e-9)));
         // Compensated shadows: 4 + 16 = 20 bytes per element, and the error-free arithmetic.
         let mut kahan = GpuEma::builder(Schedule::constant(0.999))
             .compensated(true)
             .track_arena(&arena)
             .build(&ctx.device, &ctx.queue)?;
-        let t4 = time(reps, Duration::from_millis(1500), || {
-            if let Ok(i) = kahan.update() {
-                gb.wait(i);
-            }
-        });
+        let t4 = gb.time_updates(&mut kahan, reps, Duration::from_millis(1500));
         rows.push(row("gpu-compensated", n, t4, 20, bw_ref.max(1e-9)));
     }
 
@@ -480,11 +469,7 @@ fn gpu_rows(
         let total: u64 = specs.iter().map(TensorSpec::numel).sum();
         let (arena, mut a, params, mut b) = gb.arena_and_buffers(&specs, Schedule::tf(0.999))?;
         let bw = bw_ref.max(1e-9);
-        let t = time(reps, Duration::from_secs(3), || {
-            if let Ok(i) = a.update() {
-                gb.wait(i);
-            }
-        });
+        let t = gb.time_updates(&mut a, reps, Duration::from_secs(3));
         rows.push(row(&format!("gpu-{model}-arena"), total, t, 12, bw));
         // The arena under each tiling, whatever the device's default.
         for (tiling, name) in [(Tiling::Gpu, "gpu"), (Tiling::Software, "software")] {
@@ -492,11 +477,7 @@ fn gpu_rows(
                 .tiling(tiling)
                 .track_arena(&arena)
                 .build(&ctx.device, &ctx.queue)?;
-            let t = time(reps, Duration::from_secs(3), || {
-                if let Ok(i) = e.update() {
-                    gb.wait(i);
-                }
-            });
+            let t = gb.time_updates(&mut e, reps, Duration::from_secs(3));
             rows.push(row(
                 &format!("gpu-{model}-arena-tiling-{name}"),
                 total,
@@ -505,11 +486,7 @@ fn gpu_rows(
                 bw,
             ));
         }
-        let t = time(reps, Duration::from_secs(3), || {
-            if let Ok(i) = b.update() {
-                gb.wait(i);
-            }
-        });
+        let t = gb.time_updates(&mut b, reps, Duration::from_secs(3));
         rows.push(row(&format!("gpu-{model}-buffers"), total, t, 12, bw));
         // The naive way: one uniform write and one dispatch per tensor, each tensor bound
         // whole; it cannot handle a tensor larger than one binding.
@@ -637,16 +614,8 @@ fn target_networks(
             gb.arena_and_buffers(&specs, Schedule::polyak(0.005)?)?;
         let naive = Naive::new(gb, &specs, &params);
         let budget = Duration::from_secs(2);
-        let ta = time(reps, budget, || {
-            if let Ok(i) = a.update() {
-                gb.wait(i);
-            }
-        });
-        let tb = time(reps, budget, || {
-            if let Ok(i) = b.update() {
-                gb.wait(i);
-            }
-        });
+        let ta = gb.time_updates(&mut a, reps, budget);
+        let tb = gb.time_updates(&mut b, reps, budget);
         let tn = time(reps, budget, || {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             naive.record(ctx, &mut enc);
