@@ -96,6 +96,7 @@ impl ItemMap {
             + lane % self.lanes
     }
 }
+
 /// The most workgroups in one dimension of a dispatch (WebGPU's default limit).
 pub(crate) const MAX_GROUPS_PER_DIM: u64 = 65_535;
 /// Bytes of one chunk-table row.

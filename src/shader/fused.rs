@@ -113,10 +113,14 @@ impl Width {
         }
     }
 
+    /// What `ema_value` of this width returns, for its comment.
     fn what(self) -> &'static str {
         match self {
-            Width::One => "an element",
-            Width::Four => "elements e..e + 4",
+            Width::One => "an element (0 past what is tracked)",
+            Width::Four => {
+                "elements e..e + 4 (0 past what is tracked; a tensor's last 4 hold padding \
+                 past its end)"
+            }
         }
     }
 }
@@ -253,9 +257,8 @@ fn ema_lerp{x}(s: {ty}, p: {ty}, a: f32) -> {ty} {{
     return {lerp};
 }}
 
-// EMA 0's shadow of {what} (0 past what is tracked{past}), for a shader that also
-// evaluates with the EMA weights: read it before this step's ema_epilogue{x} call for the
-// same element.
+// EMA 0's shadow of {what}, for a shader that also evaluates
+// with the EMA weights: read it before this step's ema_epilogue{x} call for the same element.
 fn ema_value{x}(tensor: u32, e: u32) -> {ty} {{
     if tensor >= ema_table[0].x {{
         return {ty}(0.0);
@@ -284,11 +287,6 @@ fn ema_epilogue{x}(tensor: u32, e: u32, p: {ty}) {{
     let i = {index};
 ",
             what = w.what(),
-            past = if w == Width::Four {
-                "; a tensor's last 4 hold padding past its end"
-            } else {
-                ""
-            },
         );
         epilogue_body(&mut s, shape, w);
         s.push_str("}\n");

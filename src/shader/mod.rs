@@ -388,18 +388,28 @@ fn {entry}(
 }
 
 /// The one-row loop's cases for averaged rows of each parameter dtype code (`dtype_code` in
-/// `crate::plan`): the row rebuilt with `dtype` and `flags` as literals.
+/// `crate::plan`): the row rebuilt with `dtype` and `flags` as literals (the constructor's
+/// arguments in [`SEG_FIELDS`]' order).
 fn by_dtype(body: &str) -> String {
     let mut s = String::new();
     for code in 0..DTYPE_CODES {
+        let fields: Vec<String> = SEG_FIELDS
+            .iter()
+            .map(|&f| match f {
+                "dtype" => format!("{code}u"),
+                "flags" => "0u".to_string(),
+                other => format!("seg.{other}"),
+            })
+            .collect();
         let _ = writeln!(
             s,
             "            case {code}u: {{
-                let known = Seg(seg.vstart, seg.count, seg.param, seg.shadow, seg.slot, {code}u, 0u, 0u);
+                let known = Seg({});
                 for (var j = 0u; j < PER_THREAD; j++) {{
                     {body}(locate_in(known, item_index(wid, nwg, lid, j)));
                 }}
-            }}"
+            }}",
+            fields.join(", ")
         );
     }
     s
